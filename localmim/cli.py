@@ -1,0 +1,79 @@
+"""``localmim`` command line: one subcommand per pipeline stage, plus ``params``, ``dag`` and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from localmim.config import ParamsError, apply_overrides, read_params_file, validate_all
+
+    try:
+        tree = apply_overrides(read_params_file(args.params), args.overrides)
+        sections = validate_all(tree, source=args.params)
+    except ParamsError as e:
+        print(f"localmim params: error: {e}", file=sys.stderr)
+        return 2
+    if args.show:
+        import yaml
+
+        print(yaml.safe_dump({k: v.to_dict() for k, v in sections.items()}, sort_keys=False), end="")
+    else:
+        print(f"{args.params}: {len(sections)} sections valid ({', '.join(sections)})")
+    return 0
+
+
+def _cmd_dag(args: argparse.Namespace) -> int:
+    from localmim.stages import dag
+
+    return dag.main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from localmim.stages import dag
+
+    return dag.report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from localmim import __version__
+    from localmim.stages import base, load_all
+
+    stages = load_all()
+    parser = argparse.ArgumentParser(
+        prog="localmim",
+        description="LocalMIM pipeline: ImageNet -> shards -> targets -> pretrain -> finetune -> downstream.",
+    )
+    parser.add_argument("--version", action="version", version=f"localmim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, sd in stages.items():
+        p = sub.add_parser(name, help=sd.help, description=sd.help)
+        base.build_parser(p, sd)
+        p.set_defaults(_run=lambda a, sd=sd: base.execute(sd, a))
+
+    p = sub.add_parser("params", help="validate params.yaml (all sections) and optionally print the resolved values")
+    base.add_common_args(p)
+    p.add_argument("--show", action="store_true", help="print the resolved params")
+    p.set_defaults(_run=_cmd_params)
+
+    p = sub.add_parser("dag", help="write or check dvc.yaml and the Snakemake rules generated from the stage registry")
+    base.add_common_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="(re)write dvc.yaml and workflow/rules/stages.smk")
+    g.add_argument("--check", action="store_true", help="exit 1 if the committed files differ from the registry")
+    p.set_defaults(_run=_cmd_dag)
+
+    p = sub.add_parser("report", help="print the results table from metrics/*.json")
+    p.add_argument("--metrics-dir", default="metrics")
+    p.set_defaults(_run=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

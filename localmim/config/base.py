@@ -1,0 +1,121 @@
+"""Typed, validated stage parameters loaded from ``params.yaml``.
+
+Every stage has one pydantic model (a *section*), named like the top-level key of ``params.yaml``.
+Overrides use the ``dvc exp run -S`` syntax: ``key.path=value`` with the value parsed as YAML.
+Validation happens before any work; the first problem is reported as one line naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ParamsError(ValueError):
+    """A params file, key or value is wrong; the message names the file/key and the problem."""
+
+
+class Section(BaseModel):
+    """Base for stage configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def params_hash(self) -> str:
+        """Short stable hash of the resolved section (tagged on MLflow runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected key.path=value (as in `dvc exp run -S`)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ParamsError(f"override {text!r}: empty component in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ParamsError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``key.path=value`` override applied (new keys are allowed here;
+    the section model rejects unknown ones with the key's full path)."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML params file into a dict, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def _format_validation_error(section: str, err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in (section, *first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    show_got = got is not None and first["type"] != "extra_forbidden" and not isinstance(got, dict)
+    extra = f" (got {got!r})" if show_got else ""
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{extra}{more}"
+
+
+def validate_section(name: str, cls: type[Section], data: Any, source: str = "params") -> Section:
+    """Validate ``data`` as section ``name``; raise ParamsError naming the offending key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: {name}: must be a mapping, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format_validation_error(name, e, source)) from None
+
+
+def load_section(
+    name: str, cls: type[Section], params_file: str | Path = "params.yaml", overrides: list[str] | None = None
+) -> Section:
+    """Load, override and validate one stage section from a params file.
+
+    Overrides for other sections are applied too (so a shared ``--set`` list works), but only
+    ``name`` is validated here; ``localmim params check`` validates every section.
+    """
+    tree = apply_overrides(read_params_file(params_file), overrides or [])
+    return validate_section(name, cls, tree.get(name), source=str(params_file))

@@ -1,0 +1,19 @@
+"""Params of the ``shard`` stage: ImageFolder -> WebDataset tar shards."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from localmim.config import register_section
+from localmim.config.base import Section
+
+
+@register_section("shard")
+class ShardConfig(Section):
+    max_samples_per_shard: Annotated[int, Field(ge=1)] = 200
+    max_shard_bytes: Annotated[int, Field(ge=1024)] = 1 << 30  # 1 GiB, WebDataset's usual upper size
+    max_side: Annotated[int, Field(ge=0)] = 0  # 0 = keep originals; >0 = downscale the long side (recorded)
+    seed: int = 0  # deterministic shuffle of samples across shards
+    workers: Annotated[int, Field(ge=1)] = 2
+    on_bad: Literal["skip", "fail"] = "skip"
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95  # for re-encoded (non-JPEG / non-RGB) inputs

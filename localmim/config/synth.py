@@ -1,0 +1,34 @@
+"""Params of the ``synth`` stage: the embedded mini datasets (ImageNet, ADE20K and COCO on-disk layouts)."""
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from localmim.config import register_section
+from localmim.config.base import Section
+
+PosInt = Annotated[int, Field(ge=1)]
+
+
+@register_section("synth")
+class SynthConfig(Section):
+    seed: int = 0
+    # ImageNet layout: class decidable from image content (shape kind), random pose/colour/texture/background.
+    num_classes: Annotated[int, Field(ge=2, le=20)] = 10
+    train_per_class: PosInt = 60
+    val_per_class: PosInt = 20
+    min_side: Annotated[int, Field(ge=16)] = 48
+    max_side: Annotated[int, Field(ge=16)] = 160
+    # ADE20K layout (semantic segmentation) and COCO layout (instances).
+    seg_classes: Annotated[int, Field(ge=1, le=150)] = 8
+    seg_train: PosInt = 40
+    seg_val: PosInt = 16
+    coco_train: PosInt = 40
+    coco_val: PosInt = 16
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 90
+
+    @model_validator(mode="after")
+    def _sides(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self

@@ -1,0 +1,175 @@
+"""The pattern every stage follows.
+
+A stage is one function ``run(cfg, ctx) -> metrics`` registered with :func:`stage`. The CLI runner
+(:func:`execute`) does the same thing for every stage, in this order:
+
+1. resolve params: ``params.yaml`` (or ``--params FILE``) + ``--set key.path=value`` overrides + the
+   stage's own flags (each flag is just sugar for a ``--set`` on its section);
+2. validate the stage's section (unknown key / bad value -> one line naming the key, exit 2);
+3. check the MLflow store is reachable (fail fast, before any work);
+4. run the stage inside one MLflow run (params logged, tags: stage, git commit, params hash);
+5. log the returned metrics.
+
+Stages write their outputs atomically (``localmim.utils.io``) and dump the resolved params next to them
+with :meth:`StageContext.dump_params`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localmim.config.base import ParamsError, Section, apply_overrides, read_params_file, validate_section
+from localmim.stages.tracking import StageRun, TrackingError
+from localmim.utils.io import atomic_write_yaml
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its work; the message names the file/param and the problem."""
+
+
+@dataclass
+class Flag:
+    """A stage CLI flag mapped onto a params key of the stage's section (``key``) or kept as a plain arg."""
+
+    flags: tuple[str, ...]
+    key: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def flag(*flags: str, key: str | None = None, **kwargs: Any) -> Flag:
+    return Flag(tuple(flags), key, kwargs)
+
+
+@dataclass
+class StageDef:
+    name: str
+    section: str
+    config: type[Section]
+    run: Callable[[Any, StageContext], dict[str, float] | None]
+    help: str
+    flags: list[Flag]
+    run_name: Callable[[argparse.Namespace], str] | None = None
+    system_metrics: bool = False
+
+
+STAGES: dict[str, StageDef] = {}
+
+
+def stage(
+    name: str,
+    *,
+    section: str,
+    config: type[Section],
+    help: str,
+    flags: list[Flag] | None = None,
+    run_name: Callable[[argparse.Namespace], str] | None = None,
+    system_metrics: bool = False,
+) -> Callable:
+    """Register ``run(cfg, ctx)`` as the stage command ``localmim <name>``."""
+
+    def deco(fn: Callable) -> Callable:
+        STAGES[name] = StageDef(name, section, config, fn, help, flags or [], run_name, system_metrics)
+        return fn
+
+    return deco
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets besides its config: CLI args, the tracker, and the params source."""
+
+    name: str
+    section: str
+    args: argparse.Namespace
+    params_file: Path
+    overrides: list[str]
+    tracker: StageRun
+    params_tree: dict[str, Any]
+
+    @property
+    def is_main(self) -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def dump_params(self, cfg: Section, out_dir: str | Path, name: str = "params.yaml") -> Path:
+        """Write the resolved section next to the stage outputs (``{section: {...}}``)."""
+        path = Path(out_dir) / name
+        atomic_write_yaml(path, {self.section: cfg.to_dict()})
+        return path
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a param, same syntax as `dvc exp run -S` (repeatable)",
+    )
+
+
+def build_parser(p: argparse.ArgumentParser, sd: StageDef) -> None:
+    for f in sd.flags:
+        kw = dict(f.kwargs)
+        if f.key is not None:
+            field_info = sd.config.model_fields.get(f.key.split(".")[0])
+            if field_info is not None and "help" in kw and field_info.default is not None:
+                kw["help"] = f"{kw['help']} (params: {sd.section}.{f.key})"
+            kw.setdefault("default", None)
+            if f.flags[0].startswith("-"):
+                kw["dest"] = "param:" + f.key
+            else:
+                # positional: dest is the argparse name; remember the mapping
+                kw.setdefault("metavar", f.flags[0].upper())
+        p.add_argument(*f.flags, **kw)
+    add_common_args(p)
+
+
+def flag_overrides(sd: StageDef, args: argparse.Namespace) -> list[str]:
+    """Turn the stage's param flags into ``section.key=value`` overrides (JSON values are valid YAML)."""
+    out = []
+    ns = vars(args)
+    for f in sd.flags:
+        if f.key is None:
+            continue
+        dest = "param:" + f.key if f.flags[0].startswith("-") else f.flags[0]
+        value = ns.get(dest)
+        if value is not None:
+            out.append(f"{sd.section}.{f.key}={json.dumps(value)}")
+    return out
+
+
+def resolve(sd: StageDef, args: argparse.Namespace) -> tuple[Section, dict[str, Any], list[str]]:
+    overrides = list(args.overrides) + flag_overrides(sd, args)
+    tree = apply_overrides(read_params_file(args.params), overrides)
+    cfg = validate_section(sd.section, sd.config, tree.get(sd.section), source=str(args.params))
+    return cfg, tree, overrides
+
+
+def execute(sd: StageDef, args: argparse.Namespace) -> int:
+    """Run one stage end to end (see module docstring); returns the process exit code."""
+    prog = f"localmim {sd.name}"
+    try:
+        cfg, tree, overrides = resolve(sd, args)
+    except ParamsError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    run_name = sd.run_name(args) if sd.run_name else sd.name
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with StageRun(run_name, sd.section, cfg, enabled=is_main, system_metrics=sd.system_metrics) as tracker:
+            ctx = StageContext(sd.name, sd.section, args, Path(args.params), overrides, tracker, tree)
+            metrics = sd.run(cfg, ctx) or {}
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    except (StageError, TrackingError, ParamsError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
