@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Tests and the demo run on CPU threads; keep the 2-core budget honest.
+export OMP_NUM_THREADS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint dag clean-data venv
+
+venv: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes (fast no-op otherwise).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/localmim params
+	$(BIN)/snakemake --cores 2
+	@echo
+	@$(BIN)/localmim report
+
+test: $(STAMP)
+	$(BIN)/ruff check localmim tests benchmarks
+	$(BIN)/localmim dag --check
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check localmim tests benchmarks
+
+dag: $(STAMP)
+	$(BIN)/localmim dag --write
+
+clean-data:
+	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/checkpoints metrics .snakemake
