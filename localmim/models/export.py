@@ -1,0 +1,131 @@
+"""Export a pre-trained LocalMIMViT encoder to a plain timm ``VisionTransformer`` (SPEC §8.2, §13 items 14, 16).
+
+The encoder already uses timm's ``PatchEmbed`` and ``Block``, so the blocks, patch embedding and cls token map
+key-for-key. The fixed sin-cos position embedding is copied (it becomes trainable in timm). The tap
+LayerNorms, decoders, heads and HOG biases are pre-training only and are dropped.
+
+Final norm: the reference encoder has no separate final LayerNorm; the last tap's LN plays that role
+(§13 item 16). Fine-tuning in the reference uses global average pooling over the patch tokens followed by
+a *new* LayerNorm (§8: mean -> LN -> head), i.e. timm's ``global_pool='avg', fc_norm=True``, where timm sets
+``norm = Identity`` and ``fc_norm`` is fresh. That is our default (``final_norm='fresh'``): faithful to §8.2,
+so only ``fc_norm`` and ``head`` are missing. With ``final_norm='tap'`` the last tap LN is copied into timm's
+pre-pool ``norm`` (``fc_norm=False``) so ``forward_features`` reproduces the pre-trained top output exactly
+(tokens normalised, then pooled); only ``head`` is missing. This also makes cls-token pooling
+(``global_pool='token'``) work, which the reference cannot do (§13 item 14).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from localmim.models.vit import LocalMIMViT
+
+# Encoder sizes that have a timm model name (the kwargs below override everything else anyway).
+_TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large"}
+_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+
+
+def _timm_spec(model: LocalMIMViT, final_norm: str, global_pool: str) -> tuple[str, dict[str, Any]]:
+    blk = model.blocks[0]
+    dim, depth, heads = model.cls_token.shape[-1], len(model.blocks), blk.attn.num_heads
+    mlp_ratio = blk.mlp.fc1.out_features / dim
+    size = _TIMM_SIZES.get((dim, depth, heads), "base")
+    name = f"vit_{size}_patch16_224"
+    kwargs = dict(img_size=model.img_size, patch_size=model.patch_size, embed_dim=dim, depth=depth,
+                  num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
+                  global_pool=global_pool, fc_norm=final_norm == "fresh")
+    return name, kwargs
+
+
+def convert_state_dict(state_dict: dict[str, Tensor], final_norm: str = "fresh") -> dict[str, Tensor]:
+    """Map a LocalMIMViT pre-training state dict to timm ``VisionTransformer`` keys.
+
+    Args:
+        state_dict: ``LocalMIMViT.state_dict()`` (e.g. loaded from a checkpoint).
+        final_norm: ``'fresh'`` drops every tap LN; ``'tap'`` maps the last tap LN to timm's ``norm``.
+
+    Returns:
+        encoder-only state dict (cloned tensors).
+    """
+    if final_norm not in ("fresh", "tap"):
+        raise ValueError(f"final_norm must be 'fresh' or 'tap', got {final_norm!r}")
+    out = {k: v.detach().clone() for k, v in state_dict.items() if k.startswith(_ENCODER_PREFIXES)}
+    if final_norm == "tap":
+        last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("tap_norms."))
+        for p in ("weight", "bias"):
+            out[f"norm.{p}"] = state_dict[f"tap_norms.{last}.{p}"].detach().clone()
+    return out
+
+
+def export_encoder(model: LocalMIMViT, final_norm: str = "fresh",
+                   global_pool: str = "avg") -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """Turn a pre-trained LocalMIMViT into ``(timm_model_name, timm_kwargs, state_dict)``.
+
+    ``timm.create_model(name, **timm_kwargs)`` builds the matching plain ViT; ``state_dict`` loads into it
+    with :func:`load_pretrained_into_timm`. See the module docstring for ``final_norm``.
+
+    Args:
+        model: pre-trained LocalMIMViT (either mode).
+        final_norm: ``'fresh'`` (SPEC §8.2: new pooling LN) or ``'tap'`` (last tap LN as timm ``norm``).
+        global_pool: timm pooling, ``'avg'`` (reference) or ``'token'`` (only sensible with ``final_norm='tap'``).
+    """
+    if not isinstance(model, LocalMIMViT):
+        raise TypeError(f"export_encoder expects a LocalMIMViT, got {type(model).__name__}")
+    name, kwargs = _timm_spec(model, final_norm, global_pool)
+    return name, kwargs, convert_state_dict(model.state_dict(), final_norm)
+
+
+def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Load an exported encoder state dict non-strictly into a timm ViT (SPEC §8.2).
+
+    The position embedding is resampled bicubically over the patch grid when the grid differs (cls slot
+    kept); a checkpoint ``head`` is dropped only if its shape differs.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``.
+    """
+    sd = dict(state_dict)
+    own = timm_model.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        old = tuple(int(s) for s in sd["pos_embed"].shape[1:])
+        grid = list(timm_model.patch_embed.grid_size)
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=grid, num_prefix_tokens=1,
+                                                 interpolation="bicubic", antialias=False)
+        if sd["pos_embed"].shape != own["pos_embed"].shape:
+            raise ValueError(f"cannot resample pos_embed {old} to {tuple(own['pos_embed'].shape[1:])}")
+    for k in ("head.weight", "head.bias"):
+        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+            del sd[k]
+    result = timm_model.load_state_dict(sd, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def create_timm_encoder(source: LocalMIMViT | tuple[str, dict[str, Any], dict[str, Tensor]], num_classes: int = 0,
+                        head_init_std: float = 2e-5, **timm_overrides) -> nn.Module:
+    """Build a timm ViT initialised from a LocalMIMViT (or from :func:`export_encoder`'s output).
+
+    Args:
+        source: the pre-trained model, or ``(name, kwargs, state_dict)`` from :func:`export_encoder`.
+        num_classes: classifier classes (0: no head).
+        head_init_std: truncated-normal std of a new head, zero bias (SPEC §8: 2e-5).
+        **timm_overrides: extra/overriding timm kwargs, e.g. ``img_size=96``, ``drop_path_rate=0.1``.
+
+    Raises:
+        RuntimeError: if the state dict has keys the timm model does not know.
+    """
+    name, kwargs, state = export_encoder(source) if isinstance(source, LocalMIMViT) else source
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **{**kwargs, **timm_overrides})
+    if num_classes > 0:
+        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
+    _, unexpected = load_pretrained_into_timm(model, state)
+    if unexpected:
+        raise RuntimeError(f"exported state dict has keys unknown to {name}: {unexpected}")
+    return model
+
+
+__all__ = ["convert_state_dict", "create_timm_encoder", "export_encoder", "load_pretrained_into_timm"]
