@@ -1,0 +1,34 @@
+"""Tiny WebDataset train shards (the shard stage's format) for the pretraining tests."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def make_shards(out: Path, n: int = 24, per_shard: int = 5, seed: int = 0, size=(40, 56)) -> list[str]:
+    """Write ``n`` random RGB JPEG samples (keys ``000000``.., ``cls``, ``json``) in shards of ``per_shard``,
+    plus a ``train.json`` manifest with per-shard counts; returns the keys."""
+    import webdataset as wds
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    keys, shards = [], []
+    for s in range(0, n, per_shard):
+        name = f"train-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(out / name)) as w:
+            for i in range(s, min(n, s + per_shard)):
+                h, wd = int(rng.integers(size[0], size[1])), int(rng.integers(size[0], size[1]))
+                arr = rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+                key = f"{i:06d}"
+                w.write({"__key__": key, "jpg": buf.getvalue(), "cls": str(i % 3).encode(), "json": b"{}"})
+                keys.append(key)
+        shards.append({"name": name, "num_samples": min(n, s + per_shard) - s})
+    (out / "train.json").write_text(json.dumps({"classes": ["a", "b", "c"], "shards": shards}))
+    return keys
