@@ -17,3 +17,4 @@ class ShardConfig(Section):
     workers: Annotated[int, Field(ge=1)] = 2
     on_bad: Literal["skip", "fail"] = "skip"
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95  # for re-encoded (non-JPEG / non-RGB) inputs
+    max_pixels: Annotated[int, Field(ge=1)] = 89_478_485  # decompression-bomb limit on width*height (PIL's default)

@@ -1,0 +1,474 @@
+"""ImageFolder -> WebDataset tar shards, and helpers to read them back.
+
+Output of :func:`write_shards` in ``out/``:
+
+* ``<split>-000000.tar``, ... : one sample per source image, members ``<key>.cls`` (class index, ASCII),
+  ``<key>.jpg`` (the original bytes when the file already is a decodable RGB JPEG that needs no downscale;
+  otherwise decoded, converted to RGB, optionally downscaled and re-encoded) and ``<key>.json`` (class name,
+  class index, original relative path, stored width/height, re-encode reason if any). Keys are
+  ``<split>-<position in the shuffled order>``. Tar members have fixed mtime/uid/gid/uname/gname/mode, so the
+  same input and options give byte-identical shards.
+* ``_info.json``: timm's dataset info (``splits.<split>.{num_samples, filenames, shard_lengths}``), so that timm
+  reads the shards with its ``wds/`` reader::
+
+      timm.data.create_dataset("wds/localmim", root="data/shards/train", split="train", is_training=False)
+
+  yields ``(PIL RGB image, class index)`` for every sample (``is_training=True`` for shuffled, repeating reads).
+* ``<split>.json``: the manifest, written last (its presence means the split is complete): classes
+  (sorted directory names -> index, and per-class counts), per-shard ``{name, num_samples, bytes, sha256}``,
+  totals, options, re-encode counts, and every skipped input with its reason.
+
+Every file is written under a temporary name (``.name.tmp-<pid>``) and renamed into place when complete;
+the manifest comes last, so a killed run never leaves a split that looks complete. A re-run removes stale
+temp files and this split's previous outputs first.
+
+Memory does not grow with the dataset's image bytes: images flow through a bounded window of in-flight work
+(a pool of decode/verify workers, results consumed in input order) straight into the current tar. Only the
+list of relative paths (and of skipped files) is held, like torchvision's ``ImageFolder``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from localmim.utils.io import atomic_write_json, clean_stale_tmp, tmp_name
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MANIFEST_FORMAT = "localmim-wds/1"
+TAR_BLOCK, TAR_RECORD = 512, 10240  # tarfile pads members to blocks and the archive to records
+
+
+class BadImageError(ValueError):
+    """An input image cannot be used (raised with ``on_bad="fail"``); the message names file and problem."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """What :func:`write_shards` does; recorded in the manifest."""
+
+    max_samples_per_shard: int = 200
+    max_shard_bytes: int = 1 << 30
+    max_side: int = 0  # 0 = keep; >0 = downscale so the long side is at most this (re-encodes those images)
+    seed: int = 0  # shuffle of samples across shards
+    workers: int = 2
+    on_bad: str = "skip"  # "skip" | "fail"
+    jpeg_quality: int = 95  # for re-encoded images
+    max_pixels: int = 89_478_485  # decompression-bomb limit on width*height (PIL's default MAX_IMAGE_PIXELS)
+
+    def __post_init__(self):
+        if self.on_bad not in ("skip", "fail"):
+            raise ValueError(f"on_bad={self.on_bad!r}: expected 'skip' or 'fail'")
+        for name in ("max_samples_per_shard", "workers", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.max_side < 0:
+            raise ValueError(f"max_side={self.max_side}: must be >= 0 (0 keeps the original size)")
+
+
+# ---------------------------------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Inventory:
+    """An ImageFolder tree: sorted class directory names and the image files under them (sorted paths)."""
+
+    root: Path
+    classes: list[str]
+    files: list[tuple[str, int]]  # (posix path relative to root, class index)
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+
+
+def scan_image_folder(src: str | Path) -> Inventory:
+    """List an ImageFolder tree: every sub-directory of ``src`` is a class (index = sorted position), every file
+    below it with an image extension (case-insensitive) is a sample. Hidden entries (``.*``) are not listed."""
+    root = Path(src)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory (expected an ImageFolder tree of class sub-directories)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{root}: no class sub-directories found")
+    files: list[tuple[str, int]] = []
+    ignored: list[str] = []
+    for idx, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith("."):
+                    continue
+                rel = (Path(dirpath) / fn).relative_to(root).as_posix()
+                (files.append((rel, idx)) if fn.lower().endswith(IMG_EXTENSIONS) else ignored.append(rel))
+    files.sort()
+    return Inventory(root, classes, files, sorted(ignored))
+
+
+# ---------------------------------------------------------------------------------------------------- one image
+
+
+@dataclass
+class Prepared:
+    """Result of :func:`prepare_image`: either JPEG bytes to store or the reason the file is skipped."""
+
+    jpg: bytes | None = None
+    size: tuple[int, int] = (0, 0)  # stored width, height
+    reencoded: str | None = None  # why the bytes are not the original ones
+    skip: str | None = None
+
+
+@contextlib.contextmanager
+def _own_bomb_check() -> Iterator[None]:
+    # PIL raises DecompressionBombError inside Image.open above 2x its limit; we check the header size against
+    # our own limit instead, to report "decompression bomb: WxH px" uniformly. Not thread-safe (process workers).
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_error(fmt: str | None, e: Exception) -> str:
+    msg = str(e) or type(e).__name__
+    if "truncated" in msg:
+        return f"truncated {fmt or 'image'}: {msg}"
+    return f"corrupt {fmt or 'image'}: {type(e).__name__}: {msg}"
+
+
+def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: int) -> Prepared:
+    """Verify one image (full decode) and return the bytes to store, or a skip reason.
+
+    An RGB JPEG within ``max_side`` is stored as is; it is verified by decoding in PIL's JPEG *draft* mode
+    (DCT scaling 1/8: every entropy-coded segment is still read, so truncation and corruption are still
+    detected, at a fraction of the cost). Anything else decodable (PNG, CMYK/grayscale JPEG, ...) is
+    converted to RGB, downscaled when ``max_side`` asks for it, and re-encoded as JPEG.
+    """
+    if not data:
+        return Prepared(skip="zero-byte file")
+    with _own_bomb_check():
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            return Prepared(skip="not an image: cannot identify image file")
+        except Exception as e:  # noqa: BLE001 - any header parse failure is a property of the file
+            return Prepared(skip=_decode_error(None, e))
+        w, h = im.size
+        if w * h > max_pixels:
+            return Prepared(skip=f"decompression bomb: {w}x{h} px > limit {max_pixels}")
+        fmt, mode = im.format, im.mode
+        downscale = max_side > 0 and max(w, h) > max_side
+        try:
+            if fmt == "JPEG" and mode == "RGB" and not downscale:
+                im.draft("RGB", (1, 1))
+                im.load()
+                return Prepared(jpg=data, size=(w, h))
+            reasons = [f"{fmt} file" if fmt != "JPEG" else f"{mode} JPEG"] if (fmt, mode) != ("JPEG", "RGB") else []
+            if downscale:
+                s = max_side / max(w, h)
+                target = (max(1, round(w * s)), max(1, round(h * s)))
+                im.draft("RGB", target)  # JPEG: decode at the smallest DCT scale >= target
+                im = im.convert("RGB").resize(target, Image.BICUBIC)
+                reasons.append("downscaled")
+            else:
+                im = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - decode failures (truncated, corrupt data) are per-file
+            return Prepared(skip=_decode_error(fmt, e))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=jpeg_quality)
+    return Prepared(jpg=buf.getvalue(), size=im.size, reencoded=", ".join(reasons))
+
+
+def _prepare_file(task: tuple[str, int, int, int]) -> Prepared:
+    path, max_side, quality, max_pixels = task
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Prepared(skip=f"unreadable file: {e.strerror or type(e).__name__}")
+    return prepare_image(data, max_side=max_side, jpeg_quality=quality, max_pixels=max_pixels)
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256, chunksize: int = 8) -> Iterator:
+    """``map(fn, items)`` over a process pool, in input order, with at most ``window`` items in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    window = max(window, 2 * chunksize * workers)
+    slots = threading.Semaphore(window)
+
+    def throttled() -> Iterator:
+        for it in items:  # runs in the pool's task-feeder thread; blocks while the window is full
+            slots.acquire()
+            yield it
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for result in pool.imap(fn, throttled(), chunksize=chunksize):
+            slots.release()
+            yield result
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def tar_member_bytes(payload: int) -> int:
+    """Bytes one tar member of ``payload`` bytes takes (header block + data padded to blocks)."""
+    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_file_bytes(members: int) -> int:
+    """Size of a finished tar whose members take ``members`` bytes (end blocks + padding to records)."""
+    return -(-(members + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+class _ShardSink:
+    """Current shard: a webdataset TarWriter on a temp file, renamed to its final name by :meth:`finish`."""
+
+    def __init__(self, path: Path):
+        import webdataset as wds
+
+        self.path, self.tmp = path, tmp_name(path)
+        self.file = open(self.tmp, "wb")
+        # Fixed member metadata -> byte-identical shards for identical input.
+        self.writer = wds.TarWriter(self.file, user="localmim", group="localmim", mode=0o444, mtime=0.0)
+        self.num_samples, self.member_bytes = 0, 0
+
+    def write(self, sample: dict[str, Any], nbytes: int) -> None:
+        self.writer.write(sample)
+        self.num_samples += 1
+        self.member_bytes += nbytes
+
+    def finish(self) -> dict[str, Any]:
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        h = hashlib.sha256()
+        with open(self.tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        nbytes = self.tmp.stat().st_size
+        os.replace(self.tmp, self.path)
+        return {"name": self.path.name, "num_samples": self.num_samples, "bytes": nbytes, "sha256": h.hexdigest()}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _remove_previous(out: Path, split: str) -> None:
+    """Forget this split's earlier outputs: manifest first (the split stops looking complete), then info, shards."""
+    clean_stale_tmp(out)
+    (out / f"{split}.json").unlink(missing_ok=True)
+    info = _read_info(out)
+    if split in info.get("splits", {}):
+        del info["splits"][split]
+        atomic_write_json(out / "_info.json", info)
+    for p in out.glob(f"{split}-*.tar"):
+        p.unlink()
+
+
+def _read_info(out: Path) -> dict[str, Any]:
+    p = out / "_info.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_info(out: Path, split: str, shards: list[dict[str, Any]], num_classes: int) -> None:
+    info = _read_info(out)
+    info.update(name="localmim", num_classes=num_classes)
+    info.setdefault("splits", {})[split] = {
+        "name": split,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "filenames": [s["name"] for s in shards],
+        "shard_lengths": [s["num_samples"] for s in shards],
+    }
+    atomic_write_json(out / "_info.json", info)
+
+
+def write_shards(
+    src: str | Path,
+    out: str | Path,
+    split: str,
+    opts: ShardOptions,
+    *,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Shard the ImageFolder tree ``src`` into ``out/<split>-NNNNNN.tar`` (see module docstring).
+
+    Args:
+        src: ImageFolder root (one sub-directory per class).
+        out: output directory (shared by splits; each split owns ``<split>*`` files and its ``_info.json`` entry).
+        split: split name, used in file names and sample keys.
+        opts: sharding options.
+        progress: show a tqdm bar (images/s) on stderr.
+        warn: called with each warning line (empty class, skipped files).
+
+    Returns:
+        The manifest (also written to ``out/<split>.json``).
+
+    Raises:
+        BadImageError: with ``opts.on_bad == "fail"``, at the first unusable file (nothing complete is left).
+    """
+    from tqdm import tqdm
+
+    inv = scan_image_folder(src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_previous(out, split)
+    order = list(range(len(inv.files)))
+    random.Random(opts.seed).shuffle(order)
+    tasks = ((str(inv.root / inv.files[i][0]), opts.max_side, opts.jpeg_quality, opts.max_pixels) for i in order)
+
+    shards: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    reencoded: Counter[str] = Counter()
+    class_counts = [0] * len(inv.classes)
+    sink: _ShardSink | None = None
+    bar = tqdm(total=len(order), unit="img", desc=f"shard {split}", file=sys.stderr, disable=not progress,
+               mininterval=0.5, dynamic_ncols=True)
+    try:
+        for n, (pos, res) in enumerate(zip(order, _ordered_map(_prepare_file, tasks, opts.workers), strict=True)):
+            bar.update(1)
+            rel, cls = inv.files[pos]
+            if res.skip is not None:
+                if opts.on_bad == "fail":
+                    raise BadImageError(f"{inv.root / rel}: {res.skip}")
+                skipped.append({"path": rel, "reason": res.skip})
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+                continue
+            meta = {"class": inv.classes[cls], "cls": cls, "path": rel, "width": res.size[0], "height": res.size[1]}
+            if res.reencoded:
+                meta["reencoded"] = res.reencoded
+                reencoded[res.reencoded] += 1
+            sample = {
+                "__key__": f"{split}-{n:08d}",
+                "cls": str(cls).encode(),
+                "jpg": res.jpg,
+                "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+            }
+            nbytes = sum(tar_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
+            if sink is not None and (
+                sink.num_samples >= opts.max_samples_per_shard
+                or tar_file_bytes(sink.member_bytes + nbytes) > opts.max_shard_bytes
+            ):
+                shards.append(sink.finish())
+                sink = None
+            if sink is None:
+                sink = _ShardSink(out / f"{split}-{len(shards):06d}.tar")
+            sink.write(sample, nbytes)
+            class_counts[cls] += 1
+        if sink is not None:
+            shards.append(sink.finish())
+            sink = None
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.abort()
+
+    written = sum(s["num_samples"] for s in shards)
+    if len(inv.files) != written + len(skipped):  # the invariant the manifest promises
+        raise AssertionError(f"found {len(inv.files)} != written {written} + skipped {len(skipped)}")
+    warnings = [
+        f"class {name!r} (index {i}) has no images" for i, name in enumerate(inv.classes) if class_counts[i] == 0
+    ]
+    if skipped:
+        warnings.append(f"skipped {len(skipped)} of {len(inv.files)} files (reasons in {out / (split + '.json')})")
+    for w in warnings:
+        if warn is not None:
+            warn(w)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "split": split,
+        "source": str(src),
+        "classes": {name: i for i, name in enumerate(inv.classes)},
+        "class_counts": {name: class_counts[i] for i, name in enumerate(inv.classes)},
+        "num_found": len(inv.files),
+        "num_samples": written,
+        "num_skipped": len(skipped),
+        "num_ignored": len(inv.ignored),
+        "num_shards": len(shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+        "reencoded": dict(sorted(reencoded.items())),
+        "options": asdict(opts),
+        "skipped": skipped,
+        "ignored": inv.ignored,
+        "warnings": warnings,
+    }
+    _write_info(out, split, shards, len(inv.classes))
+    atomic_write_json(out / f"{split}.json", manifest)  # last: its presence marks the split complete
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(out: str | Path, split: str) -> dict[str, Any]:
+    """The manifest of a complete split; FileNotFoundError when the split was never finished."""
+    p = Path(out) / f"{split}.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no manifest, the {split!r} shards are missing or incomplete")
+    return json.loads(p.read_text())
+
+
+def shard_paths(out: str | Path, split: str) -> list[str]:
+    """Absolute paths of a complete split's shards, in manifest order."""
+    return [str(Path(out).resolve() / s["name"]) for s in read_manifest(out, split)["shards"]]
+
+
+def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; with ``draft_size``, a JPEG is decoded at the smallest DCT scale
+    (1, 1/2, 1/4, 1/8) that keeps it at least that large (much cheaper when the consumer downsamples anyway)."""
+    im = Image.open(io.BytesIO(data))
+    if draft_size is not None:
+        im.draft("RGB", draft_size)
+    return im.convert("RGB")
+
+
+class _DecodeSample:
+    """Picklable map function: a webdataset sample -> (transform(image), class index)."""
+
+    def __init__(self, transform: Callable | None, draft_size: tuple[int, int] | None):
+        self.transform, self.draft_size = transform, draft_size
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        img = decode_rgb(sample["jpg"], self.draft_size)
+        return (self.transform(img) if self.transform else img), int(sample["cls"])
+
+
+def wds_pipeline(
+    urls: list[str],
+    transform: Callable | None = None,
+    *,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    draft_size: tuple[int, int] | None = None,
+):
+    """A webdataset ``DataPipeline`` over ``urls`` yielding ``(transform(PIL RGB image), class index)``.
+
+    Shards are split across DataLoader workers (each worker reads whole shards sequentially); with
+    ``shuffle_buffer > 0`` samples are shuffled in a buffer of that size (seeded per worker).
+    """
+    import webdataset as wds
+
+    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples()]
+    if shuffle_buffer > 0:
+        stages.append(wds.shuffle(shuffle_buffer, rng=random.Random(seed)))
+    stages.append(wds.map(_DecodeSample(transform, draft_size)))
+    return wds.DataPipeline(*stages)
