@@ -1,0 +1,1 @@
+"""Evaluation: classification accuracy (top-1/top-5) over labelled shards; no MLflow, no stages."""
