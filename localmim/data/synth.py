@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------- shapes
 # Unit outlines, centred at the origin with circumradius about 1, counter-clockwise (x right, y down).
@@ -120,10 +120,25 @@ def shape_outline(kind: str, cx: float, cy: float, radius: float, angle: float, 
 
 
 def polygon_mask(outline: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Boolean [H, W] mask of the filled polygon, rasterized by PIL (the same fill used for drawing)."""
-    m = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(m).polygon([tuple(p) for p in outline.round(2).tolist()], fill=1)
-    return np.asarray(m, dtype=bool)
+    """Boolean [H, W] mask of the pixels whose centre ``(x + 0.5, y + 0.5)`` is inside the polygon (even-odd).
+
+    This is COCO's convention (pycocotools ``annToMask`` rasterizes the same way up to sub-pixel rounding), so
+    the polygon written to the annotations describes exactly the pixels that were painted.
+    """
+    px = np.arange(width) + 0.5  # [W]
+    py = (np.arange(height) + 0.5)[:, None]  # [H, 1]
+    inside = np.zeros((height, width), dtype=bool)
+    x0, y0 = outline[:, 0], outline[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    for ax, ay, bx, by in zip(x0, y0, x1, y1, strict=True):
+        if ay == by:
+            continue
+        crosses = (ay > py) != (by > py)  # [H, 1] edge spans this row's centre line
+        if not crosses.any():
+            continue
+        xc = ax + (py - ay) * (bx - ax) / (by - ay)  # [H, 1] x where the edge meets the row
+        inside ^= crosses & (px < xc)  # [H, W] ray to the right crosses the edge
+    return inside
 
 
 # ---------------------------------------------------------------------------------------------------- pixels
@@ -227,7 +242,7 @@ def render(
         else:
             continue
         placed.append((cx, cy, r))
-        outline = shape_outline(kinds[label], cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0.9, 1.1))
+        outline = shape_outline(kinds[label], cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0.9, 1.1)).round(2)
         mask = polygon_mask(outline, width, height)
         tex = _texture(rng, _contrasting(rng, img), width, height)
         img[mask] = tex[mask]
@@ -353,7 +368,7 @@ def write_coco(
             images.append({"id": image_id, "file_name": name, "width": w, "height": h})
             for o in objs:
                 ann_id += 1
-                poly = o.outline.round(2)
+                poly = o.outline
                 x0, y0 = poly.min(0)
                 x1, y1 = poly.max(0)
                 annotations.append({
