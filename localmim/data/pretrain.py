@@ -62,25 +62,32 @@ def _count_tar(url: str) -> int:
 
 
 def shard_set(directory: str | Path) -> ShardSet:
-    """The ``*.tar`` shards of ``directory`` with counts from its manifest (``*.json`` with a ``shards`` list of
-    ``{name, num_samples}``), counted by scanning when there is no manifest.
+    """The shards of ``directory`` with their counts, from its manifest (``<split>.json`` with a ``shards`` list of
+    ``{name, num_samples}``; ``train.json`` when a directory holds several splits), else every ``*.tar`` counted
+    by scanning.
 
     Raises:
-        ValueError: no shards, or the manifest does not list a shard.
+        ValueError: no shards, several manifests and none is ``train.json``, or a listed shard is missing.
     """
     directory = Path(directory)
-    urls = sorted(directory.glob("*.tar"))
-    if not urls:
-        raise ValueError(f"{directory}: no *.tar shards found")
-    counts: dict[str, int] = {}
+    manifests = {}
     for p in sorted(directory.glob("*.json")):
         data = json.loads(p.read_text())
         if isinstance(data, dict) and isinstance(data.get("shards"), list):
-            counts = {Path(s["name"]).name: int(s["num_samples"]) for s in data["shards"]}
-            break
-    if counts and set(counts) != {u.name for u in urls}:
-        raise ValueError(f"{directory}: manifest lists {sorted(counts)} but the tars are {[u.name for u in urls]}")
-    return ShardSet(tuple(str(u) for u in urls), tuple(counts[u.name] if counts else _count_tar(str(u)) for u in urls))
+            manifests[p.name] = data
+    if len(manifests) > 1 and "train.json" not in manifests:
+        raise ValueError(f"{directory}: several shard manifests {sorted(manifests)}; expected one or train.json")
+    if manifests:
+        data = manifests.get("train.json") or next(iter(manifests.values()))
+        urls = [directory / Path(s["name"]).name for s in data["shards"]]
+        missing = [u.name for u in urls if not u.is_file()]
+        if missing:
+            raise ValueError(f"{directory}: manifest lists missing shards {missing}")
+        return ShardSet(tuple(map(str, urls)), tuple(int(s["num_samples"]) for s in data["shards"]))
+    urls = sorted(directory.glob("*.tar"))
+    if not urls:
+        raise ValueError(f"{directory}: no *.tar shards found")
+    return ShardSet(tuple(map(str, urls)), tuple(_count_tar(str(u)) for u in urls))
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
