@@ -216,7 +216,7 @@ def build_transform(
     from timm.data import create_transform
 
     if train:
-        return create_transform(
+        tf = create_transform(
             input_size,
             is_training=True,
             scale=scale,
@@ -228,8 +228,35 @@ def build_transform(
             re_mode=remode,
             re_count=recount,
         )
+        _patch_posterize(tf)
+        return tf
     crop_pct = 0.875 if input_size <= 224 else 1.0
     return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct)
+
+
+def _posterize_keep_bits(img, bits_to_keep, **_):
+    """timm's posterize, but ``bits_to_keep <= 0`` gives the all-black image older Pillow returned.
+
+    'rand-m9-mstd0.5-inc1' draws magnitudes up to 10, where PosterizeIncreasing keeps 0 bits; Pillow >= 11
+    raises on 0 bits, older Pillow (the reference's) zeroed every bit. We keep the reference behaviour.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = _posterize_keep_bits
 
 
 def make_loader(ds: ClassifyShards, num_workers: int, pin_memory: bool = False):

@@ -1,0 +1,173 @@
+"""Fine-tuning (SPEC §8): accuracy on tiny shards, best checkpoint reproducible in plain timm, layer-decay
+scales (§8.1), position-embedding interpolation (§14.3), resume, exact data splitting."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from localmim.config.finetune import FinetuneConfig
+from localmim.data.classify import ClassifyShards, decode_sample, iter_tar_samples, make_loader
+from localmim.train.finetune import build_classifier, finetune, layer_decay_groups, read_encoder
+from tests.classify_data import make_shards, pretrained_micro_encoder
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ft")
+    train = make_shards(root, "train", 40)
+    val = make_shards(root, "val", 10, seed=1)
+    enc = pretrained_micro_encoder(train, root / "encoder", steps=20)
+    return {"root": root, "train": train, "val": val, "encoder": enc}
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    base = dict(epochs=6, warmup_epochs=1, batch_size=16, lr=2e-3, num_workers=0, device="cpu", layer_decay=0.75)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _eval_independently(model: torch.nn.Module, val_dir: Path, size: int) -> tuple[float, float]:
+    """Top-1 (%) and mean CE with a hand-written SPEC §8 eval transform: shorter side -> floor(S/0.875)
+    bicubic, center crop S, ImageNet normalisation; float64 NumPy preprocessing."""
+    scale = math.floor(size / 0.875)
+    correct, losses = 0, []
+    model.eval()
+    for url in sorted(val_dir.glob("*.tar")):
+        for sample in iter_tar_samples(url):
+            img, label = decode_sample(sample)
+            w, h = img.size
+            nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+            img = img.resize((nw, nh), Image.BICUBIC)
+            top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+            x = (np.asarray(img, dtype=np.float64)[top : top + size, left : left + size] / 255.0 - MEAN) / STD
+            with torch.no_grad():
+                logits = model(torch.from_numpy(x).permute(2, 0, 1)[None].float())[0]
+            correct += int(logits.argmax().item() == label)
+            losses.append(F.cross_entropy(logits[None], torch.tensor([label])).item())
+    return 100.0 * correct / len(losses), float(np.mean(losses))
+
+
+def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
+    import timm
+
+    logged = []
+    res = finetune(_cfg(), read_encoder(data["encoder"]), train_dir=data["train"], val_dir=data["val"],
+                   out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt", log_fn=lambda m, s: logged.append((s, m)))
+    chance = 100.0 / 4
+    assert res.best_top1 >= 2 * chance, res.history
+    assert [s for s, _ in logged] == list(range(1, 7)) and res.epochs == 6
+    assert res.best_top1 == max(r["top1"] for r in res.history)
+    # plain timm, nothing from localmim: model.json recipe + best.pt weights
+    info = json.loads((tmp_path / "out" / "model.json").read_text())
+    model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    model.load_state_dict(torch.load(tmp_path / "out" / "best.pt", weights_only=True))
+    top1, loss = _eval_independently(model, data["val"], info["timm_kwargs"]["img_size"])
+    best_row = res.history[res.best_epoch - 1]
+    assert top1 == pytest.approx(res.best_top1, abs=1e-9)
+    assert loss == pytest.approx(best_row["val_loss"], abs=1e-4)
+    last = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    last.load_state_dict(torch.load(tmp_path / "out" / "last.pt", weights_only=True))
+    assert _eval_independently(last, data["val"], 32)[0] == pytest.approx(res.top1, abs=1e-9)
+
+
+def test_layer_decay_scales_match_spec(data):
+    """SPEC §8.1 for ViT: ids 0 (cls, pos, patch embed), i+1 (block i), L = D+1 (rest); scale decay^(L-id);
+    no weight decay on 1-D params, pos_embed and cls_token."""
+    decay, wd = 0.65, 0.05
+    model = build_classifier(read_encoder(data["encoder"]), 4)
+    depth = len(model.blocks)
+    L = depth + 1
+    groups = layer_decay_groups(model, wd, decay)
+    where = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(where) == len(names)
+    for name, p in names.items():
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            lid = 0
+        elif name.startswith("blocks."):
+            lid = int(name.split(".")[1]) + 1
+        else:
+            lid = L
+        g = where[id(p)]
+        assert g["lr_scale"] == pytest.approx(decay ** (L - lid), rel=1e-12), name
+        no_wd = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+        assert g["weight_decay"] == (0.0 if no_wd else wd), name
+    assert where[id(names["head.weight"])]["lr_scale"] == 1.0
+    assert where[id(names[f"blocks.{depth - 1}.attn.qkv.weight"])]["lr_scale"] == pytest.approx(decay)
+    assert where[id(names["patch_embed.proj.weight"])]["lr_scale"] == pytest.approx(decay**L)
+
+
+def test_pos_embed_interpolated_when_resolution_differs(data):
+    enc = read_encoder(data["encoder"])
+    src = enc.state_dict["pos_embed"]  # [1, 1+4*4, d] at 32 px, patch 8
+    same = build_classifier(enc, 4)
+    assert torch.equal(same.pos_embed.detach(), src)
+    big = build_classifier(enc, 4, input_size=64)  # grid 8x8
+    pe = big.pos_embed.detach()
+    d = src.shape[-1]
+    assert pe.shape == (1, 1 + 64, d)
+    assert torch.equal(pe[:, :1], src[:, :1])  # cls slot unchanged
+    grid = src[0, 1:].reshape(4, 4, d).permute(2, 0, 1)[None].double()  # [1, d, 4, 4]
+    want = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)[0].permute(1, 2, 0).reshape(64, d)
+    torch.testing.assert_close(pe[0, 1:].double(), want, atol=1e-5, rtol=1e-5)
+    assert big(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    assert big.head.weight.std().item() < 1e-4 and torch.all(big.head.bias == 0)  # trunc-normal std 2e-5 head
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
+    """Delete the newest checkpoint (as if killed during the last epoch); the resumed run ends bit-identical."""
+    from localmim.train.checkpoint import list_checkpoints
+
+    enc = read_encoder(data["encoder"])
+    kw = dict(train_dir=data["train"], val_dir=data["val"])
+    cfg = _cfg(epochs=3, warmup_epochs=1)
+    full = finetune(cfg, enc, out_dir=tmp_path / "a", ckpt_dir=tmp_path / "ca", **kw)
+    ckpts = list_checkpoints(tmp_path / "ca")
+    ckpts[-1].unlink()  # the epoch-3 checkpoint is gone: the resumed run restarts at epoch 3
+    res = finetune(cfg, enc, out_dir=tmp_path / "b", ckpt_dir=tmp_path / "ca", **kw)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert res.history[-1] == full.history[-1]
+    # other params -> not resumed from the stale checkpoint
+    fresh = finetune(_cfg(epochs=1, warmup_epochs=0), enc, out_dir=tmp_path / "c", ckpt_dir=tmp_path / "ca", **kw)
+    assert [r["epoch"] for r in fresh.history] == [1]
+
+
+@pytest.mark.parametrize("world,workers,train", [(2, 2, False), (2, 2, True), (1, 2, True)])
+def test_every_sample_once_per_epoch_across_ranks_and_workers(data, world, workers, train):
+    """Labels identify samples only up to class, so tag each sample by its (position-independent) image bytes."""
+    from localmim.data import classify
+
+    keyed = {}
+
+    def tf(img):  # image -> its exact pixel checksum: identifies the sample
+        return torch.tensor(float(np.asarray(img, dtype=np.int64).sum()))
+
+    n = classify.count_samples(data["train"])
+    seen = []
+    for rank in range(world):
+        ds = ClassifyShards(data["train"], tf, batch_size=6, train=train, rank=rank, world=world, seed=3)
+        ds.set_epoch(1)
+        batches = list(make_loader(ds, workers))
+        assert len(batches) == len(ds)
+        for x, _ in batches:
+            seen += x.tolist()
+    for url in sorted(data["train"].glob("*.tar")):
+        for s in iter_tar_samples(url):
+            keyed[float(np.asarray(decode_sample(s)[0], dtype=np.int64).sum())] = s["__key__"]
+    assert len(keyed) == n  # checksums are unique on this data
+    assert len(seen) == len(set(seen))  # nothing twice
+    expect = (n // world // 6) * 6 * world if train else n
+    assert len(seen) == expect and set(seen) <= set(keyed)
