@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,27 @@ def pretrained_micro_encoder(train_dir: Path, out_dir: Path, steps: int = 30, mo
     torch.save(sd, out_dir / "encoder.pt")
     (out_dir / "encoder.json").write_text(json.dumps({"timm_name": name, "timm_kwargs": kwargs}))
     return out_dir
+
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def eval_images(val_dir: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every val image through a hand-written SPEC §8 eval transform (shorter side -> floor(S/0.875) bicubic,
+    center crop S, ImageNet normalisation in float64 NumPy): ``[N, 3, S, S]`` float32 and labels ``[N]``."""
+    from localmim.data.classify import decode_sample, iter_tar_samples
+
+    scale = math.floor(size / 0.875)
+    xs, ys = [], []
+    for url in sorted(val_dir.glob("*.tar")):
+        for sample in iter_tar_samples(url):
+            img, label = decode_sample(sample)
+            w, h = img.size
+            nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+            img = img.resize((nw, nh), Image.BICUBIC)
+            top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+            x = (np.asarray(img, dtype=np.float64)[top : top + size, left : left + size] / 255.0 - MEAN) / STD
+            xs.append(torch.from_numpy(x).permute(2, 0, 1).float())
+            ys.append(label)
+    return torch.stack(xs), torch.tensor(ys)

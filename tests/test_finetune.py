@@ -4,22 +4,17 @@ scales (§8.1), position-embedding interpolation (§14.3), resume, exact data sp
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from localmim.config.finetune import FinetuneConfig
 from localmim.data.classify import ClassifyShards, decode_sample, iter_tar_samples, make_loader
 from localmim.train.finetune import build_classifier, finetune, layer_decay_groups, read_encoder
-from tests.classify_data import make_shards, pretrained_micro_encoder
-
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
+from tests.classify_data import eval_images, make_shards, pretrained_micro_encoder
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +32,11 @@ def _cfg(**kw) -> FinetuneConfig:
 
 
 def _eval_independently(model: torch.nn.Module, val_dir: Path, size: int) -> tuple[float, float]:
-    """Top-1 (%) and mean CE with a hand-written SPEC §8 eval transform: shorter side -> floor(S/0.875)
-    bicubic, center crop S, ImageNet normalisation; float64 NumPy preprocessing."""
-    scale = math.floor(size / 0.875)
-    correct, losses = 0, []
-    model.eval()
-    for url in sorted(val_dir.glob("*.tar")):
-        for sample in iter_tar_samples(url):
-            img, label = decode_sample(sample)
-            w, h = img.size
-            nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
-            img = img.resize((nw, nh), Image.BICUBIC)
-            top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-            x = (np.asarray(img, dtype=np.float64)[top : top + size, left : left + size] / 255.0 - MEAN) / STD
-            with torch.no_grad():
-                logits = model(torch.from_numpy(x).permute(2, 0, 1)[None].float())[0]
-            correct += int(logits.argmax().item() == label)
-            losses.append(F.cross_entropy(logits[None], torch.tensor([label])).item())
-    return 100.0 * correct / len(losses), float(np.mean(losses))
+    """Top-1 (%) and mean CE of ``model`` on the val images, preprocessed by the test's own eval transform."""
+    x, y = eval_images(val_dir, size)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    return 100.0 * (logits.argmax(1) == y).double().mean().item(), F.cross_entropy(logits, y).item()
 
 
 def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):

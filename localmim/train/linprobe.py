@@ -1,0 +1,160 @@
+"""Linear probing (MAE protocol): frozen encoder, ``BatchNorm1d(affine=False)`` + ``Linear`` head.
+
+The encoder is the standard timm model built from the exported encoder with no classifier
+(``num_classes=0``), so its output is the pooled pre-logits feature (mean of the patch tokens -> LayerNorm,
+as in fine-tuning). Features are extracted once per split with the eval transform and cached; the head
+is then trained on the cache. Deviation from MAE, for speed: MAE re-encodes RandomResizedCrop + flip views
+every epoch; caching un-augmented features makes the probe a cheap signal for comparing pre-training
+runs (seconds instead of a full-encoder pass per epoch). Optimizer: LARS as in MAE (timm's ``Lars``,
+trust ratio on the weight matrix only, as MAE excludes 1-D params) or SGD / AdamW.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from localmim.train.finetune import EncoderSpec
+from localmim.train.schedule import WarmupCosine
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class LinprobeResult:
+    top1: float
+    top5: float
+    best_top1: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    history: list[dict[str, float]]
+    head: dict[str, torch.Tensor]
+
+
+def build_encoder(enc: EncoderSpec, *, model: str = "auto", input_size: int = 0) -> torch.nn.Module:
+    """Frozen timm encoder (no head, eval mode) with the exported weights."""
+    import timm
+
+    from localmim.models.export import load_pretrained_into_timm
+
+    kwargs = {k: v for k, v in enc.timm_kwargs.items() if k != "num_classes"}
+    if input_size:
+        kwargs["img_size"] = input_size
+    net = timm.create_model(enc.timm_name if model == "auto" else model, pretrained=False, num_classes=0, **kwargs)
+    load_pretrained_into_timm(net, enc.state_dict)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def extract_features(encoder, batches, device: torch.device, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features ``[N, d]`` (fp32, on ``device``) and labels ``[N]`` for every batch."""
+    feats, labels = [], []
+    for images, y in batches:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            f = encoder(images.to(device, non_blocking=True))  # [B, d]
+        feats.append(f.float())
+        labels.append(y.to(device, non_blocking=True))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def build_head(dim: int, num_classes: int) -> torch.nn.Module:
+    """MAE's probe: BatchNorm without affine parameters, then a linear layer (weight std 0.01, bias 0)."""
+    from timm.layers import trunc_normal_
+
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, num_classes))
+    trunc_normal_(head[1].weight, std=0.01)
+    torch.nn.init.zeros_(head[1].bias)
+    return head
+
+
+def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float) -> torch.optim.Optimizer:
+    """LARS (MAE; trust ratio on the weight only), SGD with momentum 0.9, or AdamW; lr is set by the schedule."""
+    from timm.optim import Lars
+
+    lin = head[1]
+    if name == "lars":
+        groups = [{"params": [lin.weight], "weight_decay": weight_decay, "always_adapt": True},
+                  {"params": [lin.bias], "weight_decay": 0.0, "always_adapt": False}]
+        return Lars(groups, lr=0.0, momentum=0.9)
+    if name == "sgd":
+        return torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=weight_decay)
+    raise ValueError(f"linprobe optimizer must be lars|sgd|adamw, got {name!r}")
+
+
+def train_probe(
+    cfg, train_xy: tuple[torch.Tensor, torch.Tensor], val_xy: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+    log_fn: LogFn | None = None,
+) -> LinprobeResult:
+    """Train the probe head on cached features, evaluating top-1/top-5 on the val features each epoch."""
+    from localmim.eval.classify import evaluate
+
+    t0 = time.time()
+    (x, y), (vx, vy) = train_xy, val_xy
+    dev = x.device
+    torch.manual_seed(cfg.seed)
+    head = build_head(x.shape[1], num_classes).to(dev)
+    opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay)
+    steps = max(1, len(x) // cfg.batch_size)  # drop_last, as MAE
+    schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    crit = torch.nn.CrossEntropyLoss()
+    history, best, best_epoch, best_head = [], -1.0, 0, None
+    for epoch in range(cfg.epochs):
+        head.train()
+        perm = torch.randperm(len(x), generator=gen).to(dev)
+        loss_sum = torch.zeros((), device=dev)
+        for it in range(steps):
+            if it % cfg.accum_iter == 0:
+                schedule.apply(opt, epoch + it / steps)
+            idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
+            loss = crit(head(x[idx]), y[idx])  # [B, d] -> [B, C]
+            (loss / cfg.accum_iter).backward()
+            if (it + 1) % cfg.accum_iter == 0 or it + 1 == steps:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        ev = evaluate(head, [(vx, vy)], dev)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps, "lr": schedule(epoch + 1),
+               "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"]}
+        history.append(row)
+        if ev["top1"] > best:
+            best, best_epoch = ev["top1"], epoch + 1
+            best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+        if log_fn is not None:
+            log_fn({k: v for k, v in row.items() if k != "epoch"} | {"best_top1": best}, epoch + 1)
+    last = history[-1]
+    return LinprobeResult(last["top1"], last["top5"], best, best_epoch, cfg.epochs, time.time() - t0, history,
+                          best_head)
+
+
+def linprobe(
+    cfg, enc: EncoderSpec, *, train_dir: str | Path, val_dir: str | Path, num_classes: int | None = None,
+    log_fn: LogFn | None = None,
+) -> LinprobeResult:
+    """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
+    from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
+    from localmim.train.distributed import resolve_device
+
+    t0 = time.time()
+    dev = resolve_device(cfg.device)
+    num_classes = num_classes or num_classes_of(train_dir)
+    if not num_classes:
+        raise ValueError(f"{train_dir}: class count unknown (no manifest 'classes'); pass num_classes")
+    size = cfg.input_size or enc.img_size
+    encoder = build_encoder(enc, model=cfg.model, input_size=size).to(dev)
+    tf = build_transform(size, train=False)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    xy = []
+    for d in (train_dir, val_dir):
+        ds = ClassifyShards(d, tf, batch_size=256, train=False)
+        xy.append(extract_features(encoder, make_loader(ds, cfg.num_workers, dev.type == "cuda"), dev, amp))
+    res = train_probe(cfg, xy[0], xy[1], num_classes, log_fn)
+    res.seconds = time.time() - t0
+    return res
