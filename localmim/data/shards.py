@@ -141,11 +141,17 @@ def _own_bomb_check() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _decode_error(fmt: str | None, e: Exception) -> str:
+def _sniff(data: bytes) -> str:
+    """Format from the magic bytes (for errors raised before PIL knows the format)."""
+    magic = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
+    return next((name for m, name in magic.items() if data.startswith(m)), "image")
+
+
+def _decode_error(fmt: str, e: Exception) -> str:
     msg = str(e) or type(e).__name__
-    if "truncated" in msg:
-        return f"truncated {fmt or 'image'}: {msg}"
-    return f"corrupt {fmt or 'image'}: {type(e).__name__}: {msg}"
+    if "truncated" in msg.lower():
+        return f"truncated {fmt}: {msg}"
+    return f"corrupt {fmt}: {type(e).__name__}: {msg}"
 
 
 def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: int) -> Prepared:
@@ -164,7 +170,7 @@ def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: 
         except UnidentifiedImageError:
             return Prepared(skip="not an image: cannot identify image file")
         except Exception as e:  # noqa: BLE001 - any header parse failure is a property of the file
-            return Prepared(skip=_decode_error(None, e))
+            return Prepared(skip=_decode_error(_sniff(data), e))
         w, h = im.size
         if w * h > max_pixels:
             return Prepared(skip=f"decompression bomb: {w}x{h} px > limit {max_pixels}")
@@ -240,8 +246,9 @@ class _ShardSink:
 
         self.path, self.tmp = path, tmp_name(path)
         self.file = open(self.tmp, "wb")
-        # Fixed member metadata -> byte-identical shards for identical input.
-        self.writer = wds.TarWriter(self.file, user="localmim", group="localmim", mode=0o444, mtime=0.0)
+        # Fixed member metadata -> byte-identical shards for identical input. mtime must be an int: a float
+        # makes tarfile add a PAX header to every member.
+        self.writer = wds.TarWriter(self.file, user="localmim", group="localmim", mode=0o444, mtime=0)
         self.num_samples, self.member_bytes = 0, 0
 
     def write(self, sample: dict[str, Any], nbytes: int) -> None:
@@ -263,6 +270,8 @@ class _ShardSink:
         return {"name": self.path.name, "num_samples": self.num_samples, "bytes": nbytes, "sha256": h.hexdigest()}
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()  # (else the tar stream's __del__ writes to the closed file later)
         with contextlib.suppress(Exception):
             self.file.close()
         self.tmp.unlink(missing_ok=True)
