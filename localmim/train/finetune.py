@@ -42,16 +42,32 @@ class EncoderSpec:
 
 
 def read_encoder(path: str | Path) -> EncoderSpec:
-    """Load an exported encoder: a directory with ``encoder.json`` (``timm_name``, ``timm_kwargs``) and
-    ``encoder.pt`` (a state dict loadable with ``weights_only=True``), or the path of that ``.pt`` file."""
+    """Load an exported encoder: a ``<name>.json`` holding ``timm_name`` (and ``timm_kwargs``) next to
+    ``<name>.pt`` (a state dict loadable with ``weights_only=True``). ``path`` is that ``.pt`` file or a
+    directory holding one such pair (``encoder.pt`` / ``encoder.json`` preferred)."""
     path = Path(path)
-    pt = path / "encoder.pt" if path.is_dir() else path
-    meta = pt.with_suffix(".json")
-    if not pt.is_file() or not meta.is_file():
-        raise ValueError(f"{path}: expected an exported encoder ({pt.name} + {meta.name})")
-    info = json.loads(meta.read_text())
-    sd = torch.load(pt, map_location="cpu", weights_only=True)
+    if path.is_dir():
+        metas = sorted(path.glob("*.json"), key=lambda p: (p.stem != "encoder", p.name))
+        metas = [m for m in metas if m.with_suffix(".pt").is_file() and "timm_name" in _read_json(m)]
+        if not metas:
+            raise ValueError(f"{path}: no exported encoder (<name>.json with timm_name + <name>.pt)")
+        path = metas[0].with_suffix(".pt")
+    meta = path.with_suffix(".json")
+    if not path.is_file() or not meta.is_file():
+        raise ValueError(f"{path}: expected an exported encoder ({path.name} + {meta.name})")
+    info = _read_json(meta)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
     return EncoderSpec(info["timm_name"], dict(info.get("timm_kwargs", {})), sd)
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def build_classifier(

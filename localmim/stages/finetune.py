@@ -1,0 +1,66 @@
+"""``localmim finetune --encoder data/pretrain --out data/finetune``: SPEC §8 fine-tuning of the exported encoder.
+
+Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (plain timm state dicts: ``timm.create_model(name, **kwargs)`` with
+name/kwargs from ``OUT/model.json`` loads them with ``load_state_dict(torch.load(p, weights_only=True))``),
+``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds). Resumable
+checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
+Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun for DDP.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from localmim.config.finetune import FinetuneConfig
+from localmim.stages.base import StageContext, StageError, flag, stage
+
+
+@stage(
+    "finetune",
+    section="finetune",
+    config=FinetuneConfig,
+    help="fine-tune a timm classifier from the exported encoder (layer decay, mixup/cutmix, RandAugment)",
+    flags=[
+        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
+        flag("--train", default="data/shards/train", help="train shard directory (default: %(default)s)"),
+        flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
+        flag("--out", default="data/finetune", help="output directory (default: %(default)s)"),
+        flag("--ckpt-dir", default="data/checkpoints/finetune", help="resumable checkpoints (default: %(default)s)"),
+        flag("--metrics", default="metrics/finetune.json", help="metrics file (default: %(default)s)"),
+        flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
+        flag("--batch-size", key="batch_size", type=int, metavar="N", help="batch size per device"),
+        flag("--lr", key="lr", type=float, metavar="LR", help="absolute peak lr"),
+        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+    ],
+    system_metrics=True,
+)
+def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
+    from localmim.train.distributed import cleanup, init_distributed
+    from localmim.train.finetune import finetune, read_encoder
+    from localmim.utils.io import atomic_write_json
+
+    args = ctx.args
+    try:
+        enc = read_encoder(args.encoder)
+    except (ValueError, FileNotFoundError) as e:
+        raise StageError(str(e)) from None
+    dist = init_distributed(cfg.device)
+    try:
+        if ctx.is_main:
+            ctx.dump_params(cfg, args.out)
+        res = finetune(cfg, enc, train_dir=args.train, val_dir=args.val, out_dir=args.out, ckpt_dir=args.ckpt_dir,
+                       log_fn=ctx.tracker.log_metrics, dist=dist)
+    except (ValueError, FloatingPointError) as e:
+        raise StageError(str(e)) from None
+    finally:
+        cleanup()
+    metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
+               "epochs": res.epochs, "seconds": res.seconds}
+    if ctx.is_main:
+        atomic_write_json(args.metrics, metrics)
+        ctx.tracker.log_artifact(Path(args.out) / "model.json")
+        ctx.tracker.log_artifact(Path(args.out) / "best.pt")
+        print(f"localmim finetune: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
+              f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {args.out}", file=sys.stderr)
+    return {k: float(v) for k, v in metrics.items()}

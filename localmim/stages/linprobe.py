@@ -1,0 +1,51 @@
+"""``localmim linprobe --encoder data/pretrain --out data/linprobe``: MAE linear probe of the frozen encoder.
+
+Outputs: ``OUT/head.pt`` (the best probe head: BatchNorm1d(affine=False) + Linear state dict), ``OUT/params.yaml``
+and ``metrics/linprobe.json`` (top1, top5, best_top1, epochs, seconds); per-epoch metrics to MLflow.
+Single process (features are extracted once and cached; see :mod:`localmim.train.linprobe`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from localmim.config.linprobe import LinprobeConfig
+from localmim.stages.base import StageContext, StageError, flag, stage
+
+
+@stage(
+    "linprobe",
+    section="linprobe",
+    config=LinprobeConfig,
+    help="linear probe of the frozen exported encoder (BatchNorm without affine + linear head, MAE protocol)",
+    flags=[
+        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
+        flag("--train", default="data/shards/train", help="train shard directory (default: %(default)s)"),
+        flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
+        flag("--out", default="data/linprobe", help="output directory (default: %(default)s)"),
+        flag("--metrics", default="metrics/linprobe.json", help="metrics file (default: %(default)s)"),
+        flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
+        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+    ],
+)
+def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
+    from localmim.train.finetune import read_encoder
+    from localmim.train.linprobe import linprobe
+    from localmim.utils.io import atomic_torch_save, atomic_write_json
+
+    args = ctx.args
+    try:
+        enc = read_encoder(args.encoder)
+        res = linprobe(cfg, enc, train_dir=args.train, val_dir=args.val, log_fn=ctx.tracker.log_metrics)
+    except (ValueError, FileNotFoundError) as e:
+        raise StageError(str(e)) from None
+    out = Path(args.out)
+    ctx.dump_params(cfg, out)
+    atomic_torch_save(res.head, out / "head.pt")
+    metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
+               "epochs": res.epochs, "seconds": res.seconds}
+    atomic_write_json(args.metrics, metrics)
+    print(f"localmim linprobe: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
+          f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {out}", file=sys.stderr)
+    return {k: float(v) for k, v in metrics.items()}
