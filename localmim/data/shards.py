@@ -50,7 +50,7 @@ from localmim.utils.io import atomic_write_json, clean_stale_tmp, tmp_name
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST_FORMAT = "localmim-wds/1"
-TAR_BLOCK, TAR_RECORD = 512, 10240  # tarfile pads members to blocks and the archive to records
+TAR_BLOCK, TAR_RECORD = 512, 10240  # tar pads members to blocks and the archive to records
 
 
 class BadImageError(ValueError):
@@ -127,6 +127,7 @@ class Prepared:
     size: tuple[int, int] = (0, 0)  # stored width, height
     reencoded: str | None = None  # why the bytes are not the original ones
     skip: str | None = None
+    members: bytes = b""  # the sample serialized as tar members (see tar_members)
 
 
 @contextlib.contextmanager
@@ -197,13 +198,35 @@ def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: 
     return Prepared(jpg=buf.getvalue(), size=im.size, reencoded=", ".join(reasons))
 
 
-def _prepare_file(task: tuple[str, int, int, int]) -> Prepared:
-    path, max_side, quality, max_pixels = task
+@dataclass(frozen=True)
+class _Task:
+    path: str
+    key: str
+    meta: dict[str, Any]  # class, cls, path
+    max_side: int
+    jpeg_quality: int
+    max_pixels: int
+
+
+def _prepare_file(task: _Task) -> Prepared:
+    """Worker: read, verify/convert one file and serialize its sample (tar members) ready to append."""
     try:
-        data = Path(path).read_bytes()
+        data = Path(task.path).read_bytes()
     except OSError as e:
         return Prepared(skip=f"unreadable file: {e.strerror or type(e).__name__}")
-    return prepare_image(data, max_side=max_side, jpeg_quality=quality, max_pixels=max_pixels)
+    res = prepare_image(data, max_side=task.max_side, jpeg_quality=task.jpeg_quality, max_pixels=task.max_pixels)
+    if res.skip is None:
+        meta = {**task.meta, "width": res.size[0], "height": res.size[1]}
+        if res.reencoded:
+            meta["reencoded"] = res.reencoded
+        fields = {
+            "cls": str(meta["cls"]).encode(),
+            "jpg": res.jpg,
+            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+        }
+        res.members = tar_members(task.key, fields)
+        res.jpg = None  # now inside ``members``; don't ship it twice
+    return res
 
 
 def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256, chunksize: int = 8) -> Iterator:
@@ -228,50 +251,60 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256,
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def tar_member_bytes(payload: int) -> int:
-    """Bytes one tar member of ``payload`` bytes takes (header block + data padded to blocks)."""
-    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+def tar_members(key: str, fields: dict[str, bytes]) -> bytes:
+    """One WebDataset sample as consecutive tar members ``<key>.<ext>`` (extensions sorted, as webdataset's
+    TarWriter writes them): ustar header + data padded to 512-byte blocks, fixed metadata (mtime 0, uid/gid 0,
+    uname/gname ``localmim``, mode 0444) so identical input gives identical bytes.
+
+    Built with the standard library's ``tarfile.TarInfo`` in the worker processes; appending the bytes is all
+    the writer does. (``webdataset.TarWriter`` would do the same work serially in the writer, and importing
+    webdataset imports torch, seconds per process, which a packer does not need.)
+    """
+    import tarfile
+
+    out = []
+    for ext in sorted(fields):
+        data = fields[ext]
+        ti = tarfile.TarInfo(f"{key}.{ext}")
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o444, "localmim", "localmim"
+        out += [ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, bytes(-len(data) % TAR_BLOCK)]
+    return b"".join(out)
 
 
 def tar_file_bytes(members: int) -> int:
-    """Size of a finished tar whose members take ``members`` bytes (end blocks + padding to records)."""
+    """Size of a finished tar whose members take ``members`` bytes (two zero end blocks, then zero padding to a
+    multiple of the 10240-byte record, as ``tarfile`` and GNU tar write it)."""
     return -(-(members + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
 
 class _ShardSink:
-    """Current shard: a webdataset TarWriter on a temp file, renamed to its final name by :meth:`finish`."""
+    """Current shard: tar members appended to a temp file, renamed to its final name by :meth:`finish`."""
 
     def __init__(self, path: Path):
-        import webdataset as wds
-
         self.path, self.tmp = path, tmp_name(path)
         self.file = open(self.tmp, "wb")
-        # Fixed member metadata -> byte-identical shards for identical input. mtime must be an int: a float
-        # makes tarfile add a PAX header to every member.
-        self.writer = wds.TarWriter(self.file, user="localmim", group="localmim", mode=0o444, mtime=0)
+        self.hash = hashlib.sha256()
         self.num_samples, self.member_bytes = 0, 0
 
-    def write(self, sample: dict[str, Any], nbytes: int) -> None:
-        self.writer.write(sample)
+    def write(self, members: bytes) -> None:
+        self.file.write(members)
+        self.hash.update(members)
         self.num_samples += 1
-        self.member_bytes += nbytes
+        self.member_bytes += len(members)
 
     def finish(self) -> dict[str, Any]:
-        self.writer.close()
+        end = bytes(tar_file_bytes(self.member_bytes) - self.member_bytes)
+        self.file.write(end)
+        self.hash.update(end)
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        h = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
         nbytes = self.tmp.stat().st_size
         os.replace(self.tmp, self.path)
-        return {"name": self.path.name, "num_samples": self.num_samples, "bytes": nbytes, "sha256": h.hexdigest()}
+        sha = self.hash.hexdigest()
+        return {"name": self.path.name, "num_samples": self.num_samples, "bytes": nbytes, "sha256": sha}
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()  # (else the tar stream's __del__ writes to the closed file later)
         with contextlib.suppress(Exception):
             self.file.close()
         self.tmp.unlink(missing_ok=True)
@@ -342,7 +375,12 @@ def write_shards(
     _remove_previous(out, split)
     order = list(range(len(inv.files)))
     random.Random(opts.seed).shuffle(order)
-    tasks = ((str(inv.root / inv.files[i][0]), opts.max_side, opts.jpeg_quality, opts.max_pixels) for i in order)
+    tasks = (
+        _Task(str(inv.root / inv.files[i][0]), f"{split}-{n:08d}",
+              {"class": inv.classes[inv.files[i][1]], "cls": inv.files[i][1], "path": inv.files[i][0]},
+              opts.max_side, opts.jpeg_quality, opts.max_pixels)
+        for n, i in enumerate(order)
+    )  # fmt: skip
 
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -352,7 +390,7 @@ def write_shards(
     bar = tqdm(total=len(order), unit="img", desc=f"shard {split}", file=sys.stderr, disable=not progress,
                mininterval=0.5, dynamic_ncols=True)
     try:
-        for n, (pos, res) in enumerate(zip(order, _ordered_map(_prepare_file, tasks, opts.workers), strict=True)):
+        for pos, res in zip(order, _ordered_map(_prepare_file, tasks, opts.workers), strict=True):
             bar.update(1)
             rel, cls = inv.files[pos]
             if res.skip is not None:
@@ -361,26 +399,17 @@ def write_shards(
                 skipped.append({"path": rel, "reason": res.skip})
                 bar.set_postfix(skipped=len(skipped), refresh=False)
                 continue
-            meta = {"class": inv.classes[cls], "cls": cls, "path": rel, "width": res.size[0], "height": res.size[1]}
             if res.reencoded:
-                meta["reencoded"] = res.reencoded
                 reencoded[res.reencoded] += 1
-            sample = {
-                "__key__": f"{split}-{n:08d}",
-                "cls": str(cls).encode(),
-                "jpg": res.jpg,
-                "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
-            }
-            nbytes = sum(tar_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
             if sink is not None and (
                 sink.num_samples >= opts.max_samples_per_shard
-                or tar_file_bytes(sink.member_bytes + nbytes) > opts.max_shard_bytes
+                or tar_file_bytes(sink.member_bytes + len(res.members)) > opts.max_shard_bytes
             ):
                 shards.append(sink.finish())
                 sink = None
             if sink is None:
                 sink = _ShardSink(out / f"{split}-{len(shards):06d}.tar")
-            sink.write(sample, nbytes)
+            sink.write(res.members)
             class_counts[cls] += 1
         if sink is not None:
             shards.append(sink.finish())
@@ -439,6 +468,24 @@ def read_manifest(out: str | Path, split: str) -> dict[str, Any]:
 def shard_paths(out: str | Path, split: str) -> list[str]:
     """Absolute paths of a complete split's shards, in manifest order."""
     return [str(Path(out).resolve() / s["name"]) for s in read_manifest(out, split)["shards"]]
+
+
+def iter_shard_samples(urls: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "cls", "jpg", "json"}`` (bytes) of the shards, in order, without decoding."""
+    import tarfile
+
+    for url in urls:
+        with tarfile.open(url, "r|") as tf:
+            sample: dict[str, Any] = {}
+            for m in tf:
+                key, ext = m.name.split(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample.setdefault("__key__", key)
+                sample[ext] = tf.extractfile(m).read()
+            if sample:
+                yield sample
 
 
 def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:

@@ -1,0 +1,150 @@
+"""Sharding and shard-reading throughput on the synthetic ImageNet layout (``make bench``; prints markdown).
+
+1. Sharding (``localmim.data.shards.write_shards``, verify-decode of every image, 2 worker processes) against
+   ``tar -cf`` of the same files (pure pass-through: the ceiling for any packer).
+2. Reading, DataLoader with 2 workers, decode + RandomResizedCrop + flip + to-tensor, one epoch after a
+   warm-up epoch, for (a) the shards through a webdataset pipeline, (b) torchvision ``ImageFolder`` on the same
+   images with the same transforms, (c) the same JPEG bytes held in memory (no file system, no tar parsing:
+   the decode ceiling). Goal: (a) >= 1.0x (b) and >= 80% of (c).
+
+All files are in the page cache (written just before); this measures CPU cost, not disk speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_images(root: Path, classes: int, per_class: int, min_side: int, max_side: int) -> int:
+    from localmim.data.synth import write_imagenet
+
+    n = write_imagenet(root, seed=0, num_classes=classes, per_class={"train": per_class}, min_side=min_side,
+                       max_side=max_side, quality=90)  # fmt: skip
+    return n["train"]
+
+
+def bench_sharding(src: Path, out: Path, workers: int) -> dict[str, float]:
+    from localmim.data.shards import ShardOptions, write_shards
+
+    t = time.perf_counter()
+    man = write_shards(src, out, "train", ShardOptions(max_samples_per_shard=250, workers=workers), progress=False)
+    shard_s = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run(["tar", "-cf", str(out / "plain.tar"), "-C", str(src), "."], check=True)
+    tar_s = time.perf_counter() - t
+    (out / "plain.tar").unlink()
+    n = man["num_samples"]
+    return {"images": n, "shard_s": shard_s, "shard_img_s": n / shard_s, "tar_s": tar_s, "tar_img_s": n / tar_s,
+            "num_shards": man["num_shards"]}  # fmt: skip
+
+
+class InMemory:
+    """Map-style dataset over JPEG bytes already in memory (the decode ceiling)."""
+
+    def __init__(self, items: list[tuple[bytes, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        data, cls = self.items[i]
+        return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), cls
+
+
+def _epoch_rate(loader, n_expected: int, epochs: int) -> float:
+    it_count = 0
+    for _ in loader:  # warm-up: workers start, caches settle
+        pass
+    t = time.perf_counter()
+    for _ in range(epochs):
+        for x, _y in loader:
+            it_count += x.shape[0]
+    dt = time.perf_counter() - t
+    assert it_count == n_expected * epochs, (it_count, n_expected)
+    return it_count / dt
+
+
+def bench_reading(src: Path, shard_dir: Path, size: int, workers: int, batch: int, epochs: int) -> dict[str, float]:
+    import torch
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from localmim.data.shards import iter_shard_samples, shard_paths, wds_pipeline
+
+    torch.set_num_threads(1)
+    tf = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
+    urls = shard_paths(shard_dir, "train")
+    items = [(s["jpg"], int(s["cls"])) for s in iter_shard_samples(urls)]
+    n = len(items)
+    kw = dict(batch_size=batch, num_workers=workers, persistent_workers=True)
+    res = {}
+    res["shards_img_s"] = _epoch_rate(DataLoader(wds_pipeline(urls, tf), **kw), n, epochs)
+    res["imagefolder_img_s"] = _epoch_rate(DataLoader(ImageFolder(str(src), tf), shuffle=False, **kw), n, epochs)
+    res["memory_img_s"] = _epoch_rate(DataLoader(InMemory(items, tf), shuffle=False, **kw), n, epochs)
+    res["shards_vs_imagefolder"] = res["shards_img_s"] / res["imagefolder_img_s"]
+    res["shards_vs_ceiling"] = res["shards_img_s"] / res["memory_img_s"]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--per-class", type=int, default=200)
+    ap.add_argument("--min-side", type=int, default=96)
+    ap.add_argument("--max-side", type=int, default=320)
+    ap.add_argument("--size", type=int, default=64, help="RandomResizedCrop output side")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
+    ap.add_argument("--json", help="write the raw numbers here")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "imagenet", Path(tmp) / "shards"
+        t = time.perf_counter()
+        n = make_images(src, args.classes, args.per_class, args.min_side, args.max_side)
+        gen_s = time.perf_counter() - t
+        mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 1e6
+        shard = bench_sharding(src / "train", out, args.workers)
+        read = bench_reading(src / "train", out, args.size, args.workers, args.batch, args.epochs)
+
+    rows = [
+        ("shard: `localmim shard` (verify-decode, 2 procs)", f"{shard['shard_img_s']:.0f}", ""),
+        ("shard: `tar -cf` same files (pass-through ceiling)", f"{shard['tar_img_s']:.0f}",
+         f"shard = {shard['shard_img_s'] / shard['tar_img_s']:.2f}x tar"),
+        ("read: WebDataset shards", f"{read['shards_img_s']:.0f}", ""),
+        ("read: torchvision ImageFolder", f"{read['imagefolder_img_s']:.0f}",
+         f"shards = {read['shards_vs_imagefolder']:.2f}x ImageFolder (goal >= 1.0)"),
+        ("read: same bytes in memory (decode ceiling)", f"{read['memory_img_s']:.0f}",
+         f"shards = {100 * read['shards_vs_ceiling']:.0f}% of ceiling (goal >= 80%)"),
+    ]  # fmt: skip
+    print(f"{n} synthetic JPEGs ({mb:.1f} MB, sides {args.min_side}-{args.max_side} px, generated in {gen_s:.1f}s), "
+          f"{shard['num_shards']} shards; reading = decode + RandomResizedCrop({args.size}) + flip + ToTensor, "
+          f"DataLoader(batch {args.batch}, {args.workers} workers), {args.epochs} timed epochs after a warm-up.\n")
+    print("| what | images/s | ratio |\n|---|---:|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "images": n, "megabytes": mb, "sharding": shard,
+                                               "reading": read}, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
