@@ -72,8 +72,20 @@ def sobel_responses(images: Tensor) -> tuple[Tensor, Tensor]:
     return c0, c1
 
 
-def _orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
-    """Hard unsigned bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` as evaluated in exact arithmetic."""
+def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
+    """Hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` (SPEC §4 steps 3-4).
+
+    Exact for integer responses (the uint8 path): ties on bin edges get the exact-arithmetic bin, and float64 keeps
+    every other integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) on the right side.
+
+    Args:
+        c0: responses to K0, any shape.
+        c1: responses to K1, same shape.
+        nbins: number of bins nb.
+
+    Returns:
+        int64 bins in ``0..nb-1``, same shape.
+    """
     # (c0, c1) and (-c0, -c1) share a bin: fold into c0 >= 0 so that theta = atan2(y, x) lies in [0, pi).
     flip = c0 < 0
     y = torch.where(flip, -c0, c0)  # [B, 3, H, W]
@@ -109,7 +121,7 @@ def _biased(c0: Tensor, c1: Tensor, integer_input: bool, bias: Tensor | None) ->
 def _histograms(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
     """Per-pixel one-bin histograms ``[B, 3*nb, H, W]``: the magnitude in its orientation bin, 0 elsewhere."""
     b, ch, h, w = c0.shape
-    bins = _orientation_bins(c0, c1, nbins)  # [B, 3, H, W]
+    bins = orientation_bins(c0, c1, nbins)  # [B, 3, H, W]
     mag = torch.hypot(c0, c1)  # [B, 3, H, W]
     hist = c0.new_zeros(b, ch, nbins, h, w)  # [B, 3, nb, H, W]
     hist.scatter_(2, bins.unsqueeze(2), mag.unsqueeze(2))
