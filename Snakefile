@@ -15,3 +15,9 @@ validate(config, "workflow/schemas/params.schema.json")
 
 
 include: "workflow/rules/stages.smk"
+
+
+rule all:
+    input:
+        ALL_TARGETS,
+    default_target: True

@@ -122,7 +122,9 @@ def render_schema() -> str:
 def render_smk(nodes: list[Node]) -> str:
     out = [f"# {HEADER}", ""]
     targets = [o for n in nodes for o in n.outs + n.metrics + n.plots]
-    out += ["rule all:", f"    input: {_smk_list(targets, set())}", "    default_target: True", ""]
+    # The `all` rule lives in the top-level Snakefile: a default target set inside an included file is
+    # discarded by Snakemake once the include returns.
+    out += [f"ALL_TARGETS = [{_smk_list(targets, set())}]", ""]
     for n in nodes:
         out.append(f"rule {n.name}:")
         if n.deps:
