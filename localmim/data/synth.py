@@ -125,20 +125,25 @@ def polygon_mask(outline: np.ndarray, width: int, height: int) -> np.ndarray:
     This is COCO's convention (pycocotools ``annToMask`` rasterizes the same way up to sub-pixel rounding), so
     the polygon written to the annotations describes exactly the pixels that were painted.
     """
-    px = np.arange(width) + 0.5  # [W]
-    py = (np.arange(height) + 0.5)[:, None]  # [H, 1]
-    inside = np.zeros((height, width), dtype=bool)
+    x_lo, y_lo = (max(0, int(np.floor(v))) for v in outline.min(0))
+    x_hi, y_hi = min(width, int(np.ceil(outline[:, 0].max())) + 1), min(height, int(np.ceil(outline[:, 1].max())) + 1)
+    mask = np.zeros((height, width), dtype=bool)
+    if x_lo >= x_hi or y_lo >= y_hi:
+        return mask
+    px = np.arange(x_lo, x_hi) + 0.5  # [w] pixel centres of the bounding box only
+    py = (np.arange(y_lo, y_hi) + 0.5)[:, None]  # [h, 1]
+    inside = mask[y_lo:y_hi, x_lo:x_hi]  # [h, w] view
     x0, y0 = outline[:, 0], outline[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
     for ax, ay, bx, by in zip(x0, y0, x1, y1, strict=True):
         if ay == by:
             continue
-        crosses = (ay > py) != (by > py)  # [H, 1] edge spans this row's centre line
+        crosses = (ay > py) != (by > py)  # [h, 1] edge spans this row's centre line
         if not crosses.any():
             continue
-        xc = ax + (py - ay) * (bx - ax) / (by - ay)  # [H, 1] x where the edge meets the row
-        inside ^= crosses & (px < xc)  # [H, W] ray to the right crosses the edge
-    return inside
+        xc = ax + (py - ay) * (bx - ax) / (by - ay)  # [h, 1] x where the edge meets the row
+        inside ^= crosses & (px < xc)  # [h, w] ray to the right crosses the edge
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------- pixels
