@@ -398,3 +398,52 @@ def test_kill_midway_leaves_nothing_that_looks_complete(tmp_path):
     assert p.returncode == 0, p.stderr
     assert tar_digests(out) == tar_digests(ref)
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------- fast reader
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "PAX_FORMAT", "GNU_FORMAT"])
+def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
+    """The mmap reader against the standard library on long, prefixed and non-ASCII names (PAX / GNU headers)."""
+    rng = np.random.default_rng(0)
+    names = ["a/k1.jpg", "a/k1.json", "k2.cls", "d" * 90 + "/" + "e" * 60 + ".jpg", "ünï/名前.txt",
+             "x" * 120 + ".json", "empty.bin"]  # fmt: skip
+    if fmt == "USTAR_FORMAT":
+        names = [n for n in names if n.isascii() and len(n.rsplit("/", 1)[-1]) <= 100 and len(n) < 250][:-2]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tf:
+        if fmt != "USTAR_FORMAT":
+            d = tarfile.TarInfo("dir_entry")
+            d.type = tarfile.DIRTYPE
+            tf.addfile(d)  # not a file: skipped by both readers
+        for n in names:
+            data = rng.bytes(int(rng.integers(0, 3000))) if n != "empty.bin" else b""
+            ti = tarfile.TarInfo(n)
+            ti.size, ti.mtime = len(data), 1.5 if fmt == "PAX_FORMAT" else 0
+            tf.addfile(ti, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        ref = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    assert list(sh.iter_tar_members(path)) == ref
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        list(sh.iter_tar_members(path))
+
+
+def test_samples_from_our_shards_match_tarfile_and_draft_size(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_good_folder(src, classes=2, per_class=4)
+    sh.write_shards(src, out, "train", sh.ShardOptions(max_samples_per_shard=3, workers=1), progress=False)
+    fast = [{k: v for k, v in s.items() if k != "__url__"} for s in sh.iter_shard_samples(sh.shard_paths(out, "train"))]
+    ref = [{k: v for k, v in s.items() if k != "__shard__"} for s in read_tars(out)]
+    assert fast == ref and len(ref) == 8
+
+    # RandomResizedCrop(64, scale=(0.2, 1)) crops keep >= sqrt(0.2 * 3/4) of the short side: decode >= 165 px
+    need = sh.rrc_draft_size(64, 0.2)
+    assert need == (166, 166)  # ceil(64 / sqrt(0.15)) = ceil(165.25)
+    rng = np.random.default_rng(0)
+    for w, h, expect in ((400, 300, (400, 300)), (800, 700, (200, 175)), (1400, 700, (350, 175))):
+        img = sh.decode_rgb(_jpeg(rng, w, h), need)
+        assert img.size == expect and img.mode == "RGB", (w, h, img.size)

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -470,22 +471,80 @@ def shard_paths(out: str | Path, split: str) -> list[str]:
     return [str(Path(out).resolve() / s["name"]) for s in read_manifest(out, split)["shards"]]
 
 
-def iter_shard_samples(urls: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "cls", "jpg", "json"}`` (bytes) of the shards, in order, without decoding."""
-    import tarfile
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
 
+
+def iter_tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar, in order: a minimal ustar/PAX/GNU reader over ``mmap``.
+
+    About 10x cheaper per member than ``tarfile`` (which parses every header field into a TarInfo): WebDataset
+    samples are small, so per-member overhead decides the shard read rate. Header checksums are verified;
+    PAX ``path``/``size`` records and GNU long names are honoured, other member types are skipped.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos, end, pax = 0, len(mm), {}
+            while pos + TAR_BLOCK <= end:
+                hdr = mm[pos : pos + TAR_BLOCK]
+                if hdr.count(0) == TAR_BLOCK:
+                    return  # end-of-archive blocks
+                if sum(hdr) - sum(hdr[148:156]) + 8 * 32 != _octal(hdr[148:156]):
+                    raise ValueError(f"{path}: bad tar header checksum at byte {pos}")
+                kind, size = hdr[156:157], _octal(hdr[124:136])
+                name = hdr[0:100].split(b"\0", 1)[0]
+                if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                    name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+                size = int(pax.get(b"size", size))
+                name = pax.get(b"path", name)
+                data_at = pos + TAR_BLOCK
+                pos = data_at + -(-size // TAR_BLOCK) * TAR_BLOCK
+                if kind in (b"0", b"\0", b"7"):
+                    pax = {}
+                    yield name.decode("utf-8", "surrogateescape"), mm[data_at : data_at + size]
+                elif kind == b"x":  # PAX header for the next member: "<len> <key>=<value>\n" records
+                    recs = mm[data_at : data_at + size]
+                    pax = dict(r.split(b" ", 1)[1].split(b"=", 1) for r in recs.split(b"\n") if b"=" in r)
+                elif kind == b"L":  # GNU long name for the next member
+                    pax = {b"path": mm[data_at : data_at + size].rstrip(b"\0")}
+                elif kind != b"g":
+                    pax = {}
+
+
+def iter_shard_samples(urls: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Raw WebDataset samples ``{"__key__", "__url__", ext: bytes}`` of the shards, in order, undecoded.
+
+    Members ``<dir/>key.ext`` with the same key in a row form one sample (webdataset's grouping rule).
+    """
     for url in urls:
-        with tarfile.open(url, "r|") as tf:
-            sample: dict[str, Any] = {}
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample.setdefault("__key__", key)
-                sample[ext] = tf.extractfile(m).read()
-            if sample:
+        sample: dict[str, Any] = {}
+        for name, data in iter_tar_members(url):
+            d, _, base = name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{d}/{stem}" if d else stem
+            if sample and sample["__key__"] != key:
                 yield sample
+                sample = {}
+            if not sample:
+                sample = {"__key__": key, "__url__": str(url)}
+            sample[ext] = data
+        if sample:
+            yield sample
+
+
+def _samples_stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset pipeline stage: shard dicts ``{"url": ...}`` -> samples (replaces ``tarfile_to_samples``)."""
+    for shard in src:
+        yield from iter_shard_samples([shard["url"]])
 
 
 def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -495,6 +554,15 @@ def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.
     if draft_size is not None:
         im.draft("RGB", draft_size)
     return im.convert("RGB")
+
+
+def rrc_draft_size(size: int, scale_min: float, ratio_min: float = 3 / 4) -> tuple[int, int]:
+    """Smallest decoded size that keeps every RandomResizedCrop(size, scale=(scale_min, 1), ratio=(ratio_min,
+    1/ratio_min)) crop at >= ``size`` pixels per side, so decoding at a reduced JPEG DCT scale down to it loses
+    nothing the crop would keep: a crop's short side is >= sqrt(scale_min * ratio_min) * the image's short side.
+    """
+    side = math.ceil(size / math.sqrt(scale_min * ratio_min))
+    return side, side
 
 
 class _DecodeSample:
@@ -518,12 +586,12 @@ def wds_pipeline(
 ):
     """A webdataset ``DataPipeline`` over ``urls`` yielding ``(transform(PIL RGB image), class index)``.
 
-    Shards are split across DataLoader workers (each worker reads whole shards sequentially); with
-    ``shuffle_buffer > 0`` samples are shuffled in a buffer of that size (seeded per worker).
+    Shards are split across DataLoader workers (each worker reads whole shards sequentially, with
+    :func:`iter_shard_samples`); with ``shuffle_buffer > 0`` samples are shuffled in a buffer of that size.
     """
     import webdataset as wds
 
-    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples()]
+    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_worker, _samples_stage]
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, rng=random.Random(seed)))
     stages.append(wds.map(_DecodeSample(transform, draft_size)))
