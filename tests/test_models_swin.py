@@ -1,0 +1,371 @@
+"""Swin LocalMIM: visible-only encoder vs timm / a dense masked reference, shapes, masks, loss, export, overfit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from timm.models.swin_transformer import window_partition, window_reverse
+
+from localmim.models import create
+from localmim.models.swin import LocalMIMSwin, export_swin_encoder
+from localmim.models.swin_encoder import SwinVisibleEncoder
+from localmim.models.swin_geometry import draw_cell_mask
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one intra-op thread is faster and robust to a loaded shared CPU
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial weights everywhere (LN affine, biases, rel-pos tables) so every parameter shows in outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = 1.0 if "relative_position_bias_table" in name else 0.1
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _block_order(visible: list[int], grid: int, side: int) -> list[tuple[int, int]]:
+    """(row, col) of each token in the spec's block order: visible cells ascending, tokens raster inside a cell."""
+    out = []
+    for c in visible:
+        cy, cx = divmod(c, grid)
+        out += [(cy * side + ty, cx * side + tx) for ty in range(side) for tx in range(side)]
+    return out
+
+
+def _pick(grid_nhwc: torch.Tensor, coords: list[tuple[int, int]]) -> torch.Tensor:
+    ys = torch.tensor([c[0] for c in coords])
+    xs = torch.tensor([c[1] for c in coords])
+    return grid_nhwc[:, ys, xs]  # [B, L, C]
+
+
+def _ref_block(blk, x: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """Full-grid timm window attention (cyclic shift + timm region mask) with masked tokens removed from the keys."""
+    B, H, W, C = x.shape
+    (wh, ww), (sh, sw) = blk.window_size, blk.shift_size
+    n, heads = wh * ww, blk.attn.num_heads
+    h, v = blk.norm1(x), vis.to(x.dtype)[None, :, :, None]  # [B, H, W, C], [1, H, W, 1]
+    h, v = torch.roll(h, (-sh, -sw), (1, 2)), torch.roll(v, (-sh, -sw), (1, 2))
+    hw = window_partition(h, (wh, ww)).reshape(-1, n, C)  # [B*nW, n, C]
+    keep = window_partition(v, (wh, ww)).reshape(-1, n) > 0  # [nW, n]
+    q, k, val = blk.attn.qkv(hw).reshape(hw.shape[0], n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    s = (q * blk.attn.scale) @ k.transpose(-2, -1)  # [B*nW, heads, n, n]
+    table = blk.attn.relative_position_bias_table[blk.attn.relative_position_index.view(-1)]
+    s = s + table.view(n, n, heads).permute(2, 0, 1)[None]
+    s = s.view(B, -1, heads, n, n)
+    if blk.attn_mask is not None:
+        s = s + blk.attn_mask.to(x.dtype)[None, :, None]
+    s = s.masked_fill(~keep[None, :, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).view(-1, heads, n, n)  # fully masked windows -> 0
+    o = blk.attn.proj((p @ val).transpose(1, 2).reshape(-1, n, C))
+    o = window_reverse(o.view(-1, wh, ww, C), (wh, ww), H, W)
+    x = x + torch.roll(o, (sh, sw), (1, 2))
+    x = x + blk.mlp(blk.norm2(x))
+    return torch.where(vis[None, :, :, None], x, torch.zeros_like(x))
+
+
+def _ref_taps(enc: SwinVisibleEncoder, images: torch.Tensor, cell_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Dense reference on the full grid; masked tokens are zeroed and never used as keys."""
+    g = enc.grid
+    vis_cells = ~cell_mask.view(g, g)
+    x, taps = enc.patch_embed(images), []
+    for i, stage in enumerate(enc.layers):
+        if i > 0:
+            x = stage.downsample(x)
+            taps.append(x)
+        b = x.shape[1] // g
+        vis = vis_cells.repeat_interleave(b, 0).repeat_interleave(b, 1)  # [R, R]
+        x = torch.where(vis[None, :, :, None], x, torch.zeros_like(x))
+        for blk in stage.blocks:
+            x = _ref_block(blk, x, vis)
+    taps.append(x)
+    return taps
+
+
+def _encoder(img, p0, window, attn_impl="auto", depths=(2, 2, 2, 2), dim=16, heads=(1, 2, 2, 4)):
+    enc = SwinVisibleEncoder(img, p0, dim, depths, heads, window, attn_impl=attn_impl).double().eval()
+    _randomise(enc)
+    return enc
+
+
+# ------------------------------------------------------------------------------------------------ encoder numerics
+
+
+@pytest.mark.parametrize("attn_impl", ["packed", "dense"])
+def test_unmasked_encoder_matches_timm_swin(attn_impl):
+    # 64 px, p0 2, w 4: stage resolutions 32/16/8/4 -> shifted windows active in stages 1-3
+    torch.manual_seed(0)
+    model = LocalMIMSwin(img_size=64, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                         window_size=4, decoder_dim=32, target="pixel", attn_impl=attn_impl).eval()
+    _randomise(model)
+    name, kwargs, state = export_swin_encoder(model)
+    ref = timm.create_model(name, num_classes=10, **kwargs).eval()
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight"]
+    assert any(b.shift_size[0] > 0 for b in ref.layers[0].blocks)
+
+    x = torch.randn(2, 3, 64, 64)
+    g, enc = model.grid, model.encoder
+    taps = enc(x, torch.arange(g * g))
+    with torch.no_grad():
+        stages = [s.permute(0, 2, 3, 1) for s in ref.forward_intermediates(x, intermediates_only=True)]  # NHWC
+        expected = [ref.layers[k + 1].downsample(stages[k]) for k in range(3)] + [stages[3]]
+        final = ref.forward_features(x)  # timm final norm on stage 4 = exported tap-4 norm
+    for k, (t, e) in enumerate(zip(taps, expected, strict=True)):
+        side = e.shape[1] // g
+        torch.testing.assert_close(t, _pick(e, _block_order(list(range(g * g)), g, side)), atol=1e-4, rtol=1e-4,
+                                   msg=f"tap {k + 1}")
+    torch.testing.assert_close(model.forward_features(x)[3], final.flatten(1, 2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("img", "p0", "window", "attn_impl"),
+    [(64, 2, 4, "packed"), (64, 2, 4, "dense"), (64, 2, 4, "auto"), (96, 2, 6, "packed"), (64, 2, 8, "packed")],
+)
+def test_masked_encoder_matches_dense_reference(img, p0, window, attn_impl):
+    torch.manual_seed(1)
+    enc = _encoder(img, p0, window, attn_impl)
+    g = enc.grid
+    x = torch.randn(2, 3, img, img, dtype=torch.float64)
+    for trial in range(3):
+        cell_mask = draw_cell_mask(g * g, 0.6, generator=torch.Generator().manual_seed(trial))
+        visible = (~cell_mask).nonzero()[:, 0]
+        with torch.no_grad():
+            taps = enc(x, visible)
+            ref = _ref_taps(enc, x, cell_mask)
+        for k, (t, r) in enumerate(zip(taps, ref, strict=True)):
+            expected = _pick(r, _block_order(visible.tolist(), g, r.shape[1] // g))
+            torch.testing.assert_close(t, expected, atol=1e-9, rtol=1e-9, msg=f"trial {trial} tap {k + 1}")
+
+
+def test_reference_sees_shift_and_partial_windows():
+    # guard that the configs above exercise shifted windows that straddle visible and masked cells
+    enc = _encoder(96, 2, 6)
+    assert [s.blocks[1].shift_size[0] for s in enc.layers] == [3, 3, 3, 0]
+    assert [s.blocks[0].window_size[0] for s in enc.layers] == [6, 6, 6, 6]
+
+
+def test_masked_pixels_do_not_change_visible_features():
+    torch.manual_seed(2)
+    enc = _encoder(64, 2, 4)
+    cell_mask = draw_cell_mask(16, 0.75, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    pix = cell_mask.view(4, 4).repeat_interleave(16, 0).repeat_interleave(16, 1)  # [64, 64] masked pixels
+    y = torch.where(pix, torch.randn_like(x), x)
+    visible = (~cell_mask).nonzero()[:, 0]
+    for a, b in zip(enc(x, visible), enc(y, visible), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ masking
+
+
+@pytest.mark.parametrize(("cells", "ratio"), [(49, 0.75), (16, 0.75), (16, 0.6), (4, 0.75), (64, 0.9), (49, 0.0)])
+def test_mask_counts(cells, ratio):
+    m = draw_cell_mask(cells, ratio)
+    assert m.dtype == torch.bool and m.shape == (cells,)
+    assert int(m.sum()) == cells - max(1, math.floor(cells * (1 - ratio)))
+    if math.floor(ratio * cells) + 1 < cells:
+        assert int(draw_cell_mask(cells, ratio, reference_count=True).sum()) == math.floor(ratio * cells) + 1
+
+
+def test_reference_count_without_visible_cells_raises():
+    with pytest.raises(ValueError, match="4 of 4"):
+        draw_cell_mask(4, 0.75, reference_count=True)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        draw_cell_mask(16, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ full model
+
+
+class _Capture:
+    """Forward hooks collecting the decoder head outputs (predictions in raster order)."""
+
+    def __init__(self, model):
+        self.preds = []
+        self.handles = [h.register_forward_hook(lambda m, i, o: self.preds.append(o)) for h in model.heads]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def swin_base():
+    torch.manual_seed(0)
+    return create("localmim_swin_base", reference_mask_count=True).eval()
+
+
+def test_swin_base_224_shapes(swin_base):
+    m = swin_base
+    assert (m.img_size, m.patch_size, m.grid, m.hog_nbins, m.target) == (224, 4, 7, 18, "hog")
+    assert m.target_cells == [8, 16, 32, 32] and m.tap_grids == [28, 14, 7, 7] and m.target_dims == [54] * 4
+    assert [d.embed.out_features for d in m.decoders] == [64, 128, 128, 128]
+    assert all(d.blocks[0].attn.num_heads == 4 and len(d.blocks) == 1 for d in m.decoders)
+    assert tuple(m.hog_biases.shape) == (4, 2)
+    cell_mask = m.draw_mask(0.75)
+    assert int((~cell_mask).sum()) == 12  # reference rule: floor(0.75*49)+1 = 37 masked
+    x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        taps = m.encoder(m._to_input(x), (~cell_mask).nonzero()[:, 0])
+        assert [tuple(t.shape) for t in taps] == [(1, 192, 256), (1, 48, 512), (1, 12, 1024), (1, 12, 1024)]
+        cap = _Capture(m)
+        targets = [torch.zeros(1, g * g, 54) for g in (28, 14, 7, 7)]
+        loss, parts, mask = m(x, targets=targets, cell_mask=cell_mask)
+        cap.close()
+    assert [tuple(p.shape) for p in cap.preds] == [(1, 784, 54), (1, 196, 54), (1, 49, 54), (1, 49, 54)]
+    assert tuple(mask.shape) == (1, 49) and float(mask.sum()) == 37
+    assert sorted(parts) == ["tap1", "tap2", "tap3", "tap4"] and torch.isfinite(loss)
+    assert export_swin_encoder(m)[0] == "swin_base_patch4_window7_224"
+
+
+def test_swin_base_pixel_dims_and_stage_windows():
+    m = create("localmim_swin_base", target="pixel", depths=(2, 2, 2, 2))  # shallower stage 3: same geometry
+    assert m.target_dims == [192, 768, 3072, 3072]
+    assert [(s.blocks[-1].window_size[0], s.blocks[-1].shift_size[0]) for s in m.encoder.layers] == [
+        (7, 3), (7, 3), (7, 3), (7, 0)]
+
+
+@pytest.mark.parametrize(("img", "p0", "window", "grids"), [(224, 4, 7, [28, 14, 7, 7]), (64, 2, 4, [16, 8, 4, 4]),
+                                                            (32, 1, 4, [16, 8, 4, 4]), (64, 4, 2, [8, 4, 2, 2])])
+def test_tap_grids_match_target_cells(img, p0, window, grids):
+    m = LocalMIMSwin(img_size=img, patch_size=p0, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                     window_size=window, decoder_dim=16, target="pixel")
+    assert m.tap_grids == grids
+    assert [img // c for c in m.target_cells] == grids  # S / c_k = tap grid (SPEC §14.2)
+    assert m.target_cells == [2 * p0, 4 * p0, 8 * p0, 8 * p0]
+
+
+def _nano(**kw):
+    torch.manual_seed(0)
+    return create("localmim_swin_nano_p2_64", **kw)
+
+
+def test_loss_weights_and_raster_order():
+    # independent check of the per-tap loss: only positions whose (row // side, col // side) cell is masked count
+    m = _nano(target="pixel")
+    cell_mask = draw_cell_mask(16, 0.75, generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    targets = [torch.randn(2, g * g, f) for g, f in zip(m.tap_grids, m.target_dims, strict=True)]
+    cap = _Capture(m)
+    with torch.no_grad():
+        loss, parts, mask = m(x, targets=targets, cell_mask=cell_mask)
+    cap.close()
+    masked_cells = set(cell_mask.nonzero()[:, 0].tolist())
+    total = 0.0
+    for k, (g, pred, tgt) in enumerate(zip(m.tap_grids, cap.preds, targets, strict=True)):
+        side = g // 4
+        sel = [y * g + x for y in range(g) for x in range(g) if (y // side) * 4 + x // side in masked_cells]
+        assert len(sel) == len(masked_cells) * side * side  # weight sums 16, 4, 1, 1 x masked cells
+        expected = (pred[:, sel] - tgt[:, sel]).double().pow(2).mean()
+        torch.testing.assert_close(parts[f"tap{k + 1}"].double(), expected, rtol=1e-5, atol=1e-7)
+        total += float(expected)
+    assert abs(float(loss) - total) < 1e-4
+    assert tuple(mask.shape) == (2, 16) and torch.equal(mask[0].bool(), cell_mask)
+
+
+def test_decoder_places_visible_tokens_in_raster_order():
+    # the restore + block->raster index must put visible token j (block order) at its true raster position
+    m = _nano(target="pixel")
+    cell_mask = draw_cell_mask(16, 0.5, generator=torch.Generator().manual_seed(4))
+    visible = (~cell_mask).nonzero()[:, 0].tolist()
+    for side in (8, 4, 2, 1):
+        fill = m._fill_index(cell_mask, side)
+        order = _block_order(visible, 4, side)
+        n_vis, g = len(order), 4 * side
+        for j, (y, x) in enumerate(order):
+            assert int(fill[y * g + x]) == j
+        assert sorted(fill.tolist()) == list(range(g * g)) and int((fill >= n_vis).sum()) == g * g - n_vis
+
+
+def test_mae_mode_single_top_decoder():
+    m = create("mae_swin_nano_p2_64")
+    assert m.loss_names == ["top"] and len(m.decoders) == 1 and m.target_cells == [16]
+    cap = _Capture(m)
+    loss, parts, _ = m(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    cap.close()
+    assert list(parts) == ["top"] and tuple(cap.preds[0].shape) == (2, 16, 3 * 16 * 16)
+    loss.backward()
+    assert m.encoder.layers[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_computed_targets_shapes():
+    m = _nano()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert [tuple(t.shape) for t in m.compute_targets(x)] == [(2, 256, 27), (2, 64, 27), (2, 16, 27), (2, 16, 27)]
+    m = _nano(target="pixel")
+    assert [tuple(t.shape) for t in m.compute_targets(x)] == [(2, 256, 48), (2, 64, 192), (2, 16, 768),
+                                                              (2, 16, 768)]
+
+
+@pytest.mark.parametrize("target", ["hog", "pixel"])
+def test_overfits_fixed_batch(target):
+    torch.manual_seed(0)
+    m = LocalMIMSwin(img_size=32, patch_size=1, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                     window_size=4, decoder_dim=32, target=target, hog_nbins=9, hog_bias=False)
+    low = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # smooth image, learnable pixels
+    x = (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
+    cell_mask = draw_cell_mask(16, 0.75, generator=torch.Generator().manual_seed(0))
+    targets = m.compute_targets(x)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss, _, _ = m(x, targets=targets, cell_mask=cell_mask)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(img_size=60, patch_size=2), "60 must be divisible by 8\\*patch_size=16"),
+        (dict(img_size=16, patch_size=2), "G = .* = 1 must be >= 2"),
+        (dict(img_size=64, patch_size=2, window_size=6), "resolution 32 > window 6"),
+        (dict(num_heads=(3, 2, 4, 8)), "width 32 not divisible by 3 heads"),
+        (dict(decoder_dim=20), "decoder_dim 20"),
+        (dict(target="hug"), "target"),
+        (dict(mode="simmim"), "mode"),
+    ],
+)
+def test_bad_configuration_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _nano(**kwargs)
+
+
+def test_bad_input_raises():
+    m = _nano(target="pixel", reference_mask_count=True)
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, 64, 64\], got \(1, 3, 32, 32\)"):
+        m(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    m2 = LocalMIMSwin(img_size=32, patch_size=2, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                      window_size=2, decoder_dim=16, target="pixel", reference_mask_count=True)
+    with pytest.raises(ValueError, match="masks 4 of 4 cells"):
+        m2(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), mask_ratio=0.75)
+    with pytest.raises(ValueError, match="every cell"):
+        m2(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), cell_mask=torch.ones(4, dtype=torch.bool))
+
+
+def test_registered_names():
+    from localmim.models import list_models
+
+    names = set(list_models())
+    for arch in ("tiny", "base", "large", "tiny_p2_64", "nano_p2_64"):
+        assert {f"localmim_swin_{arch}", f"mae_swin_{arch}"} <= names
+    assert create("localmim_swin_tiny_p2_64").encoder.tap_grids == (16, 8, 4, 4)
