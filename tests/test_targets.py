@@ -67,7 +67,7 @@ def rectangles(b: int, h: int, w: int, seed: int, integer: bool) -> torch.Tensor
 
 def photo(name: str, top: int, left: int, h: int, w: int) -> torch.Tensor:
     """uint8 ``[1, 3, h, w]`` crop of a real 8-bit photograph shipped with scikit-learn or matplotlib."""
-    if name.endswith(".jpg") and name in ("china.jpg", "flower.jpg"):
+    if name in ("china.jpg", "flower.jpg"):
         arr = load_sample_image(name)
     else:
         arr = np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / name).convert("RGB"))
