@@ -171,6 +171,14 @@ def projected_bytes(samples: list[dict[str, Any]], spec: ViewSpec, num_samples: 
     return int(np.mean(per_view) * num_samples * spec.views) if per_view else 0
 
 
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} TiB"
+
+
 def _iter_raw(src: Path) -> Iterator[dict[str, Any]]:
     import webdataset as wds
 
@@ -203,9 +211,8 @@ def write_views(
         raw = _iter_raw(src)
         head = [next(raw) for _ in range(min(8, n))]
         first = [make_views(s, spec) for s in head]
-        gib = projected_bytes(first, spec, n) / 2**30
         log(f"targets: {n} images x {spec.views} views at {spec.input_size}px ({spec.target}, {spec.dtype}): "
-            f"projected size on disk {gib:.3f} GiB")
+            f"projected size on disk {_human(projected_bytes(first, spec, n))}")
         results = _compute(raw, spec, workers)
         for views in [*first, *results]:
             for sink, sample in zip(sinks, views, strict=True):

@@ -1,0 +1,86 @@
+"""``localmim pretrain --out DIR``: masked image modeling pre-training (SPEC §7), exported as a timm encoder.
+
+Launch under ``torchrun`` for several processes (the DAG does: ``pretrain.nproc_per_node``). Reads the raw
+train shards (``pretrain.data: online``) or the view shards of ``localmim targets`` (``views``). Resumable
+checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
+
+Outputs (rank 0): ``OUT/encoder.pt`` (a plain timm state dict, ``weights_only``-loadable), ``OUT/encoder.json``
+(``timm_name``, ``timm_kwargs`` for ``timm.create_model``, plus provenance), ``OUT/params.yaml`` and the
+metrics file. MLflow: params, per-step losses at x = epoch_1000x, lr, throughput, memory, system metrics, and the
+exported encoder as an artifact.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from localmim.config.pretrain import PretrainConfig
+from localmim.stages.base import StageContext, StageError, flag, stage
+
+
+def export(model, out: Path, extra: dict) -> Path:
+    """Write ``encoder.pt`` + ``encoder.json`` for a trained LocalMIM/MAE model (ViT or Swin)."""
+    from localmim.models.export import export_encoder
+    from localmim.models.vit import LocalMIMViT
+    from localmim.utils.io import atomic_torch_save, atomic_write_json
+
+    if isinstance(model, LocalMIMViT):
+        name, kwargs, state = export_encoder(model)
+    else:
+        from localmim.models.swin import export_swin_encoder
+
+        name, kwargs, state = export_swin_encoder(model)
+    atomic_torch_save({k: v.contiguous().cpu() for k, v in state.items()}, out / "encoder.pt")
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    atomic_write_json(out / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})
+    return out / "encoder.pt"
+
+
+@stage(
+    "pretrain",
+    section="pretrain",
+    config=PretrainConfig,
+    help="masked-image-modeling pre-training (LocalMIM or MAE baseline); exports the encoder for timm",
+    flags=[
+        flag("--out", default="data/pretrain", help="output directory for encoder.pt / encoder.json"),
+        flag("--shards", default="data/shards/train", help="raw train shards (data: online)"),
+        flag("--views-dir", default="data/views", help="view shards of `localmim targets` (data: views)"),
+        flag("--ckpt-dir", default="data/checkpoints/pretrain", help="resumable checkpoints (not a DAG output)"),
+        flag("--metrics", default="metrics/pretrain.json", help="metrics JSON"),
+        flag("--epochs", key="epochs", type=int, metavar="N", help="pre-training epochs"),
+        flag("--data", key="data", choices=["online", "views"], help="input: raw shards or view shards"),
+        flag("--model", key="model", metavar="NAME", help="localmim.models registry name"),
+        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+        flag("--no-progress", action="store_true", help="no progress bar"),
+    ],
+    system_metrics=True,
+)
+def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
+    from localmim.train.distributed import barrier, cleanup
+    from localmim.train.pretrain import NonFiniteLossError, run_pretrain
+    from localmim.utils.gitinfo import git_commit
+    from localmim.utils.io import atomic_write_json
+
+    args = ctx.args
+    data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
+    log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
+    try:
+        result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        raise StageError(f"pretrain: {e}") from None
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    if ctx.is_main:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(), "git_commit": git_commit(),
+                 "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        export(result.model, out, extra)
+        ctx.dump_params(cfg, out)
+        atomic_write_json(args.metrics, metrics)
+        ctx.tracker.log_artifact(out, artifact_path="encoder")
+        print(f"localmim pretrain: loss {metrics.get('final_loss', float('nan')):.4f} after "
+              f"{int(metrics.get('epochs_done', 0))} epochs -> {out}", file=sys.stderr)
+    barrier()
+    cleanup()
+    return metrics if ctx.is_main else {}

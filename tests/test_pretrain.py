@@ -1,0 +1,254 @@
+"""Pretraining: schedule, weight-decay groups, checkpoints, resume after SIGKILL, 2-rank torchrun, NaN stop, stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_env, run_cli
+from pretrain_helpers import make_shards
+
+from localmim.config.pretrain import PretrainConfig
+from localmim.models import create
+from localmim.train import checkpoint as ckpt
+from localmim.train.optim import create_adamw
+from localmim.train.schedule import WarmupCosine
+
+TINY = dict(model="localmim_vit_micro_patch8", input_size=32, batch_size=4, epochs=3, warmup_epochs=1, blr=1e-2,
+            num_workers=2, shuffle_buffer=4, log_every=1)
+
+
+# ------------------------------------------------------------------------------------------- schedule / optim
+
+
+def test_warmup_cosine_matches_the_spec_formula():
+    s = WarmupCosine(lr=1.6e-3, min_lr=1e-6, warmup_epochs=40, epochs=1600)
+    for e in np.linspace(0, 1600, 97):
+        if e < 40:
+            want = 1.6e-3 * e / 40
+        else:
+            want = 1e-6 + (1.6e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (e - 40) / 1560))
+        assert s(float(e)) == pytest.approx(want, rel=1e-12, abs=1e-18)
+    assert s(40) == pytest.approx(1.6e-3) and s(1600) == pytest.approx(1e-6) and s(820) == pytest.approx(
+        (1.6e-3 + 1e-6) / 2)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr_scale": 0.5}, {"params": [torch.zeros(1)]}], lr=1)
+    s.apply(opt, 20)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4e-3, 0.8e-3])
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(warmup_epochs=11), dict(lr=-1.0)])
+def test_bad_schedule_is_rejected(kw):
+    with pytest.raises(ValueError):
+        WarmupCosine(**{**dict(lr=1.0, min_lr=0.0, warmup_epochs=1, epochs=10), **kw})
+
+
+def test_weight_decay_groups_follow_spec_2_8():
+    model = create("localmim_vit_micro_patch8")
+    opt = create_adamw(model, 1e-3, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | plain == trainable and not decayed & plain
+    # SPEC §2.8: no decay for <= 1-D tensors and biases; the cls token and mask tokens (3-D) are decayed.
+    want_plain = {n for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
+    assert plain == want_plain
+    assert "cls_token" in decayed and any("mask_token" in n for n in decayed)
+    assert "pos_embed" not in trainable
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_peak_lr_scales_with_effective_batch():
+    cfg = PretrainConfig(batch_size=256, accum_iter=1, blr=2e-4)
+    assert cfg.peak_lr(8) == pytest.approx(1.6e-3)  # SPEC §7 ViT-B
+    assert PretrainConfig(batch_size=128, accum_iter=4, blr=1.5e-4).peak_lr(8) == pytest.approx(2.4e-3)
+    assert PretrainConfig(lr=1e-3).peak_lr(8) == 1e-3
+    with pytest.raises(ValueError, match="warmup_epochs=5"):
+        PretrainConfig(epochs=4, warmup_epochs=5)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_is_weights_only_and_restores_rng(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = create_adamw(model, 1e-3, 0.05)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    payload = ckpt.make_payload(model=model, optimizer=opt, scaler=None, epoch=2, step=11, data_batches=3,
+                                rng=ckpt.all_rng_states(), params={"a": 1, "b": [1, 2]})
+    path = ckpt.save(tmp_path, payload)
+    want = (torch.rand(3), np.random.rand(2), random.random())
+    (tmp_path / ".ckpt-000000012.pt.tmp-123").write_bytes(b"partial")  # a killed save
+    assert ckpt.find_latest(tmp_path) == path and not list(tmp_path.glob(".*tmp*"))
+    loaded = torch.load(path, weights_only=True)  # no pickled Python objects inside
+    assert loaded["step"] == 11 and loaded["data"] == {"epoch": 2, "batches": 3} and loaded["params"]["b"] == [1, 2]
+    m2 = torch.nn.Linear(3, 2)
+    o2 = create_adamw(m2, 1e-3, 0.05)
+    ckpt.restore(loaded, m2, o2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values(), strict=True))
+    assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    got = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+    for step in (20, 30, 40):
+        ckpt.save(tmp_path, {**payload, "step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000030.pt", "ckpt-000000040.pt"]
+
+
+# ------------------------------------------------------------------------------------ resume / torchrun / NaN
+
+SCRIPT = """
+import os, signal, sys, torch
+from localmim.config.pretrain import PretrainConfig
+from localmim.train.pretrain import run_pretrain
+cfg = PretrainConfig(**{cfg})
+kill = os.environ.get("KILL")
+def on_epoch_end(epoch, model):
+    if kill == "epoch" and epoch == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+def log_fn(metrics, step):
+    if kill == "mid" and step == 1334:  # epoch 1, batch 1 of 3: a minutes-checkpoint was written at 1000
+        os.kill(os.getpid(), signal.SIGKILL)
+r = run_pretrain(cfg, sys.argv[1], sys.argv[2], log_fn, on_epoch_end=on_epoch_end, progress=False)
+rank = int(os.environ.get("RANK", "0"))
+torch.save({{"state": r.model.state_dict(), "metrics": r.metrics}}, os.path.join(sys.argv[3], f"rank{{rank}}.pt"))
+"""
+
+
+def _script(tmp_path: Path, **cfg) -> Path:
+    p = tmp_path / "train.py"
+    p.write_text(textwrap.dedent(SCRIPT.format(cfg=repr({**TINY, **cfg}))))
+    return p
+
+
+def _run(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kill", ["epoch", "mid"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill):
+    make_shards(tmp_path / "s", n=12, per_shard=4)
+    extra = {"ckpt_minutes": 1e-9} if kill == "mid" else {}
+    script = _script(tmp_path, **extra)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    py = sys.executable
+    killed = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_a"), str(tmp_path / "a")], KILL=kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert ckpt.find_latest(next((tmp_path / "ck_a").iterdir())) is not None
+    resumed = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_a"), str(tmp_path / "a")])
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-2000:]
+    clean = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_b"), str(tmp_path / "b")])
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
+    assert a["metrics"]["steps"] == b["metrics"]["steps"] == 9
+    assert _same_weights(a["state"], b["state"])  # bit-identical on CPU
+    init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
+    assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["state"]["blocks.0.attn.qkv.weight"])
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+    make_shards(tmp_path / "s", n=20, per_shard=3)
+    script = _script(tmp_path, epochs=2, ckpt_minutes=0)
+    (tmp_path / "out").mkdir()
+    p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+              str(tmp_path / "s"), str(tmp_path / "ck"), str(tmp_path / "out")], OMP_NUM_THREADS="1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "out" / "rank0.pt"), torch.load(tmp_path / "out" / "rank1.pt")
+    assert _same_weights(r0["state"], r1["state"])
+    assert r0["metrics"]["world_size"] == 2 and r0["metrics"]["steps_per_epoch"] == 20 // 2 // 4
+    assert r0["metrics"]["peak_lr"] == pytest.approx(1e-2 * 4 * 2 / 256)
+    assert math.isfinite(r0["metrics"]["final_loss"])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import localmim.train.pretrain as P
+
+    make_shards(tmp_path / "s", n=12, per_shard=4)
+    real = P.build_model
+
+    def poisoned(cfg):
+        model = real(cfg)
+        calls = {"n": 0}
+        forward = model.forward
+
+        def fwd(*a, **kw):
+            loss, per_tap, mask = forward(*a, **kw)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] == 5 else loss), per_tap, mask
+
+        model.forward = fwd
+        return model
+
+    monkeypatch.setattr(P, "build_model", poisoned)
+    cfg = PretrainConfig(**{**TINY, "num_workers": 0, "log_every": 2})
+    with pytest.raises(P.NonFiniteLossError, match=r"non-finite loss at step 4 \(epoch 1\).*ckpt-000000003\.pt"):
+        P.run_pretrain(cfg, tmp_path / "s", tmp_path / "ck", progress=False)
+    (run_dir,) = (tmp_path / "ck").iterdir()
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["ckpt-000000003.pt"]
+    good = ckpt.load(ckpt.find_latest(run_dir))
+    assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_changed_params_never_resume_an_old_run(tmp_path):
+    from localmim.train.pretrain import run_key
+
+    make_shards(tmp_path / "s", n=12, per_shard=4)
+    base = PretrainConfig(**TINY)
+    k = run_key(base, 1, tmp_path / "s")
+    assert run_key(base.model_copy(update={"num_workers": 0, "log_every": 5}), 1, tmp_path / "s") == k
+    assert run_key(base.model_copy(update={"mask_ratio": 0.6}), 1, tmp_path / "s") != k
+    assert run_key(base, 2, tmp_path / "s") != k
+    (tmp_path / "s" / "train.json").write_text(json.dumps({"shards": []}))
+    assert run_key(base, 1, tmp_path / "s") != k
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+
+
+def test_targets_and_pretrain_stages_export_a_plain_timm_encoder(tmp_path):
+    import timm
+
+    make_shards(tmp_path / "s", n=12, per_shard=5)
+    params = {
+        "targets": {"views": 2, "model": "localmim_vit_micro_patch8", "input_size": 32, "workers": 1},
+        "pretrain": {**TINY, "epochs": 2, "data": "views", "num_workers": 0},
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    run_cli("targets", "s", "views", "--params", "params.yaml", cwd=tmp_path, check=True, LOCALMIM_TRACKING="0")
+    p = run_cli("pretrain", "--params", "params.yaml", "--shards", "s", "--views-dir", "views", "--out", "enc",
+                "--ckpt-dir", "ck", "--metrics", "m/pretrain.json", "--no-progress", cwd=tmp_path, check=True,
+                LOCALMIM_TRACKING="0")
+    assert "after 2 epochs" in p.stderr
+    metrics = json.loads((tmp_path / "m" / "pretrain.json").read_text())
+    assert metrics["epochs_done"] == 2 and metrics["steps"] == 6 and math.isfinite(metrics["final_loss"])
+    assert {"final_loss_tap1", "final_images_per_s", "final_data_wait_frac", "final_peak_mem_mb"} <= set(metrics)
+    info = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    model = timm.create_model(info["timm_name"], num_classes=0, **info["timm_kwargs"])
+    state = torch.load(tmp_path / "enc" / "encoder.pt", weights_only=True)
+    res = model.load_state_dict(state, strict=False)
+    assert not res.unexpected_keys and set(res.missing_keys) <= {"fc_norm.weight", "fc_norm.bias"}
+    ck = torch.load(ckpt.find_latest(next((tmp_path / "ck").iterdir())), weights_only=True)
+    assert torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    assert ck["params"]["data"] == "views" and ck["git_commit"]
+    # views built for another geometry are refused with both values named
+    params["pretrain"]["hog_nbins"] = 18
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    bad = run_cli("pretrain", "--params", "params.yaml", "--views-dir", "views", "--ckpt-dir", "ck", "--out", "x",
+                  "--no-progress", cwd=tmp_path, LOCALMIM_TRACKING="0")
+    assert bad.returncode == 1 and "hog_nbins: views 9 vs model 18" in bad.stderr
+    assert os.environ.get("RANK") is None
