@@ -76,7 +76,21 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
                 threads=2,
             )
         )
+    if any(n.name == "pretrain" for n in nodes):
+        nodes += evaluation_nodes()
     return nodes
+
+
+def evaluation_nodes() -> list[Node]:
+    """Fine-tuning (torchrun, one process per GPU) and the linear probe of the exported encoder ``data/pretrain``."""
+    deps = ["data/pretrain", "data/shards/train", "data/shards/val"]
+    return [
+        Node("finetune", "localmim finetune --encoder data/pretrain --out data/finetune", params=["finetune"],
+             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], threads=2, launcher="torchrun",
+             resources={"gpu": 'config["finetune"]["nproc_per_node"] if config["finetune"]["device"] != "cpu" else 0'}),
+        Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
+             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
+    ]
 
 
 def render_dvc(nodes: list[Node]) -> str:
