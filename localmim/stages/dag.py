@@ -76,8 +76,25 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
                 threads=2,
             )
         )
+    nodes += pretrain_nodes(tree or {})
     if any(n.name == "pretrain" for n in nodes):
         nodes += evaluation_nodes()
+    return nodes
+
+
+def pretrain_nodes(tree: dict[str, Any]) -> list[Node]:
+    """``targets`` (only with ``pretrain.data: views``: on real data view shards are large, so they are built only
+    when read) and ``pretrain`` under torchrun; its checkpoints (data/checkpoints/pretrain) are not declared."""
+    views = ((tree.get("pretrain") or {}).get("data", "online")) == "views"
+    nodes = []
+    if views:
+        nodes.append(Node("targets", "localmim targets data/shards/train data/views", params=["targets"],
+                          deps=["data/shards/train"], outs=["data/views"], threads=2))
+    cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
+    nodes.append(Node("pretrain", cmd, params=["pretrain"], deps=["data/views" if views else "data/shards/train"],
+                      outs=["data/pretrain"], metrics=["metrics/pretrain.json"], threads=2, launcher="torchrun",
+                      resources={"gpu": 'config["pretrain"]["nproc_per_node"] if config["pretrain"]["device"] != "cpu"'
+                                        ' else 0'}))
     return nodes
 
 
