@@ -153,3 +153,32 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(data, world, worke
     assert len(seen) == len(set(seen))  # nothing twice
     expect = (n // world // 6) * 6 * world if train else n
     assert len(seen) == expect and set(seen) <= set(keyed)
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_two_ranks(data, tmp_path):
+    """The real CLI under torchrun (2 CPU processes, gloo): every val sample counted once across the ranks, the
+    best weights load into plain timm and reproduce the reported top-1, metrics JSON written by rank 0."""
+    import subprocess
+    import sys
+
+    import timm
+    import yaml
+
+    from tests.conftest import cli_env
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": _cfg(epochs=2, warmup_epochs=1).to_dict()}))
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
+           "finetune", "--encoder", str(data["encoder"]), "--train", str(data["train"]), "--val", str(data["val"]),
+           "--out", str(out), "--ckpt-dir", str(tmp_path / "ckpt"), "--metrics", str(metrics), "--params", str(params)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads(metrics.read_text())
+    assert m["val_samples"] == 40 and m["epochs"] == 2
+    info = json.loads((out / "model.json").read_text())
+    model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
+    assert _eval_independently(model, data["val"], 32)[0] == pytest.approx(m["best_top1"], abs=1e-9)

@@ -56,7 +56,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     finally:
         cleanup()
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-               "epochs": res.epochs, "seconds": res.seconds}
+               "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"]}
     if ctx.is_main:
         atomic_write_json(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")

@@ -242,7 +242,7 @@ def finetune(
             raise FloatingPointError(f"finetune: non-finite training loss in epoch {epoch + 1}{last_good}")
         ev = evaluate(model, make_loader(val_ds, cfg.num_workers, pin), dev, amp)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": schedule(epoch + 1), "top1": ev["top1"],
-               "top5": ev["top5"], "val_loss": ev["loss"]}
+               "top5": ev["top5"], "val_loss": ev["loss"], "val_samples": ev["n"]}
         state["history"].append(row)
         if ev["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = ev["top1"], epoch + 1
