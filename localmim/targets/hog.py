@@ -15,8 +15,8 @@ gives. Three choices guarantee it:
 * The angle is evaluated in float64 after folding the direction into the upper half plane, and ties on the edges
   whose tangent is rational (0, pi/4, pi/2, 3pi/4; by Niven's theorem the only ones) are set exactly.
 
-The pipeline is vectorised over batch, channels and scales: gradients are computed once per call, the per-pixel
-histogram once per distinct bias, and coarser cells are pooled from finer ones (a mean of means is exact).
+The pipeline is vectorised over batch, channels and scales: gradients are computed once per call, the histogram
+once per distinct bias, and coarser cells are pooled from finer ones (a mean of means is exact).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def sobel_responses(images: Tensor) -> tuple[Tensor, Tensor]:
 def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
     """Hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` (SPEC §4 steps 3-4).
 
-    Exact for integer responses (the uint8 path): ties on bin edges get the exact-arithmetic bin, and float64 keeps
-    every other integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) on the right side.
+    Exact for integer responses (the uint8 path): ties on bin edges get the exact-arithmetic bin, and every other
+    integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) is settled in float64 when float32 is not
+    safely clear of an edge.
 
     Args:
         c0: responses to K0, any shape.
@@ -87,12 +88,16 @@ def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
         int64 bins in ``0..nb-1``, same shape.
     """
     # (c0, c1) and (-c0, -c1) share a bin: fold into c0 >= 0 so that theta = atan2(y, x) lies in [0, pi).
-    flip = c0 < 0
-    y = torch.where(flip, -c0, c0)  # [B, 3, H, W]
-    x = torch.where(flip, -c1, c1)  # [B, 3, H, W]
-    x = torch.where(y == 0, x.abs(), x)  # phi = pi (c0 = 0, c1 < 0) is bin 0 like phi = 0
-    theta = torch.atan2(y.double(), x.double())  # [B, 3, H, W] in [0, pi]
-    bins = (theta * (nbins / math.pi)).floor_().long().clamp_(0, nbins - 1)  # theta < pi in exact arithmetic
+    y = c0.abs()  # [B, 3, H, W]
+    x = torch.where(c0 > 0, c1, torch.where(c0 < 0, -c1, c1.abs()))  # phi = pi (c0 = 0, c1 < 0) is bin 0 like 0
+    t = torch.atan2(y, x).mul_(nbins / math.pi)  # [B, 3, H, W] in [0, nb]
+    bins = t.floor()
+    # float32 atan2 is off by a few ulp, so only t within 1e-3 of an edge can land on the wrong side: redo those in
+    # float64 (integer responses |c| <= 1020 are at least 5e-7 bins from an edge they do not lie on)
+    near = ((t - t.round()).abs() < 1e-3) & (y > 0) & (x != 0)
+    idx = near.nonzero(as_tuple=True)
+    bins[idx] = torch.atan2(y[idx].double(), x[idx].double()).mul_(nbins / math.pi).floor_().to(bins.dtype)
+    bins = bins.long().clamp_(0, nbins - 1)  # theta < pi in exact arithmetic
     # Edges with rational tangent can be hit exactly; float rounding of atan2 must not decide those.
     up = y > 0
     if nbins % 2 == 0:  # pi/2 is an edge
@@ -126,6 +131,28 @@ def _histograms(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
     hist = c0.new_zeros(b, ch, nbins, h, w)  # [B, 3, nb, H, W]
     hist.scatter_(2, bins.unsqueeze(2), mag.unsqueeze(2))
     return hist.view(b, ch * nbins, h, w)  # channel-major: [R bins, G bins, B bins]
+
+
+def _cell_histograms(c0: Tensor, c1: Tensor, nbins: int, cell: int) -> Tensor:
+    """Un-normalised cell histograms ``[B, 3*nb, H/c, W/c]``: ``pool_cells(_histograms(...), cell)``.
+
+    On CPU each magnitude is added straight into its (channel, bin, cell) slot, without the ``nb`` times larger
+    per-pixel map; the CPU scatter-add sums in a fixed serial order, so it is deterministic. CUDA's scatter-add is
+    atomic (run-to-run nondeterministic rounding), so other devices take the dense path.
+    """
+    if c0.device.type != "cpu" or cell == 1:
+        return pool_cells(_histograms(c0, c1, nbins), cell)
+    b, ch, h, w = c0.shape
+    hc, wc = h // cell, w // cell
+    bins = orientation_bins(c0, c1, nbins)  # [B, 3, H, W]
+    mag = torch.hypot(c0, c1)  # [B, 3, H, W]
+    rows = torch.arange(h).div_(cell, rounding_mode="floor")  # [H]
+    cols = torch.arange(w).div_(cell, rounding_mode="floor")  # [W]
+    cell_id = rows[:, None] * wc + cols[None, :]  # [H, W]
+    plane = torch.arange(b * ch).view(b, ch, 1, 1) * nbins  # [B, 3, 1, 1]
+    slot = (plane + bins) * (hc * wc) + cell_id  # [B, 3, H, W] index into [B, 3, nb, hc, wc]
+    sums = c0.new_zeros(b * ch * nbins * hc * wc).scatter_add_(0, slot.view(-1), mag.view(-1))
+    return sums.view(b, ch * nbins, hc, wc) / (cell * cell)
 
 
 def _check_nbins(nbins: int) -> None:
@@ -203,8 +230,9 @@ def hog_multiscale(images: Tensor, nbins: int, cells: Sequence[int],
                    biases: Sequence[Tensor | None] | None = None) -> list[Tensor]:
     """HOG at several cell sizes from one gradient pass (SPEC §2.3, §3.6, §4).
 
-    Without biases the per-pixel histogram is built once and pooled to every cell size (coarser cells from finer
-    ones). With per-scale biases the gradients are still shared; magnitude and binning are redone per bias.
+    Without biases the histogram is built once, at the greatest common divisor of the cell sizes, and pooled to
+    every cell size (coarser cells from finer ones; a mean of means is exact). With per-scale biases the gradients
+    are still shared; magnitude and binning are redone per bias.
 
     Args:
         images: uint8 ``[B, 3, H, W]`` (0..255) or floating normalised model input.
@@ -224,15 +252,18 @@ def hog_multiscale(images: Tensor, nbins: int, cells: Sequence[int],
     c0, c1 = sobel_responses(images)  # [B, 3, H, W] each
     integer_input = images.dtype == torch.uint8
     plain = [c for c, bias in zip(cells, biases, strict=True) if bias is None]
-    shared = _pool_hierarchy(_histograms(c0, c1, nbins), plain) if plain else {}
+    shared = {}
+    if plain:  # one histogram at the common cell size, coarser cells pooled from it
+        base = math.gcd(*plain)
+        pooled = _pool_hierarchy(_cell_histograms(c0, c1, nbins, base), [c // base for c in plain])
+        shared = {c: pooled[c // base] for c in plain}
     out = []
     for cell, bias in zip(cells, biases, strict=True):
         if bias is None:
-            pooled = shared[cell]  # [B, 3*nb, H/c, W/c]
+            hist = shared[cell]  # [B, 3*nb, H/c, W/c]
         else:
-            hist = _histograms(*_biased(c0, c1, integer_input, bias), nbins)  # [B, 3*nb, H, W]
-            pooled = pool_cells(hist, cell)  # [B, 3*nb, H/c, W/c]
-        out.append(normalize_cells(pooled, nbins))
+            hist = _cell_histograms(*_biased(c0, c1, integer_input, bias), nbins, cell)  # [B, 3*nb, H/c, W/c]
+        out.append(normalize_cells(hist, nbins))
     return out
 
 
