@@ -125,6 +125,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     # other params -> not resumed from the stale checkpoint
     fresh = finetune(_cfg(epochs=1, warmup_epochs=0), enc, out_dir=tmp_path / "c", ckpt_dir=tmp_path / "ca", **kw)
     assert [r["epoch"] for r in fresh.history] == [1]
+    assert [p.name for p in list_checkpoints(tmp_path / "ca")] == [f"ckpt-{len(fresh.history) * 10:09d}.pt"]
 
 
 @pytest.mark.parametrize("world,workers,train", [(2, 2, False), (2, 2, True), (1, 2, True)])

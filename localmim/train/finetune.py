@@ -288,6 +288,9 @@ def _resume(ckpt_dir, params, model, optimizer, dist: DistInfo) -> dict[str, Any
     payload = ckpt.load(path, map_location=dist.device)
     if payload["params"] != params:
         print(f"finetune: {path} was made with other params or another encoder; starting from scratch")
+        if dist.is_main:  # stale files would otherwise shadow (higher step) or mix with the new run's
+            for p in [*ckpt.list_checkpoints(ckpt_dir), Path(ckpt_dir) / "best.pt", Path(ckpt_dir) / "last.pt"]:
+                p.unlink(missing_ok=True)
         return fresh
     ckpt.restore(payload, model, optimizer, rank=dist.rank, world_size=dist.world_size)
     state = dict(payload["extra"])
