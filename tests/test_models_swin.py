@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from functools import partial
 
 import pytest
 import timm
@@ -110,7 +112,11 @@ def test_unmasked_encoder_matches_timm_swin(attn_impl):
                          window_size=4, decoder_dim=32, target="pixel", attn_impl=attn_impl).eval()
     _randomise(model)
     name, kwargs, state = export_swin_encoder(model)
-    ref = timm.create_model(name, num_classes=10, **kwargs).eval()
+    assert json.loads(json.dumps(kwargs)) == json.loads(json.dumps(kwargs))  # serialisable for encoder.json
+    plain = timm.create_model(name, num_classes=10, **kwargs)  # as fine-tuning builds it (LN eps 1e-5)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight"]
+    ref = timm.create_model(name, num_classes=10, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs).eval()
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight"]
     assert any(b.shift_size[0] > 0 for b in ref.layers[0].blocks)

@@ -47,7 +47,8 @@ class LocalMIMSwin(nn.Module):
             ``N_m - max(1, floor(N_m(1-r)))`` (SPEC §14.2).
         drop_path_rate: Encoder stochastic depth (0 in pre-training).
         attn_impl: Visible-token attention: ``'auto'``, ``'packed'`` or ``'dense'`` (see ``SwinVisibleEncoder``).
-        dense_max_tokens: With ``'auto'``, stages with at most this many visible tokens use one dense attention.
+        dense_max_tokens: With ``'auto'``, blocks with at most this many visible tokens use one dense attention
+            (None: ``2 * w_i**2``, the reference's rule).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, embed_dim: int = 128, depths=(2, 2, 18, 2),
@@ -55,7 +56,7 @@ class LocalMIMSwin(nn.Module):
                  decoder_depth: int = 1, decoder_heads: int = 4, target: str = "hog", hog_nbins: int = 18,
                  hog_bias: bool = True, norm_pix_loss: bool = True, mode: str = "localmim",
                  reference_mask_count: bool = False, drop_path_rate: float = 0.0, attn_impl: str = "auto",
-                 dense_max_tokens: int = 64):
+                 dense_max_tokens: int | None = None):
         super().__init__()
         self._validate(mode, target, hog_nbins, decoder_dim, decoder_heads)
         self.encoder = SwinVisibleEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size,
@@ -205,10 +206,12 @@ def export_swin_encoder(model: LocalMIMSwin, include_final_norm: bool = True) ->
 
     Returns:
         ``(timm_name, timm_kwargs, state_dict)`` for ``timm.create_model(timm_name, num_classes=..., **timm_kwargs)``.
-        ``timm_kwargs`` carries the full architecture (img/patch/window size, widths, depths, heads, LN eps 1e-6),
-        so the name only labels the closest standard model.
+        ``timm_kwargs`` is JSON-serialisable and carries the full architecture (img/patch/window size, widths,
+        depths, heads), so the name only labels the closest standard model. It leaves timm's LayerNorm eps (1e-5):
+        pre-training uses 1e-6 (SPEC §3.1) and the reference fine-tunes with 1e-5 too (SPEC §13 item 10, minor);
+        add ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to reproduce the pre-trained encoder bit for bit.
     """
-    kwargs = dict(model.encoder.timm_kwargs)
+    kwargs = {k: v for k, v in model.encoder.timm_kwargs.items() if k != "norm_layer"}
     arch = (kwargs["embed_dim"], kwargs["depths"])
     name = {(128, (2, 2, 18, 2)): "base", (192, (2, 2, 18, 2)): "large", (96, (2, 2, 18, 2)): "small"}.get(arch, "tiny")
     state = {k.removeprefix("encoder."): v.detach().clone() for k, v in model.state_dict().items()

@@ -56,7 +56,9 @@ class SwinVisibleEncoder(nn.Module):
         drop_path_rate: Stochastic depth (0 in pre-training).
         norm_eps: LayerNorm eps (1e-6 in the reference).
         attn_impl: ``"auto"``, ``"packed"`` (one padded group per window) or ``"dense"`` (one masked L x L).
-        dense_max_tokens: With ``"auto"``, stages with at most this many visible tokens use ``"dense"``.
+        dense_max_tokens: With ``"auto"``, blocks with at most this many visible tokens use ``"dense"``; None means
+            ``2 * w_i**2`` as in the reference. Measured on CPU (Swin-B, 224, 12 visible cells, fwd+bwd): packed
+            is 2.3x faster than dense at stage 1 (768 tokens), the two are on par at <= 192 tokens.
     """
 
     def __init__(
@@ -71,7 +73,7 @@ class SwinVisibleEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         attn_impl: str = "auto",
-        dense_max_tokens: int = 64,
+        dense_max_tokens: int | None = None,
     ):
         super().__init__()
         if len(depths) != NUM_STAGES or len(num_heads) != NUM_STAGES:
@@ -137,7 +139,8 @@ class SwinVisibleEncoder(nn.Module):
         return x
 
     def _plan(self, y: torch.Tensor, x: torch.Tensor, res: int, window: int, shift: int) -> AttentionPlan:
-        dense = self.attn_impl == "dense" or (self.attn_impl == "auto" and y.numel() <= self.dense_max_tokens)
+        limit = 2 * window * window if self.dense_max_tokens is None else self.dense_max_tokens
+        dense = self.attn_impl == "dense" or (self.attn_impl == "auto" and y.numel() <= limit)
         return (dense_plan if dense else packed_plan)(y, x, res, window, shift)
 
     @staticmethod
