@@ -41,11 +41,13 @@ def _cpu() -> float:
     return ch.ru_utime + ch.ru_stime + me.ru_utime + me.ru_stime
 
 
-def bench_sharding(src: Path, out: Path, workers: int) -> dict[str, float]:
+def bench_sharding(src: Path, out: Path, workers: int, n: int) -> dict[str, float]:
     from localmim.data.shards import ShardOptions, write_shards
 
+    per_shard = -(-n // (4 * workers))  # 4 shards per reader worker: balanced DataLoader workers
     c, t = _cpu(), time.perf_counter()
-    man = write_shards(src, out, "train", ShardOptions(max_samples_per_shard=250, workers=workers), progress=False)
+    man = write_shards(src, out, "train", ShardOptions(max_samples_per_shard=per_shard, workers=workers),
+                       progress=False)  # fmt: skip
     shard_s, shard_cpu = time.perf_counter() - t, _cpu() - c
     c, t = _cpu(), time.perf_counter()
     subprocess.run(["tar", "-cf", str(out / "plain.tar"), "-C", str(src), "."], check=True)
@@ -151,7 +153,7 @@ def main() -> int:
         n = make_images(src, args.classes, args.per_class, args.min_side, args.max_side)
         gen_s = time.perf_counter() - t
         mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 1e6
-        shard = bench_sharding(src / "train", out, args.workers)
+        shard = bench_sharding(src / "train", out, args.workers, n)
         read = bench_reading(src / "train", out, args.size, args.workers, args.batch, args.rounds)
 
     def rate(k: str) -> str:

@@ -447,3 +447,26 @@ def test_samples_from_our_shards_match_tarfile_and_draft_size(tmp_path):
     for w, h, expect in ((400, 300, (400, 300)), (800, 700, (200, 175)), (1400, 700, (350, 175))):
         img = sh.decode_rgb(_jpeg(rng, w, h), need)
         assert img.size == expect and img.mode == "RGB", (w, h, img.size)
+
+
+def test_ordered_map_keeps_order_and_bounds_work_in_flight():
+    """Memory independent of dataset size: the pool never runs more than the window ahead of the consumer."""
+    consumed = 0
+
+    def items():
+        nonlocal consumed
+        for i in range(400):
+            consumed += 1
+            yield i
+
+    ahead = []
+    for k, r in enumerate(sh._ordered_map(abs, items(), workers=2, window=32, chunksize=4)):
+        assert r == k
+        ahead.append(consumed - k)
+    assert max(ahead) <= 32 + 1 and consumed == 400
+
+
+def test_output_inside_source_is_refused(tmp_path):
+    make_good_folder(tmp_path / "src", classes=2, per_class=1)
+    with pytest.raises(ValueError, match="inside the ImageFolder"):
+        sh.write_shards(tmp_path / "src", tmp_path / "src" / "shards", "train", sh.ShardOptions(), progress=False)

@@ -63,7 +63,7 @@ class ShardOptions:
     """What :func:`write_shards` does; recorded in the manifest."""
 
     max_samples_per_shard: int = 200
-    max_shard_bytes: int = 1 << 30
+    max_shard_bytes: int = 1 << 30  # a single sample larger than this still gets a shard of its own
     max_side: int = 0  # 0 = keep; >0 = downscale so the long side is at most this (re-encodes those images)
     seed: int = 0  # shuffle of samples across shards
     workers: int = 2
@@ -372,6 +372,8 @@ def write_shards(
 
     inv = scan_image_folder(src)
     out = Path(out)
+    if out.resolve().is_relative_to(inv.root.resolve()):
+        raise ValueError(f"output {out} is inside the ImageFolder {inv.root}: it would be read as a class")
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous(out, split)
     order = list(range(len(inv.files)))

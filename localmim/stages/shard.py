@@ -51,7 +51,7 @@ def run(cfg: ShardConfig, ctx: StageContext) -> dict[str, float]:
     t0 = time.time()
     try:
         manifest = write_shards(args.src, out, args.split, ShardOptions(**cfg.to_dict()), warn=_warn)
-    except (BadImageError, FileNotFoundError) as e:
+    except (BadImageError, FileNotFoundError, ValueError) as e:
         raise StageError(str(e)) from None
     seconds = time.time() - t0
     ctx.tracker.log_artifact(out / f"{args.split}.json")
