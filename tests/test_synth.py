@@ -150,6 +150,14 @@ def test_failure_leaves_no_partial_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no imagenet/ade20k that looks complete, no temp dir left
 
 
+def test_rerun_replaces_outputs_and_removes_stale_temp_dirs(tiny, tmp_path):
+    (tmp_path / ".synth.tmp-99999" / "imagenet").mkdir(parents=True)  # left by a killed run
+    (tmp_path / "imagenet" / "train" / "n00000099_old").mkdir(parents=True)  # an older, different dataset
+    synth.generate_all(tmp_path, seed=0, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ade20k", "coco", "imagenet"]
+    assert _tree_digest(tmp_path / "imagenet") == _tree_digest(tiny / "imagenet")
+
+
 def test_bad_class_count_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"num_classes=21"):
         synth.generate_all(tmp_path, seed=0, **{**TINY, "num_classes": 21})

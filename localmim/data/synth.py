@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from localmim.utils.io import clean_stale_tmp
+
 # ---------------------------------------------------------------------------------------------------- shapes
 # Unit outlines, centred at the origin with circumradius about 1, counter-clockwise (x right, y down).
 
@@ -422,8 +424,8 @@ def generate_all(
         raise ValueError(f"min_side ({min_side}) must be <= max_side ({max_side})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)  # temp dirs of a killed earlier run
     tmp = out / f".synth.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     common = dict(seed=seed, min_side=min_side, max_side=max_side, quality=jpeg_quality)
     try:
         counts = {}
