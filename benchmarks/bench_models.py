@@ -1,0 +1,103 @@
+"""CPU throughput of the ViT pre-training models: forward + backward images/s and the target-computation share.
+
+``python benchmarks/bench_models.py [--json OUT] [--threads 2] [--iters 3]``
+
+One step = target computation from the uint8 batch (HOG / pixels, inside ``forward``) + masked forward
++ backward (no optimizer step), the quantity quoted in SPEC §16: the reference ViT-B/16 needs about
+2.4-2.7 s per batch of 8 at 224² on a 2-core CPU (2.9-3.3 images/s), ~1.0 s of it in its 12 HOG passes.
+Prints a markdown section on stdout (for ``benchmarks/run_all.py``). Measurements, not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from localmim.models import create  # noqa: E402
+
+REFERENCE_VIT_B_IMG_S = 3.3  # SPEC §16, upper end of the reference range on a 2-core CPU
+
+CASES = [  # (model, batch, bf16 autocast)
+    ("localmim_vit_base_patch16", 8, False),
+    ("localmim_vit_base_patch16", 8, True),
+    ("mae_vit_base_patch16", 8, False),
+    ("localmim_vit_tiny_patch8", 32, False),
+    ("localmim_vit_micro_patch8", 64, False),
+]
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def bench(name: str, batch: int, amp: bool, iters: int) -> dict:
+    torch.manual_seed(0)
+    model = create(name)
+    s = model.img_size
+    x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
+    step_times, cpu_times, target_times = [], [], []
+    for i in range(iters + 1):  # first iteration is warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _, _ = model(x)  # targets stay float32 inside (autocast disabled there)
+        loss.backward()
+        t1, c1 = time.perf_counter(), time.process_time()
+        model.compute_targets(x)
+        t2 = time.perf_counter()
+        if i > 0:
+            step_times.append(t1 - t0)
+            cpu_times.append(c1 - c0)
+            target_times.append(t2 - t1)
+    step, tgt = _median(step_times), _median(target_times)
+    return dict(model=name, img_size=s, batch=batch, target=model.target, precision="bf16-autocast" if amp else "fp32",
+                step_s=step, images_per_s=batch / step,
+                cpu_s=_median(cpu_times), target_s=tgt, target_share=tgt / step, iters=iters)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", help="write raw numbers here")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations per model (after one warm-up)")
+    ap.add_argument("--only", nargs="*", help="model names to run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [bench(n, b, amp, args.iters) for n, b, amp in CASES if not args.only or n in args.only]
+    lines = [
+        f"CPU, torch threads {args.threads}, median of {args.iters} steps after a warm-up; step = targets from "
+        "uint8 + masked forward + backward (mask ratio 0.75).\n",
+        "| model | img | batch | target | precision | step (s) | images/s | CPU time/step (s) | targets (s) "
+        "| target share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['target']} | {r['precision']} | "
+                     f"{r['step_s']:.3f} | "
+                     f"{r['images_per_s']:.2f} | {r['cpu_s']:.3f} | {r['target_s']:.3f} | "
+                     f"{100 * r['target_share']:.1f}% |")
+    base = next((r for r in rows if r["model"] == "localmim_vit_base_patch16" and r["precision"] == "fp32"), None)
+    if base:
+        lines.append(f"\nViT-B/16 @224, batch 8, fp32: {base['images_per_s']:.2f} images/s = "
+                     f"{base['images_per_s'] / REFERENCE_VIT_B_IMG_S:.2f}x the reference's ~{REFERENCE_VIT_B_IMG_S} "
+                     "images/s (SPEC §16, 2-core CPU; its HOG alone took ~1.0 s of a ~2.5 s step).")
+    lines.append(f"\nLoad average when done: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a loaded machine "
+                 "inflates wall times; CPU time/step is the process CPU time, all threads).")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(threads=args.threads, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
