@@ -183,3 +183,28 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
     model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
     model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
     assert _eval_independently(model, data["val"], 32)[0] == pytest.approx(m["best_top1"], abs=1e-9)
+
+
+def test_swin_layer_decay_scales_match_spec():
+    """SPEC §8.1 for Swin, written out for depths (2, 2, 2, 2): patch embed 0; block j of stage s
+    2s + j + 1; the merge after stage s (timm: ``layers.{s+1}.downsample``) 2(s+1); final norm / head 9.
+    Relative-position-bias tables keep weight decay; 1-D params and biases do not."""
+    import timm
+
+    decay, wd = 0.9, 0.05
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, patch_size=2, embed_dim=32,
+                              depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, num_classes=10)
+    where = {id(p): g for g in layer_decay_groups(model, wd, decay) for p in g["params"]}
+    expect_ids = {"patch_embed.proj.weight": 0, "layers.0.blocks.0.mlp.fc1.weight": 1,
+                  "layers.0.blocks.1.attn.qkv.weight": 2, "layers.1.downsample.reduction.weight": 2,
+                  "layers.1.blocks.0.attn.proj.weight": 3, "layers.2.downsample.norm.weight": 4,
+                  "layers.3.blocks.1.mlp.fc2.weight": 8, "norm.weight": 9, "head.fc.weight": 9,
+                  "layers.2.blocks.1.attn.relative_position_bias_table": 6}
+    params = dict(model.named_parameters())
+    assert len(where) == len(params)
+    for name, lid in expect_ids.items():
+        assert where[id(params[name])]["lr_scale"] == pytest.approx(decay ** (9 - lid)), name
+    for name, p in params.items():
+        no_wd = p.ndim <= 1 or name.endswith(".bias")
+        assert where[id(p)]["weight_decay"] == (0.0 if no_wd else wd), name
+    assert where[id(params["layers.2.blocks.1.attn.relative_position_bias_table"])]["weight_decay"] == wd

@@ -105,21 +105,59 @@ def build_classifier(
 
 
 def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Param groups with ``lr_scale`` and ``weight_decay`` (SPEC §8.1), from timm's layer-decay helper.
+    """Param groups with ``lr_scale`` and ``weight_decay`` following SPEC §8.1.
 
-    For timm ViTs the ids match SPEC §8.1 exactly: ``group_matcher`` puts cls token, position and patch
-    embedding in group 0, ``blocks.i`` in group i+1 and every unmatched name (``fc_norm``, ``head``) in the
-    last group L = depth+1; scale = decay^(L - id). timm skips weight decay for ≤1-D tensors and for
-    ``model.no_weight_decay()`` (``pos_embed``, ``cls_token``). For timm Swin, ``group_matcher`` gives the
-    patch embedding id 0, block j of stage s id Σ_{t<s} depths + j + 1, and the downsample layer the id of
-    the merging layer (which timm runs at the start of the next stage) the id of that stage's first block,
-    one more than SPEC §8.1's id for it; a negligible difference we accept. tests/test_finetune.py checks
-    the ViT scales against SPEC §8.1 computed independently.
+    ViT: timm's ``param_groups_layer_decay`` matches SPEC §8.1 exactly. Its ``group_matcher`` puts cls
+    token, position and patch embedding in group 0, ``blocks.i`` in group i+1 and every unmatched name
+    (``fc_norm``, ``head``) in the last group L = depth+1; scale = decay^(L - id). No weight decay for ≤1-D
+    tensors and ``model.no_weight_decay()`` (``pos_embed``, ``cls_token``).
+
+    Swin: timm's grouping differs from SPEC §8.1 in three places (it gives a patch-merging layer the id of
+    the next stage's first block, the final norm the last block's id, and lists the relative-position-bias
+    tables as no-decay), so :func:`swin_layer_decay_groups` builds the SPEC groups directly.
     """
+    from timm.models.swin_transformer import SwinTransformer
     from timm.optim import param_groups_layer_decay
 
+    if isinstance(model, SwinTransformer):
+        return swin_layer_decay_groups(model, weight_decay, layer_decay)
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=nwd, layer_decay=layer_decay)
+
+
+def swin_layer_id(name: str, depths: list[int]) -> int:
+    """SPEC §8.1 Swin layer id of a timm ``SwinTransformer`` parameter name.
+
+    timm runs the merge of stage s-1 at the start of stage s (``layers.{s}.downsample``); SPEC gives the merge
+    after stage s-1 the id of that stage's last block, Σ_{t<s} depths[t].
+    """
+    if name.startswith("patch_embed"):
+        return 0
+    parts = name.split(".")
+    if parts[0] == "layers":
+        s = int(parts[1])
+        if parts[2] == "downsample":
+            return sum(depths[:s])
+        if parts[2] == "blocks":
+            return sum(depths[:s]) + int(parts[3]) + 1
+    return sum(depths) + 1  # final norm, head
+
+
+def swin_layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """SPEC §8.1 groups for a timm Swin: scale decay^(Dsum+1-id); no weight decay on 1-D params, biases and an
+    absolute position embedding; relative-position-bias tables keep weight decay."""
+    depths = [len(layer.blocks) for layer in model.layers]
+    top = sum(depths) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = swin_layer_id(name, depths)
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "absolute_pos_embed" in name
+        g = groups.setdefault((lid, no_wd), {"params": [], "lr_scale": layer_decay ** (top - lid),
+                                             "weight_decay": 0.0 if no_wd else weight_decay})
+        g["params"].append(p)
+    return list(groups.values())
 
 
 def build_mixup(cfg, num_classes: int):
