@@ -470,3 +470,21 @@ def test_output_inside_source_is_refused(tmp_path):
     make_good_folder(tmp_path / "src", classes=2, per_class=1)
     with pytest.raises(ValueError, match="inside the ImageFolder"):
         sh.write_shards(tmp_path / "src", tmp_path / "src" / "shards", "train", sh.ShardOptions(), progress=False)
+
+
+def test_ordered_map_stops_cleanly_when_the_consumer_stops_early():
+    """on_bad=fail stops consuming mid-stream: the pool must shut down, not wait for the throttled feeder."""
+    import threading
+
+    done = threading.Event()
+
+    def run():
+        g = sh._ordered_map(abs, iter(range(100_000)), workers=2, window=16, chunksize=2)
+        assert [r for _, r in zip(range(5), g, strict=False)] == [0, 1, 2, 3, 4]
+        g.close()
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert done.is_set(), "pool shutdown hung"

@@ -236,17 +236,25 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256,
         yield from map(fn, items)
         return
     window = max(window, 2 * chunksize * workers)
-    slots = threading.Semaphore(window)
+    slots, stop = threading.Semaphore(window), threading.Event()
 
     def throttled() -> Iterator:
         for it in items:  # runs in the pool's task-feeder thread; blocks while the window is full
             slots.acquire()
+            if stop.is_set():
+                return
             yield it
 
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for result in pool.imap(fn, throttled(), chunksize=chunksize):
-            slots.release()
-            yield result
+        try:
+            for result in pool.imap(fn, throttled(), chunksize=chunksize):
+                slots.release()
+                yield result
+        finally:
+            # The consumer stopped (done, error, or generator closed): unblock the feeder so that the pool's
+            # shutdown, which joins the feeder thread, cannot wait forever.
+            stop.set()
+            slots.release(window)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
