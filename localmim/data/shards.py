@@ -351,6 +351,58 @@ def _write_info(out: Path, split: str, shards: list[dict[str, Any]], num_classes
     atomic_write_json(out / "_info.json", info)
 
 
+@dataclass
+class _Packed:
+    """What the packing loop produced: finished shards, skipped files, re-encode and per-class counts."""
+
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    reencoded: Counter[str] = field(default_factory=Counter)
+    class_counts: Counter[int] = field(default_factory=Counter)
+
+
+def _tasks(inv: Inventory, order: list[int], split: str, opts: ShardOptions) -> Iterator[_Task]:
+    for n, i in enumerate(order):
+        rel, cls = inv.files[i]
+        meta = {"class": inv.classes[cls], "cls": cls, "path": rel}
+        yield _Task(str(inv.root / rel), f"{split}-{n:08d}", meta, opts.max_side, opts.jpeg_quality, opts.max_pixels)
+
+
+def _pack(inv: Inventory, order: list[int], out: Path, split: str, opts: ShardOptions, bar) -> _Packed:
+    """Append the prepared samples, in ``order``, to shards that roll over at the count / byte limits."""
+    acc, sink = _Packed(), None
+    try:
+        for pos, res in zip(order, _ordered_map(_prepare_file, _tasks(inv, order, split, opts), opts.workers),
+                            strict=True):  # fmt: skip
+            bar.update(1)
+            rel, cls = inv.files[pos]
+            if res.skip is not None:
+                if opts.on_bad == "fail":
+                    raise BadImageError(f"{inv.root / rel}: {res.skip}")
+                acc.skipped.append({"path": rel, "reason": res.skip})
+                bar.set_postfix(skipped=len(acc.skipped), refresh=False)
+                continue
+            if sink is not None and (
+                sink.num_samples >= opts.max_samples_per_shard
+                or tar_file_bytes(sink.member_bytes + len(res.members)) > opts.max_shard_bytes
+            ):
+                acc.shards.append(sink.finish())
+                sink = None
+            if sink is None:
+                sink = _ShardSink(out / f"{split}-{len(acc.shards):06d}.tar")
+            sink.write(res.members)
+            acc.class_counts[cls] += 1
+            if res.reencoded:
+                acc.reencoded[res.reencoded] += 1
+        if sink is not None:
+            acc.shards.append(sink.finish())
+            sink = None
+    finally:
+        if sink is not None:
+            sink.abort()
+    return acc
+
+
 def write_shards(
     src: str | Path,
     out: str | Path,
@@ -375,6 +427,7 @@ def write_shards(
 
     Raises:
         BadImageError: with ``opts.on_bad == "fail"``, at the first unusable file (nothing complete is left).
+        ValueError: ``out`` lies inside ``src``.
     """
     from tqdm import tqdm
 
@@ -386,58 +439,16 @@ def write_shards(
     _remove_previous(out, split)
     order = list(range(len(inv.files)))
     random.Random(opts.seed).shuffle(order)
-    tasks = (
-        _Task(str(inv.root / inv.files[i][0]), f"{split}-{n:08d}",
-              {"class": inv.classes[inv.files[i][1]], "cls": inv.files[i][1], "path": inv.files[i][0]},
-              opts.max_side, opts.jpeg_quality, opts.max_pixels)
-        for n, i in enumerate(order)
-    )  # fmt: skip
+    with tqdm(total=len(order), unit="img", desc=f"shard {split}", file=sys.stderr, disable=not progress,
+              mininterval=0.5, dynamic_ncols=True) as bar:  # fmt: skip
+        acc = _pack(inv, order, out, split, opts, bar)
 
-    shards: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    reencoded: Counter[str] = Counter()
-    class_counts = [0] * len(inv.classes)
-    sink: _ShardSink | None = None
-    bar = tqdm(total=len(order), unit="img", desc=f"shard {split}", file=sys.stderr, disable=not progress,
-               mininterval=0.5, dynamic_ncols=True)
-    try:
-        for pos, res in zip(order, _ordered_map(_prepare_file, tasks, opts.workers), strict=True):
-            bar.update(1)
-            rel, cls = inv.files[pos]
-            if res.skip is not None:
-                if opts.on_bad == "fail":
-                    raise BadImageError(f"{inv.root / rel}: {res.skip}")
-                skipped.append({"path": rel, "reason": res.skip})
-                bar.set_postfix(skipped=len(skipped), refresh=False)
-                continue
-            if res.reencoded:
-                reencoded[res.reencoded] += 1
-            if sink is not None and (
-                sink.num_samples >= opts.max_samples_per_shard
-                or tar_file_bytes(sink.member_bytes + len(res.members)) > opts.max_shard_bytes
-            ):
-                shards.append(sink.finish())
-                sink = None
-            if sink is None:
-                sink = _ShardSink(out / f"{split}-{len(shards):06d}.tar")
-            sink.write(res.members)
-            class_counts[cls] += 1
-        if sink is not None:
-            shards.append(sink.finish())
-            sink = None
-    finally:
-        bar.close()
-        if sink is not None:
-            sink.abort()
-
-    written = sum(s["num_samples"] for s in shards)
-    if len(inv.files) != written + len(skipped):  # the invariant the manifest promises
-        raise AssertionError(f"found {len(inv.files)} != written {written} + skipped {len(skipped)}")
-    warnings = [
-        f"class {name!r} (index {i}) has no images" for i, name in enumerate(inv.classes) if class_counts[i] == 0
-    ]
-    if skipped:
-        warnings.append(f"skipped {len(skipped)} of {len(inv.files)} files (reasons in {out / (split + '.json')})")
+    written = sum(s["num_samples"] for s in acc.shards)
+    if len(inv.files) != written + len(acc.skipped):  # the invariant the manifest promises
+        raise AssertionError(f"found {len(inv.files)} != written {written} + skipped {len(acc.skipped)}")
+    warnings = [f"class {c!r} (index {i}) has no images" for i, c in enumerate(inv.classes) if not acc.class_counts[i]]
+    if acc.skipped:
+        warnings.append(f"skipped {len(acc.skipped)} of {len(inv.files)} files (reasons in {out / (split + '.json')})")
     for w in warnings:
         if warn is not None:
             warn(w)
@@ -446,21 +457,21 @@ def write_shards(
         "split": split,
         "source": str(src),
         "classes": {name: i for i, name in enumerate(inv.classes)},
-        "class_counts": {name: class_counts[i] for i, name in enumerate(inv.classes)},
+        "class_counts": {name: acc.class_counts[i] for i, name in enumerate(inv.classes)},
         "num_found": len(inv.files),
         "num_samples": written,
-        "num_skipped": len(skipped),
+        "num_skipped": len(acc.skipped),
         "num_ignored": len(inv.ignored),
-        "num_shards": len(shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "shards": shards,
-        "reencoded": dict(sorted(reencoded.items())),
+        "num_shards": len(acc.shards),
+        "total_bytes": sum(s["bytes"] for s in acc.shards),
+        "shards": acc.shards,
+        "reencoded": dict(sorted(acc.reencoded.items())),
         "options": asdict(opts),
-        "skipped": skipped,
+        "skipped": acc.skipped,
         "ignored": inv.ignored,
         "warnings": warnings,
     }
-    _write_info(out, split, shards, len(inv.classes))
+    _write_info(out, split, acc.shards, len(inv.classes))
     atomic_write_json(out / f"{split}.json", manifest)  # last: its presence marks the split complete
     return manifest
 
