@@ -4,6 +4,7 @@ Pure torch, no gradients, device follows the input.
 """
 
 from localmim.targets.hog import (
+    cell_histograms,
     hog,
     hog_from_pooled,
     hog_multiscale,
@@ -20,6 +21,7 @@ from localmim.targets.pixel import IMAGENET_MEAN, IMAGENET_STD, normalize, pixel
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "cell_histograms",
     "hog",
     "hog_from_pooled",
     "hog_multiscale",

@@ -179,6 +179,27 @@ def pixel_histograms(images: Tensor, nbins: int, bias: Tensor | None = None) -> 
 
 
 @torch.no_grad()
+def cell_histograms(images: Tensor, nbins: int, cell: int, bias: Tensor | None = None) -> Tensor:
+    """Un-normalised cell histograms, ``pool_cells(pixel_histograms(images, nbins, bias), cell)`` without the
+    per-pixel map on CPU (SPEC §4 steps 1-6): the map to store for ``hog_from_pooled``.
+
+    Args:
+        images: uint8 ``[B, 3, H, W]`` (0..255) or floating normalised model input.
+        nbins: number of orientation bins nb.
+        cell: cell size in pixels; must divide H and W.
+        bias: optional ``[2]`` Sobel bias (see ``pixel_histograms``).
+
+    Returns:
+        float32 ``[B, 3*nb, H/cell, W/cell]``.
+    """
+    _check_nbins(nbins)
+    check_images(images)
+    check_divides(cell, images.shape[2], images.shape[3], "cell")
+    c0, c1 = _biased(*sobel_responses(images), images.dtype == torch.uint8, bias)  # [B, 3, H, W] each
+    return _cell_histograms(c0, c1, nbins, cell)
+
+
+@torch.no_grad()
 def pool_cells(hist: Tensor, cell: int) -> Tensor:
     """Mean over non-overlapping ``cell x cell`` cells (SPEC §4 step 6), un-normalised, float32."""
     if hist.ndim != 4:
