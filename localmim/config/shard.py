@@ -10,7 +10,8 @@ from localmim.config.base import Section
 
 @register_section("shard")
 class ShardConfig(Section):
-    max_samples_per_shard: Annotated[int, Field(ge=1)] = 200
+    # shards are the unit of reader parallelism: keep their count a multiple of (DataLoader workers x ranks)
+    max_samples_per_shard: Annotated[int, Field(ge=1)] = 100
     max_shard_bytes: Annotated[int, Field(ge=1024)] = 1 << 30  # 1 GiB, WebDataset's usual upper size
     max_side: Annotated[int, Field(ge=0)] = 0  # 0 = keep originals; >0 = downscale the long side (recorded)
     seed: int = 0  # deterministic shuffle of samples across shards

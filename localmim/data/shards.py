@@ -62,7 +62,7 @@ class BadImageError(ValueError):
 class ShardOptions:
     """What :func:`write_shards` does; recorded in the manifest."""
 
-    max_samples_per_shard: int = 200
+    max_samples_per_shard: int = 100
     max_shard_bytes: int = 1 << 30  # a single sample larger than this still gets a shard of its own
     max_side: int = 0  # 0 = keep; >0 = downscale so the long side is at most this (re-encodes those images)
     seed: int = 0  # shuffle of samples across shards
