@@ -207,3 +207,15 @@ def test_class_is_decidable_from_content(tmp_path):
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(*data["train"])
     acc = float(np.mean(clf.predict(data["val"][0]) == np.array(data["val"][1])))
     assert acc > 0.3, acc
+
+
+@pytest.mark.parametrize("kind", synth.SHAPE_NAMES)
+def test_every_shape_rasterizes_like_pycocotools(kind):
+    """The painted mask of each outline (ring with its keyhole seam included) is what pycocotools decodes."""
+    from pycocotools import mask as mask_utils
+
+    outline = synth.shape_outline(kind, 40.3, 35.7, 30, 0.7, 1.05).round(2)
+    painted = synth.polygon_mask(outline, 80, 70)
+    coco = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([outline.reshape(-1).tolist()], 70, 80)))
+    assert _iou(painted, coco.astype(bool)) > 0.97
+    assert 0.1 < painted.mean() < 0.6
