@@ -1,5 +1,10 @@
-"""LocalMIM pre-training models (pure torch + timm): ViT/Swin LocalMIM, MAE baselines, registry, encoder export."""
+"""LocalMIM pre-training models (pure torch + timm): ViT/Swin LocalMIM, MAE baselines, registry, encoder export.
+
+``create(name, **overrides)`` builds a registered model (``list_models()`` names them); ``LocalMIMViT`` is the
+columnar model (``localmim.models.vit``); ``localmim.models.export`` turns its encoder into a plain timm ViT.
+"""
 
 from localmim.models.registry import create, list_models, register
+from localmim.models.vit import LocalMIMViT
 
-__all__ = ["create", "list_models", "register"]
+__all__ = ["LocalMIMViT", "create", "list_models", "register"]
