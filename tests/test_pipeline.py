@@ -22,6 +22,10 @@ TINY = {
     "synth": {"num_classes": 10, "train_per_class": 4, "val_per_class": 2, "seg_train": 4, "seg_val": 2,
               "coco_train": 4, "coco_val": 2, "min_side": 40, "max_side": 72},
     "shard": {"max_samples_per_shard": 16, "workers": 2},
+    "targets": {"views": 2},
+    "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
+    "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
+    "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
 }  # fmt: skip
 
 
@@ -121,12 +125,20 @@ def test_snakemake_and_dvc_build_the_same_shards(tmp_path):
     assert "synth" not in _ran(out)
     assert len(_shard_hashes(dvc)) > len(smk_hashes)
 
+    # Changing the mask ratio reruns pretraining and everything downstream of it, nothing upstream.
+    if "pretrain" in dvc_yaml["stages"]:
+        _set_param(dvc, "pretrain", "mask_ratio", 0.6)
+        out = _run([str(BIN / "dvc"), "repro"], dvc)
+        assert _ran(out) == _downstream(dvc_yaml, {"pretrain"})
+        assert {"finetune", "linprobe"} <= _ran(out)
+        assert not {"synth", "shard_train", "shard_val"} & _ran(out)
+
     # Every stage run is in MLflow (sqlite store in the repo).
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{dvc / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["localmim"])
-    assert {"synth", "shard_train", "shard_val"} <= set(runs["tags.stage"])
+    assert set(dvc_yaml["stages"]) <= set(runs["tags.stage"])
 
 
 def test_unreachable_tracking_server_stops_stage_before_work(repo_copy):
