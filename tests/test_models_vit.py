@@ -454,3 +454,32 @@ def test_overfit_fixed_batch(name, kw):
         opt.step()
         first = loss.item() if first is None else first
     assert loss.item() <= 0.1 * first, (first, loss.item())
+
+
+@needs_targets
+def test_hog_bias_reaches_the_targets():
+    from localmim.targets import hog_multiscale, to_tokens
+
+    torch.manual_seed(0)
+    x = smooth_images(2, 32, 4)
+    m = LocalMIMViT(**MICRO, hog_bias=True, hog_nbins=18)
+    got = m.compute_targets(x)
+    want = [to_tokens(t) for t in hog_multiscale(x, 18, [2, 4, 8, 16], [b for b in m.hog_biases])]
+    plain = [to_tokens(t) for t in hog_multiscale(x, 18, [2, 4, 8, 16])]
+    for g, w, p in zip(got, want, plain, strict=True):
+        assert torch.equal(g, w) and not torch.equal(g, p)
+    m2 = LocalMIMViT(**MICRO, hog_bias=True, hog_nbins=18)
+    m2.load_state_dict(m.state_dict())  # the drawn biases travel with the checkpoint
+    assert torch.equal(m2.hog_biases, m.hog_biases)
+
+
+def test_bf16_autocast_and_half_precision_targets():
+    torch.manual_seed(0)
+    m = LocalMIMViT(**MICRO)
+    tg = [torch.rand(2, (32 // c) ** 2, f).half() for c, f in zip(m.target_cells, m.target_dims, strict=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts, _ = m(torch.randn(2, 3, 32, 32), targets=tg)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and m.blocks[0].attn.qkv.weight.grad is not None
+    with pytest.raises(ValueError, match="expected 4 target tensors"):
+        m(torch.randn(2, 3, 32, 32), targets=tg[:3])
