@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -79,11 +80,13 @@ def main() -> None:
         "small CPU recipe: hog_multiscale, uint8 64 x 3 x 64 x 64, nb 9, cells 2/4/8/16":
             lambda: hog_multiscale(small, 9, (2, 4, 8, 16)),
     }
+    load_before = os.getloadavg()[0]
     results = {name: timed(fn, args.repeats) for name, fn in cases.items()}
+    load = (load_before, os.getloadavg()[0])  # the machine is shared: a load above the core count inflates times
 
     base = results["hog_multiscale, uint8, nb 9, cells 4/8/16/32"]
     print(f"HOG targets, batch 8 x 3 x 224 x 224 unless stated, CPU, torch threads {args.threads}, "
-          f"median of {args.repeats}\n")
+          f"median of {args.repeats}, 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores\n")
     print("| case | ms / batch | x multiscale |")
     print("|---|---:|---:|")
     for name, ms in results.items():
@@ -92,7 +95,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"batch": 8, "size": 224, "threads": args.threads, "repeats": args.repeats,
                        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                       "ms": results}, f, indent=2)
+                       "load_average": load, "cpu_count": os.cpu_count(), "ms": results}, f, indent=2)
 
 
 if __name__ == "__main__":
