@@ -12,8 +12,9 @@ gives. Three choices guarantee it:
   response is 0 for repeated pixel values (axis-aligned edges, the reflect-padded border).
 * Without a bias, HOG is invariant to per-channel ``x -> a*x + b`` (a > 0), so uint8 images are processed as their
   integer values: responses are integers (``|c| <= 4*255``), exact in float32, and device independent.
-* The angle is evaluated in float64 after folding the direction into the upper half plane, and ties on the edges
-  whose tangent is rational (0, pi/4, pi/2, 3pi/4; by Niven's theorem the only ones) are set exactly.
+* The direction is folded into the upper half plane; the angle is taken in float32 and re-evaluated in float64
+  wherever it is within 1e-3 bins of an edge; ties on the edges whose tangent is rational (0, pi/4, pi/2, 3pi/4; by
+  Niven's theorem the only ones) are set exactly. Checked on every integer response pair a uint8 image can give.
 
 The pipeline is vectorised over batch, channels and scales: gradients are computed once per call, the histogram
 once per distinct bias, and coarser cells are pooled from finer ones (a mean of means is exact).
