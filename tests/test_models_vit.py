@@ -371,6 +371,7 @@ def test_grad_isolation_segments():
     (dict(decoder_dim=36, decoder_heads=8), "decoder_heads 8"),
     (dict(embed_dim=66), "embed_dim 66"),
     (dict(depth=3), "depth must be >= 4, got 3"),
+    (dict(depth=0, mode="mae"), "depth must be >= 1, got 0"),
     (dict(mode="simmim"), "simmim"),
     (dict(target="dino"), "dino"),
     (dict(hog_nbins=0), "hog_nbins"),

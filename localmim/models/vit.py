@@ -76,6 +76,8 @@ class LocalMIMViT(nn.Module):
         self.grid_size = (h // patch_size, w // patch_size) if patch_size > 0 else (0, 0)
         self.target, self.hog_nbins, self.norm_pix_loss = target, hog_nbins, norm_pix_loss
         self.mode, self.grad_isolate = mode, grad_isolate
+        if depth < 1:
+            raise ValueError(f"encoder depth must be >= 1, got {depth}")
         self.taps = default_taps(depth) if mode == "localmim" else [depth - 1]
         self.scales = list(LOCALMIM_SCALES) if mode == "localmim" else [1]
         self.loss_names = [f"tap{k + 1}" for k in range(4)] if mode == "localmim" else ["top"]
