@@ -252,6 +252,13 @@ def test_multiscale_equals_single_scale(as_float):
             assert (out - single).abs().max() <= 1e-6
 
 
+def test_memory_layout_does_not_matter():
+    images = photo("flower.jpg", 150, 250, 64, 64).repeat(2, 1, 1, 1)
+    for other in (images.to(memory_format=torch.channels_last), images.transpose(2, 3).contiguous().transpose(2, 3)):
+        for a, b in zip(hog_multiscale(images, 9, (4, 16)), hog_multiscale(other, 9, (4, 16)), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_hog_from_pooled_fp32_and_fp16():
     images = torch.cat([photo("china.jpg", 100, 200, 224, 224), photo("flower.jpg", 150, 250, 224, 224)])
     nbins, cells = 9, (4, 8, 16, 32)

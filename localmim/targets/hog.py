@@ -65,7 +65,7 @@ def sobel_responses(images: Tensor) -> tuple[Tensor, Tensor]:
         ``(c0, c1)``, float32 ``[B, 3, H, W]`` each.
     """
     check_images(images)
-    xp = F.pad(images.float(), (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
+    xp = F.pad(images.float().contiguous(), (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
     s_v = xp[..., :-2, :] + 2 * xp[..., 1:-1, :] + xp[..., 2:, :]  # [B, 3, H, W+2]
     s_h = xp[..., :, :-2] + 2 * xp[..., :, 1:-1] + xp[..., :, 2:]  # [B, 3, H+2, W]
     c0 = s_v[..., :-2] - s_v[..., 2:]  # [B, 3, H, W], left minus right
@@ -152,7 +152,7 @@ def _cell_histograms(c0: Tensor, c1: Tensor, nbins: int, cell: int) -> Tensor:
     cell_id = rows[:, None] * wc + cols[None, :]  # [H, W]
     plane = torch.arange(b * ch).view(b, ch, 1, 1) * nbins  # [B, 3, 1, 1]
     slot = (plane + bins) * (hc * wc) + cell_id  # [B, 3, H, W] index into [B, 3, nb, hc, wc]
-    sums = c0.new_zeros(b * ch * nbins * hc * wc).scatter_add_(0, slot.view(-1), mag.view(-1))
+    sums = c0.new_zeros(b * ch * nbins * hc * wc).scatter_add_(0, slot.reshape(-1), mag.reshape(-1))
     return sums.view(b, ch * nbins, hc, wc) / (cell * cell)
 
 
