@@ -139,7 +139,8 @@ def main() -> int:
     print("\n".join(lines))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(threads=args.threads, rows=rows), indent=2))
+        raw = dict(threads=args.threads, loadavg=os.getloadavg()[0], rows=rows)
+        Path(args.json).write_text(json.dumps(raw, indent=2))
     return 0
 
 
