@@ -375,3 +375,12 @@ def test_registered_names():
     for arch in ("tiny", "base", "large", "tiny_p2_64", "nano_p2_64"):
         assert {f"localmim_swin_{arch}", f"mae_swin_{arch}"} <= names
     assert create("localmim_swin_tiny_p2_64").encoder.tap_grids == (16, 8, 4, 4)
+
+
+def test_bf16_autocast_runs():
+    m = _nano()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts, _ = m(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert all(p.grad is not None for n, p in m.named_parameters() if n.startswith("encoder.layers.0"))

@@ -18,7 +18,7 @@ from localmim import targets as T
 from localmim.models.common import LN_EPS, MaskedDecoder, init_weights_localmim, masked_mse, resize_mask
 from localmim.models.registry import register
 from localmim.models.swin_encoder import SwinVisibleEncoder
-from localmim.models.swin_geometry import draw_cell_mask
+from localmim.models.swin_geometry import draw_cell_mask, to_device
 
 MASK_SCALES = (4, 2, 1, 1)  # cell mask (G x G) -> tap grids (4G, 2G, G, G)
 CELL_FACTORS = (2, 4, 8, 8)  # target cell side / p0 = tap stride / p0
@@ -164,11 +164,11 @@ class LocalMIMSwin(nn.Module):
             raise ValueError(f"expected {len(self.taps)} target tensors, got {len(targets)}")
         taps = self.encoder(self._to_input(images), (~cell_mask).nonzero()[:, 0])  # block order
         B, g = images.shape[0], self.grid
-        mask = cell_mask.to(images.device, torch.float32).expand(B, -1)  # [B, G*G]
+        mask = to_device(cell_mask.float(), images.device).expand(B, -1)  # [B, G*G]
         losses = {}
         for i, (k, name) in enumerate(zip(self.taps, self.loss_names, strict=True)):
             z = self.tap_norms[i](taps[k])  # [B, L_k, C_k]
-            fill = self._fill_index(cell_mask, self.tap_grids[i] // g).to(images.device)
+            fill = to_device(self._fill_index(cell_mask, self.tap_grids[i] // g), images.device)
             pred = self.heads[i](self.decoders[i](z, fill))  # [B, M_k, F_k] raster order
             losses[name] = masked_mse(pred, targets[i], resize_mask(mask.view(B, g, g), self.scales[i]))
         loss = torch.stack(list(losses.values())).sum()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
-from localmim.models.swin_geometry import AttentionPlan, dense_plan, packed_plan, token_coords
+from localmim.models.swin_geometry import AttentionPlan, dense_plan, packed_plan, to_device, token_coords
 
 NUM_STAGES = 4
 
@@ -110,7 +110,7 @@ class SwinVisibleEncoder(nn.Module):
         x = self.patch_embed(images)  # [B, 8G, 8G, C]
         B, _, _, C = x.shape
         x = x.view(B, grid, side, grid, side, C).permute(0, 1, 3, 2, 4, 5).reshape(B, grid * grid, side * side, C)
-        x = x[:, visible_cells.to(x.device)].reshape(B, -1, C)  # [B, n*64, C], block order
+        x = x[:, to_device(visible_cells, x.device)].reshape(B, -1, C)  # [B, n*64, C], block order
         taps = []
         for i, stage in enumerate(self.layers):
             if i > 0:
@@ -179,7 +179,8 @@ def _visible_window_attention(attn: nn.Module, x: torch.Tensor, plan: AttentionP
     q, k, v = qkv.view(B, groups, length, 3, heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, nG, H, Lm, hd]
     bias = attn.relative_position_bias_table[plan.rel_index].permute(0, 3, 1, 2)  # [nG, H, Lm, Lm]
     drop = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + plan.mask, dropout_p=drop)  # [B, nG, H, Lm, hd]
+    mask = (bias + plan.mask).to(q.dtype)  # relative-position bias, -inf outside the window / on padding
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # [B, nG, H, Lm, hd]
     out = out.transpose(2, 3).reshape(B, groups * length, -1)  # [B, nG*Lm, A]
     if plan.scatter is not None:
         out = out[:, plan.scatter]  # [B, L, A]

@@ -107,8 +107,18 @@ class AttentionPlan:
     scatter: torch.Tensor | None
 
     def to(self, device: torch.device) -> AttentionPlan:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        move = lambda t: None if t is None else to_device(t, device)
         return AttentionPlan(move(self.rel_index), move(self.mask), move(self.gather), move(self.scatter))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host index tensor -> ``device`` without blocking the host: pinned + non_blocking on CUDA, no-op on CPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def dense_plan(y: torch.Tensor, x: torch.Tensor, res: int, window: int, shift: int) -> AttentionPlan:
