@@ -5,6 +5,7 @@ columnar model (``localmim.models.vit``); ``localmim.models.export`` turns its e
 """
 
 from localmim.models.registry import create, list_models, register
+from localmim.models.swin import LocalMIMSwin as LocalMIMSwin  # registers the Swin names
 from localmim.models.vit import LocalMIMViT
 
 __all__ = ["LocalMIMViT", "create", "list_models", "register"]
