@@ -224,8 +224,13 @@ def test_swin_base_224_shapes(swin_base):
     cell_mask = m.draw_mask(0.75)
     assert int((~cell_mask).sum()) == 12  # reference rule: floor(0.75*49)+1 = 37 masked
     x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    seen = []
+    norm1 = m.encoder.layers[0].blocks[0].norm1
+    hook = norm1.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     with torch.no_grad():
         taps = m.encoder(m._to_input(x), (~cell_mask).nonzero()[:, 0])
+        hook.remove()
+        assert seen == [(1, 768, 128)]  # stage 1 runs on 12 cells x 64 tokens only
         assert [tuple(t.shape) for t in taps] == [(1, 192, 256), (1, 48, 512), (1, 12, 1024), (1, 12, 1024)]
         cap = _Capture(m)
         targets = [torch.zeros(1, g * g, 54) for g in (28, 14, 7, 7)]
@@ -257,6 +262,18 @@ def test_tap_grids_match_target_cells(img, p0, window, grids):
 def _nano(**kw):
     torch.manual_seed(0)
     return create("localmim_swin_nano_p2_64", **kw)
+
+
+def test_small_variant_shapes():
+    m = create("localmim_swin_tiny_p2_64", depths=(2, 2, 2, 2))
+    assert (m.img_size, m.patch_size, m.grid, m.target_cells, m.hog_nbins) == (64, 2, 4, [4, 8, 16, 16], 9)
+    visible = (~m.draw_mask(0.75)).nonzero()[:, 0]
+    assert visible.numel() == 4  # 16 cells: 16 - max(1, floor(16 * 0.25)) = 12 masked
+    with torch.no_grad():
+        taps = m.encoder(torch.randn(2, 3, 64, 64), visible)
+    assert [tuple(t.shape) for t in taps] == [(2, 64, 192), (2, 16, 384), (2, 4, 768), (2, 4, 768)]
+    assert [(s.blocks[1].window_size[0], s.blocks[1].shift_size[0]) for s in m.encoder.layers] == [
+        (4, 2), (4, 2), (4, 2), (4, 0)]
 
 
 def test_loss_weights_and_raster_order():
