@@ -31,7 +31,7 @@ class PretrainConfig(Section):
     norm_pix_loss: bool = True  # per-patch normalised pixel targets
     input_size: PosInt = 64  # S; must match the model's img_size (models are built for it)
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-    epochs: PosInt = 4
+    epochs: PosInt = 3
     warmup_epochs: NonNeg = 1
     batch_size: PosInt = 32  # per device
     accum_iter: PosInt = 1

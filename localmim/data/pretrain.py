@@ -340,6 +340,9 @@ class PretrainLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            # Own generator: the workers' base seed must not be drawn from the global torch RNG, which drives
+            # the masking noise (a mid-epoch resume would otherwise draw it once more than the original run).
+            generator=torch.Generator().manual_seed(self.ds.seed * 1_000_003 + epoch),
         )
         for i, batch in enumerate(rebatch(iter(dl), self.ds.batch_size, len(self))):
             if i >= skip:
