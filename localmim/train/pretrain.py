@@ -138,9 +138,9 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     net = torch.compile(model) if cfg.compile else model
     if dist.distributed:
-        # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial broadcast.
+        # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
         ids = [dist.device.index] if dist.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
     torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (SPEC §7)
     sched = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     key_dir = Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir)
