@@ -137,7 +137,8 @@ def test_unmasked_encoder_matches_timm_swin(attn_impl):
 
 @pytest.mark.parametrize(
     ("img", "p0", "window", "attn_impl"),
-    [(64, 2, 4, "packed"), (64, 2, 4, "dense"), (64, 2, 4, "auto"), (96, 2, 6, "packed"), (64, 2, 8, "packed")],
+    [(64, 2, 4, "packed"), (64, 2, 4, "dense"), (64, 2, 4, "auto"), (96, 2, 6, "packed"), (64, 2, 8, "packed"),
+     (48, 1, 3, "packed"), (48, 1, 3, "dense")],  # odd window: shift 1 != w - shift 2
 )
 def test_masked_encoder_matches_dense_reference(img, p0, window, attn_impl):
     torch.manual_seed(1)
