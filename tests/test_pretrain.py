@@ -182,8 +182,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     make_shards(tmp_path / "s", n=12, per_shard=4)
     real = P.build_model
 
-    def poisoned(cfg):
-        model = real(cfg)
+    def poisoned(cfg, device=None):
+        model = real(cfg, device)
         calls = {"n": 0}
         forward = model.forward
 

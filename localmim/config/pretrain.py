@@ -17,7 +17,8 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 # Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
 RUNTIME_KEYS = frozenset(
-    {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device"}
+    {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
+     "fused_attn"}
 )
 
 
@@ -49,6 +50,9 @@ class PretrainConfig(Section):
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     ckpt_minutes: Annotated[float, Field(ge=0)] = 30  # also checkpoint mid-epoch this often (0 = never)
     compile: bool = False  # torch.compile the model
+    # timm fused attention (F.scaled_dot_product_attention); auto = on for CUDA, off on CPU, where
+    # benchmarks/bench_pretrain.py measured the unfused path 3-30x faster for the small demo models.
+    fused_attn: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU

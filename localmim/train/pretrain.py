@@ -71,11 +71,20 @@ class _Run:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-def build_model(cfg) -> torch.nn.Module:
-    """``localmim.models.create(cfg.model, ...)``, checked against ``cfg.mode``."""
+def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
+    """``localmim.models.create(cfg.model, ...)``, checked against ``cfg.mode``; timm attention fused per
+    ``cfg.fused_attn`` (``auto``: on CUDA only; timm reads the flag when a block is built)."""
+    import timm.layers
+
     from localmim.models import create
 
-    model = create(cfg.model, **cfg.model_overrides())
+    fused = cfg.fused_attn == "on" or (cfg.fused_attn == "auto" and device is not None and device.type == "cuda")
+    before = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(fused)
+    try:
+        model = create(cfg.model, **cfg.model_overrides())
+    finally:
+        timm.layers.set_fused_attn(before)
     if cfg.mode != "auto" and model.mode != cfg.mode:
         raise ValueError(f"pretrain.mode={cfg.mode!r} but model {cfg.model!r} is a {model.mode!r} model")
     return model
@@ -124,7 +133,7 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
 
     dist = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg).to(dist.device)
+    model = build_model(cfg, dist.device).to(dist.device)
     if cfg.data == "views":
         _check_views(model, data_dir)
     ds = PretrainStream(data_dir, input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seed,
