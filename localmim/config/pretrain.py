@@ -50,8 +50,8 @@ class PretrainConfig(Section):
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     ckpt_minutes: Annotated[float, Field(ge=0)] = 30  # also checkpoint mid-epoch this often (0 = never)
     compile: bool = False  # torch.compile the model
-    # timm fused attention (F.scaled_dot_product_attention); auto = on for CUDA, off on CPU, where
-    # benchmarks/bench_pretrain.py measured the unfused path 3-30x faster for the small demo models.
+    # timm fused attention (F.scaled_dot_product_attention): auto = timm's default (fused where torch has it).
+    # benchmarks/bench_pretrain.py measures on/off; on the shared 2-core CPU the difference was within run-to-run noise.
     fused_attn: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)

@@ -73,14 +73,13 @@ class _Run:
 
 def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
     """``localmim.models.create(cfg.model, ...)``, checked against ``cfg.mode``; timm attention fused per
-    ``cfg.fused_attn`` (``auto``: on CUDA only; timm reads the flag when a block is built)."""
+    ``cfg.fused_attn`` (``auto``: timm's default; timm reads the flag when a block is built)."""
     import timm.layers
 
     from localmim.models import create
 
-    fused = cfg.fused_attn == "on" or (cfg.fused_attn == "auto" and device is not None and device.type == "cuda")
     before = timm.layers.use_fused_attn()
-    timm.layers.set_fused_attn(fused)
+    timm.layers.set_fused_attn(before if cfg.fused_attn == "auto" else cfg.fused_attn == "on")
     try:
         model = create(cfg.model, **cfg.model_overrides())
     finally:
