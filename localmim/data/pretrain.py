@@ -2,9 +2,10 @@
 
 Splitting invariant (non-resampled mode): in one epoch every sample is read by exactly one rank and, inside
 the rank, by exactly one DataLoader worker. Shards are shuffled per epoch (same order on every rank) and dealt
-to the workers (shard ``s`` -> worker ``s % num_workers``, the same on every rank); inside a worker's stream
-sample ``k`` goes to rank ``k % world``. Each rank therefore reads the bytes of its workers' shards in full but
-decodes only its own samples, and gets ``N // world`` or one more. The epoch length is defined by samples:
+to the workers (the ``s``-th shard of the epoch order -> worker ``s % num_workers``, the same on every rank); sample
+``i`` of the epoch stream (its shard's offset from the manifest counts plus its position in the shard) goes to rank
+``i % world``. Each rank therefore reads the bytes of its workers' shards in full but decodes only its own samples,
+and gets ``N // world`` or one more whatever the load of each worker. The epoch length is defined by samples:
 ``N // world // batch_size`` batches per rank (equal on every rank, so DDP stays in lockstep), whatever the
 number of shards or workers; the few left-over samples of an epoch are dropped (``drop_last``, SPEC §7).
 
@@ -24,6 +25,7 @@ sample a stored uint8 view plus its un-normalised finest-cell histograms (fp16).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import random
@@ -234,12 +236,14 @@ class PretrainStream(IterableDataset):
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")
             while True:
                 yield from wds.tariterators.tarfile_samples([{"url": rng.choice(shards.urls)}])
-        urls = list(shards.urls)
-        random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)  # same order on every rank
-        mine = [{"url": u} for u in urls[wid::nw]]
-        for k, sample in enumerate(wds.tariterators.tarfile_samples(mine)):
-            if k % self.world == self.rank:
-                yield sample
+        order = list(range(len(shards.urls)))
+        random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # same order on every rank
+        offsets = dict(zip(order, itertools.accumulate([shards.counts[i] for i in order], initial=0), strict=False))
+        for i in order[wid::nw]:
+            # rank by the sample's index in the whole epoch stream, so ranks get N // world or one more
+            for k, sample in enumerate(wds.tariterators.tarfile_samples([{"url": shards.urls[i]}])):
+                if (offsets[i] + k) % self.world == self.rank:
+                    yield sample
 
     def samples(self, wid: int = 0, nw: int = 1) -> Iterator[dict[str, Any]]:
         """Raw (undecoded) samples of worker ``wid`` of ``nw`` on this rank, after the shuffle buffer."""
