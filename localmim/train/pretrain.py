@@ -243,7 +243,10 @@ def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
     batches = iter(run.loader.epoch(epoch, skip=skip))
     for it in range(skip, steps):
         t = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:
+            raise RuntimeError(f"epoch {epoch}: data ended after {it} of {steps} batches (shard manifest counts "
+                               f"do not match the tars?)")
         meter.wait += time.perf_counter() - t
         images, finest = batch if isinstance(batch, tuple) else (batch, None)
         images = images.to(dev, non_blocking=True)  # uint8 [B, 3, S, S]
