@@ -245,7 +245,8 @@ def test_targets_and_pretrain_stages_export_a_plain_timm_encoder(tmp_path):
     assert not res.unexpected_keys and set(res.missing_keys) <= {"fc_norm.weight", "fc_norm.bias"}
     ck = torch.load(ckpt.find_latest(next((tmp_path / "ck").iterdir())), weights_only=True)
     assert torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
-    assert ck["params"]["data"] == "views" and ck["git_commit"]
+    assert ck["params"]["data"] == "views" and ck["git_commit"] and ck["data"] == {"epoch": 2, "batches": 0}
+    assert ck["extra"]["schedule"]["at_epoch"] == 2 and ck["extra"]["schedule"]["lr_at"] == pytest.approx(1e-6)
     # views built for another geometry are refused with both values named
     params["pretrain"]["hog_nbins"] = 18
     (tmp_path / "params.yaml").write_text(json.dumps(params))

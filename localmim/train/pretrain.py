@@ -162,9 +162,17 @@ def _save(run: _Run, epoch: int, batches: int) -> None:
     if run.dist.is_main:
         payload = ckpt.make_payload(model=run.model, optimizer=run.opt, scaler=run.scaler, epoch=epoch,
                                     step=run.step, data_batches=batches, rng=payload_rng,
-                                    params=run.cfg.to_dict(), extra={"summary": run.summary})
+                                    params=run.cfg.to_dict(), extra=_extra(run, epoch, batches))
         run.last_ckpt = ckpt.save(run.ckpt_dir, payload)
     run.last_ckpt_time = time.monotonic()
+
+
+def _extra(run: _Run, epoch: int, batches: int) -> dict:
+    """Schedule position and the latest summary, stored with the checkpoint."""
+    at = epoch + batches / len(run.loader)
+    sched = {"lr": run.sched.lr, "min_lr": run.sched.min_lr, "warmup_epochs": run.sched.warmup_epochs,
+             "epochs": run.sched.epochs, "at_epoch": at, "lr_at": run.sched(at)}
+    return {"summary": run.summary, "schedule": sched, "world_size": run.dist.world_size}
 
 
 def _resume(run: _Run) -> tuple[int, int]:
