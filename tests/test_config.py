@@ -97,3 +97,16 @@ def test_every_command_has_help():
     for c in commands:
         h = run_cli(c, "--help")
         assert h.returncode == 0 and "usage:" in h.stdout, c
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate_and_build_their_model(preset):
+    import torch
+
+    from localmim.models import create
+
+    sections = validate_all(read_params_file(preset), source=str(preset))
+    pre = sections["pretrain"]
+    with torch.device("meta"):
+        model = create(pre.model, img_size=pre.input_size)
+    assert model.img_size in (pre.input_size, (pre.input_size, pre.input_size))
