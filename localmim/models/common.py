@@ -16,6 +16,8 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+import localmim.targets as T
+
 LN_EPS = 1e-6
 
 
@@ -249,3 +251,25 @@ def init_weights_localmim(module: nn.Module) -> None:
             nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+class MultiScaleTargets:
+    """Mixin for the LocalMIM models: model inputs and per-tap targets (HOG or pixels) from the raw images.
+
+    Expects ``target``, ``hog_nbins``, ``hog_biases`` (``None`` or ``[K, 2]``), ``target_cells`` and
+    ``norm_pix_loss`` on the model.
+    """
+
+    def _to_input(self, images: Tensor) -> Tensor:
+        return T.normalize(images) if images.dtype == torch.uint8 else images
+
+    @torch.no_grad()
+    def compute_targets(self, images: Tensor) -> list[Tensor]:
+        """Per-tap targets ``[B, M_k, F_k]`` from uint8 (exact HOG) or normalised float images, in float32."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            if self.target == "hog":
+                biases = None if self.hog_biases is None else list(self.hog_biases)
+                maps = T.hog_multiscale(images, self.hog_nbins, self.target_cells, biases)
+                return [T.to_tokens(m) for m in maps]  # each [B, M_k, 3*nb]
+            x = self._to_input(images).float()
+            return [T.pixel_targets(x, c, norm_pix=self.norm_pix_loss) for c in self.target_cells]

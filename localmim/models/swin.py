@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from localmim import targets as T
-from localmim.models.common import LN_EPS, MaskedDecoder, init_weights_localmim, masked_mse, resize_mask
+from localmim.models.common import (
+    LN_EPS,
+    MaskedDecoder,
+    MultiScaleTargets,
+    init_weights_localmim,
+    masked_mse,
+    resize_mask,
+)
 from localmim.models.registry import register
 from localmim.models.swin_encoder import SwinVisibleEncoder
 from localmim.models.swin_geometry import draw_cell_mask, to_device
@@ -24,7 +31,7 @@ MASK_SCALES = (4, 2, 1, 1)  # cell mask (G x G) -> tap grids (4G, 2G, G, G)
 CELL_FACTORS = (2, 4, 8, 8)  # target cell side / p0 = tap stride / p0
 
 
-class LocalMIMSwin(nn.Module):
+class LocalMIMSwin(MultiScaleTargets, nn.Module):
     """LocalMIM pre-training with a Swin encoder (``mode='localmim'``) or a top-only baseline (``'mae'``).
 
     Args:
@@ -122,20 +129,6 @@ class LocalMIMSwin(nn.Module):
         return (block_pos[cell] * area + (y % side) * side + x % side).reshape(-1)  # [(G*side)^2]
 
     # ----------------------------------------------------------------------------------------- targets / loss
-
-    def _to_input(self, images: Tensor) -> Tensor:
-        return T.normalize(images) if images.dtype == torch.uint8 else images
-
-    @torch.no_grad()
-    def compute_targets(self, images: Tensor) -> list[Tensor]:
-        """Per-tap targets ``[B, M_k, F_k]`` from uint8 (exact HOG) or normalised float images, in float32."""
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            if self.target == "hog":
-                biases = None if self.hog_biases is None else list(self.hog_biases)
-                maps = T.hog_multiscale(images, self.hog_nbins, self.target_cells, biases)
-                return [T.to_tokens(m) for m in maps]  # each [B, M_k, 3*nb]
-            x = self._to_input(images).float()
-            return [T.pixel_targets(x, c, norm_pix=self.norm_pix_loss) for c in self.target_cells]
 
     def _check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.img_size, self.img_size):

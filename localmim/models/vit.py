@@ -19,6 +19,7 @@ from localmim import targets as T
 from localmim.models.common import (
     LN_EPS,
     MaskedDecoder,
+    MultiScaleTargets,
     build_scale_head,
     init_weights_localmim,
     masked_mse,
@@ -43,7 +44,7 @@ def default_taps(depth: int) -> list[int]:
     return [1, 3, depth - 3, depth - 1] if depth >= 7 else [0, 1, depth - 2, depth - 1]
 
 
-class LocalMIMViT(nn.Module):
+class LocalMIMViT(MultiScaleTargets, nn.Module):
     """LocalMIM pre-training model with a plain ViT encoder (``mode='localmim'``) or the MAE baseline (``'mae'``).
 
     Args:
@@ -180,20 +181,6 @@ class LocalMIMViT(nn.Module):
         return y.flatten(2).transpose(1, 2)  # [B, M_k, F_k]
 
     # ----------------------------------------------------------------------------------------- targets / loss
-
-    def _to_input(self, images: Tensor) -> Tensor:
-        return T.normalize(images) if images.dtype == torch.uint8 else images
-
-    @torch.no_grad()
-    def compute_targets(self, images: Tensor) -> list[Tensor]:
-        """Per-tap targets ``[B, M_k, F_k]`` from uint8 (exact HOG) or normalised float images, in float32."""
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            if self.target == "hog":
-                biases = None if self.hog_biases is None else list(self.hog_biases)
-                maps = T.hog_multiscale(images, self.hog_nbins, self.target_cells, biases)
-                return [T.to_tokens(m) for m in maps]  # each [B, M_k, 3*nb]
-            x = self._to_input(images).float()
-            return [T.pixel_targets(x, c, norm_pix=self.norm_pix_loss) for c in self.target_cells]
 
     def forward(self, images: Tensor, mask_ratio: float = 0.75, targets: Sequence[Tensor] | None = None,
                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:

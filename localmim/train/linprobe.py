@@ -18,21 +18,14 @@ from pathlib import Path
 
 import torch
 
-from localmim.train.finetune import EncoderSpec
+from localmim.train.finetune import EncoderSpec, FinetuneResult
 from localmim.train.schedule import WarmupCosine
 
 LogFn = Callable[[dict[str, float], int], None]
 
 
 @dataclass
-class LinprobeResult:
-    top1: float
-    top5: float
-    best_top1: float
-    best_epoch: int
-    epochs: int
-    seconds: float
-    history: list[dict[str, float]]
+class LinprobeResult(FinetuneResult):
     head: dict[str, torch.Tensor]
 
 
