@@ -29,6 +29,11 @@ from PIL import Image
 
 from localmim.utils.io import clean_stale_tmp
 
+# Share of embedded ImageNet images drawn in their class's typical hue. With random colours only (0.0), 60 images
+# per class were too few for anything to generalise: a 4-layer CNN reached ~25% val top-1 and the ViT-Tiny
+# fine-tune stayed at chance even on train; with 0.7 the CNN reaches ~65% and the ViT rises within 3 epochs.
+IMAGENET_COLOUR_PRIOR = 0.7
+
 # ---------------------------------------------------------------------------------------------------- shapes
 # Unit outlines, centred at the origin with circumradius about 1, counter-clockwise (x right, y down).
 
@@ -199,6 +204,20 @@ def _contrasting(rng: np.random.Generator, bg: np.ndarray, min_dist: float = 110
     return 255.0 - mean  # always far enough from the mean
 
 
+def _class_colour(rng: np.random.Generator, label: int, num_kinds: int) -> np.ndarray:
+    """A saturated colour around the class's typical hue (``label / num_kinds`` of the colour wheel).
+
+    Like the colour priors of natural classes (most hearts are red), this makes the class partly visible in
+    coarse colour statistics, so a tiny model learns something from a few hundred images; the shape still
+    decides the class for the images drawn without the prior.
+    """
+    import colorsys
+
+    hue = (label / num_kinds + rng.normal(0, 0.02)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+    return np.asarray(rgb) * 255.0
+
+
 def _image_size(rng: np.random.Generator, min_side: int, max_side: int, max_aspect: float = 2.0) -> tuple[int, int]:
     long = int(rng.integers(min_side, max_side + 1))
     short = max(min_side, int(round(long / rng.uniform(1.0, max_aspect))))
@@ -229,11 +248,14 @@ def render(
     height: int,
     rel_radius: tuple[float, float],
     avoid_overlap: bool,
+    colour_prior: float = 0.0,
 ) -> tuple[np.ndarray, list[DrawnObject]]:
     """Draw one shape per entry of ``labels`` (indices into ``kinds``) on a random background.
 
     Shapes stay inside the image. With ``avoid_overlap`` their bounding circles are disjoint (objects that do
     not fit after 50 tries are dropped), so every outline equals the visible pixels (needed for COCO polygons).
+    With probability ``colour_prior`` a shape is filled around its class's typical hue (see ``_class_colour``)
+    instead of a random colour that contrasts with the background.
 
     Returns:
         uint8 [H, W, 3] image and the drawn objects.
@@ -251,7 +273,9 @@ def render(
         placed.append((cx, cy, r))
         outline = shape_outline(kinds[label], cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0.9, 1.1)).round(2)
         mask = polygon_mask(outline, width, height)
-        tex = _texture(rng, _contrasting(rng, img), width, height)
+        prior = colour_prior > 0 and rng.random() < colour_prior  # no draw when off: old outputs unchanged
+        colour = _class_colour(rng, label, len(kinds)) if prior else _contrasting(rng, img)
+        tex = _texture(rng, colour, width, height)
         img[mask] = tex[mask]
         for o in objects:  # later shapes occlude earlier ones
             o.mask &= ~mask
@@ -291,9 +315,12 @@ def _check_classes(n: int, what: str) -> None:
 
 
 def write_imagenet(
-    root: Path, *, seed: int, num_classes: int, per_class: dict[str, int], min_side: int, max_side: int, quality: int
+    root: Path, *, seed: int, num_classes: int, per_class: dict[str, int], min_side: int, max_side: int, quality: int,
+    colour_prior: float = 0.0,
 ) -> dict[str, int]:
     """``root/{train,val}/<class-dir>/<name>.JPEG``, one shape of the class kind per image.
+
+    ``colour_prior``: share of images whose shape has its class's typical hue (0 = colour carries no label).
 
     Returns:
         number of images per split.
@@ -309,7 +336,7 @@ def write_imagenet(
                 idx = c * n + i
                 rng = _rng(seed, "imagenet", split, idx)
                 w, h = _image_size(rng, min_side, max_side)
-                img, _ = render(rng, kinds, [c], w, h, (0.28, 0.45), avoid_overlap=True)
+                img, _ = render(rng, kinds, [c], w, h, (0.28, 0.45), avoid_overlap=True, colour_prior=colour_prior)
                 name = f"{d.name[:9]}_{i:05d}.JPEG" if split == "train" else f"ILSVRC2012_val_{idx + 1:08d}.JPEG"
                 (d / name).write_bytes(encode_jpeg(img, quality))
         counts[split] = n * num_classes
@@ -413,6 +440,7 @@ def generate_all(
     coco_train: int,
     coco_val: int,
     jpeg_quality: int,
+    colour_prior: float = IMAGENET_COLOUR_PRIOR,
 ) -> dict[str, int]:
     """Write ``out/imagenet``, ``out/ade20k`` and ``out/coco``; each appears atomically (built in a temp dir,
     then renamed into place, replacing an older copy).
@@ -422,6 +450,8 @@ def generate_all(
     """
     if min_side > max_side:
         raise ValueError(f"min_side ({min_side}) must be <= max_side ({max_side})")
+    if not 0.0 <= colour_prior <= 1.0:
+        raise ValueError(f"colour_prior={colour_prior} must be in [0, 1]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)  # temp dirs of a killed earlier run
@@ -431,7 +461,7 @@ def generate_all(
         counts = {}
         n = write_imagenet(
             tmp / "imagenet", num_classes=num_classes, per_class={"train": train_per_class, "val": val_per_class},
-            **common,
+            colour_prior=colour_prior, **common,
         )
         counts.update({f"imagenet_{k}": v for k, v in n.items()})
         n = write_ade20k(tmp / "ade20k", num_classes=seg_classes, sizes={"train": seg_train, "val": seg_val}, **common)
