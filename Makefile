@@ -30,8 +30,8 @@ test: $(STAMP)
 	$(BIN)/localmim dag --check
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+bench: $(STAMP)  ## BENCH_ARGS=--with-mae also reruns the LocalMIM-vs-MAE comparison
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check localmim tests benchmarks

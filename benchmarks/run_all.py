@@ -37,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", nargs="*", help="run only these scripts")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--with-mae", action="store_true", help="also rerun localmim_vs_mae.py (~10 min on 2 cores)")
     args = ap.parse_args()
     scripts = [s for s in ORDER if (HERE / s).is_file() and (not args.only or s in args.only)]
     (HERE / "results").mkdir(exist_ok=True)
@@ -54,8 +55,14 @@ def main() -> int:
         f"Produced by `make bench` on {datetime.date.today()} ({machine()}).\n"
         "Numbers are for this machine; compare ratios, not absolutes.\n\n"
     )
-    extra = HERE / "RESULTS.extra.md"
-    tail = "\n" + extra.read_text() if extra.is_file() else ""
+    if args.with_mae:
+        subprocess.run([sys.executable, str(HERE / "localmim_vs_mae.py"), "--json", str(HERE / "localmim_vs_mae.json")])
+    # The LocalMIM-vs-MAE comparison (its own one command, long) is included as last measured.
+    mae = HERE / "localmim_vs_mae.md"
+    tail = ""
+    if mae.is_file():
+        body = mae.read_text().strip()
+        tail = f"\n## localmim_vs_mae.py\n\n{body}\n\n![LocalMIM vs MAE](localmim_vs_mae.png)\n"
     Path(args.out).write_text(head + "\n".join(sections) + tail)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
