@@ -98,7 +98,8 @@ def evaluate_encoder(enc_dir: Path | None, args, shards: Path, work: Path, tag: 
     from localmim.config import load_section
     from localmim.config.finetune import FinetuneConfig
     from localmim.config.linprobe import LinprobeConfig
-    from localmim.train.finetune import EncoderSpec, finetune, read_encoder
+    from localmim.models.encoder_io import EncoderSpec, read_encoder
+    from localmim.train.finetune import finetune
     from localmim.train.linprobe import linprobe
 
     if enc_dir is None:

@@ -9,7 +9,8 @@ import torch
 from localmim.config.finetune import FinetuneConfig
 from localmim.data import synth
 from localmim.data.shards import ShardOptions, write_shards
-from localmim.train.finetune import finetune, read_encoder
+from localmim.models.encoder_io import read_encoder
+from localmim.train.finetune import finetune
 from tests.classify_data import pretrained_micro_encoder
 
 NUM_CLASSES = 10

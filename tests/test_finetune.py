@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from localmim.config.finetune import FinetuneConfig
 from localmim.data.classify import ClassifyShards, decode_sample, iter_tar_samples, make_loader
-from localmim.train.finetune import build_classifier, finetune, layer_decay_groups, read_encoder
+from localmim.models.encoder_io import build_classifier, read_encoder
+from localmim.models.layer_decay import layer_decay_groups
+from localmim.train.finetune import finetune
 from tests.classify_data import eval_images, make_shards, pretrained_micro_encoder
 
 

@@ -12,7 +12,7 @@ import torch
 
 from localmim.config.finetune import FinetuneConfig
 from localmim.config.linprobe import LinprobeConfig
-from localmim.train.finetune import read_encoder
+from localmim.models.encoder_io import read_encoder
 from localmim.train.linprobe import linprobe, train_probe
 from tests.classify_data import eval_images, make_shards, pretrained_micro_encoder
 

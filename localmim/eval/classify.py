@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from localmim.train.distributed import get_world_size
+from localmim.utils.distributed import get_world_size
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:

@@ -36,8 +36,9 @@ from localmim.stages.base import StageContext, StageError, flag, stage
     system_metrics=True,
 )
 def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.train.distributed import cleanup, init_distributed
-    from localmim.train.finetune import finetune, read_encoder
+    from localmim.models.encoder_io import read_encoder
+    from localmim.train.finetune import finetune
+    from localmim.utils.distributed import cleanup, init_distributed
     from localmim.utils.io import atomic_write_json
 
     args = ctx.args

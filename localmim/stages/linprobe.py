@@ -30,7 +30,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
     ],
 )
 def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.train.finetune import read_encoder
+    from localmim.models.encoder_io import read_encoder
     from localmim.train.linprobe import linprobe
     from localmim.utils.io import atomic_torch_save, atomic_write_json
 

@@ -19,24 +19,6 @@ from localmim.config.pretrain import PretrainConfig
 from localmim.stages.base import StageContext, StageError, flag, stage
 
 
-def export(model, out: Path, extra: dict) -> Path:
-    """Write ``encoder.pt`` + ``encoder.json`` for a trained LocalMIM/MAE model (ViT or Swin)."""
-    from localmim.models.export import export_encoder
-    from localmim.models.vit import LocalMIMViT
-    from localmim.utils.io import atomic_torch_save, atomic_write_json
-
-    if isinstance(model, LocalMIMViT):
-        name, kwargs, state = export_encoder(model)
-    else:
-        from localmim.models.swin import export_swin_encoder
-
-        name, kwargs, state = export_swin_encoder(model)
-    atomic_torch_save({k: v.contiguous().cpu() for k, v in state.items()}, out / "encoder.pt")
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-    atomic_write_json(out / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})
-    return out / "encoder.pt"
-
-
 @stage(
     "pretrain",
     section="pretrain",
@@ -57,8 +39,9 @@ def export(model, out: Path, extra: dict) -> Path:
     system_metrics=True,
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.train.distributed import barrier, cleanup
+    from localmim.models.encoder_io import write_encoder
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
+    from localmim.utils.distributed import barrier, cleanup
     from localmim.utils.gitinfo import git_commit
     from localmim.utils.io import atomic_write_json
 
@@ -75,7 +58,7 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
         extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(), "git_commit": git_commit(),
                  "checkpoint": str(result.checkpoint) if result.checkpoint else None}
-        export(result.model, out, extra)
+        write_encoder(result.model, out, extra)
         ctx.dump_params(cfg, out)
         atomic_write_json(args.metrics, metrics)
         ctx.tracker.log_artifact(out, artifact_path="encoder")

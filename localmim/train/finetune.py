@@ -10,7 +10,6 @@ gradient clipping, no EMA. Top-1/top-5 on the val shards after every epoch; resu
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -20,144 +19,13 @@ from typing import Any
 
 import torch
 
+from localmim.models.encoder_io import EncoderSpec, build_classifier
+from localmim.models.layer_decay import layer_decay_groups
 from localmim.train import checkpoint as ckpt
-from localmim.train.distributed import DistInfo, init_distributed, unwrap
 from localmim.train.schedule import WarmupCosine
+from localmim.utils.distributed import DistInfo, init_distributed, unwrap
 
 LogFn = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class EncoderSpec:
-    """An exported encoder: the standard timm model that holds it and its weights."""
-
-    timm_name: str
-    timm_kwargs: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
-
-    @property
-    def img_size(self) -> int:
-        size = self.timm_kwargs.get("img_size", 224)
-        return int(size[0] if isinstance(size, list | tuple) else size)
-
-
-def read_encoder(path: str | Path) -> EncoderSpec:
-    """Load an exported encoder: a ``<name>.json`` holding ``timm_name`` (and ``timm_kwargs``) next to
-    ``<name>.pt`` (a state dict loadable with ``weights_only=True``). ``path`` is that ``.pt`` file or a
-    directory holding one such pair (``encoder.pt`` / ``encoder.json`` preferred)."""
-    path = Path(path)
-    if path.is_dir():
-        metas = sorted(path.glob("*.json"), key=lambda p: (p.stem != "encoder", p.name))
-        metas = [m for m in metas if m.with_suffix(".pt").is_file() and "timm_name" in _read_json(m)]
-        if not metas:
-            raise ValueError(f"{path}: no exported encoder (<name>.json with timm_name + <name>.pt)")
-        path = metas[0].with_suffix(".pt")
-    meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
-        raise ValueError(f"{path}: expected an exported encoder ({path.name} + {meta.name})")
-    info = _read_json(meta)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    return EncoderSpec(info["timm_name"], dict(info.get("timm_kwargs", {})), sd)
-
-
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def build_classifier(
-    enc: EncoderSpec,
-    num_classes: int,
-    *,
-    model: str = "auto",
-    drop_path: float = 0.0,
-    input_size: int = 0,
-    head_init_std: float = 2e-5,
-) -> torch.nn.Module:
-    """timm classifier with ``global_pool='avg'``, encoder weights loaded (SPEC §8.2), fresh head.
-
-    The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
-    the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
-    """
-    import timm
-    from timm.layers import trunc_normal_
-
-    from localmim.models.export import load_pretrained_into_timm
-
-    kwargs = dict(enc.timm_kwargs)
-    kwargs.pop("num_classes", None)
-    kwargs.pop("global_pool", None)
-    if input_size:
-        kwargs["img_size"] = input_size
-    name = enc.timm_name if model == "auto" else model
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                            global_pool="avg", **kwargs)
-    load_pretrained_into_timm(net, enc.state_dict)
-    head = net.get_classifier()
-    trunc_normal_(head.weight, std=head_init_std)
-    torch.nn.init.zeros_(head.bias)
-    return net
-
-
-def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Param groups with ``lr_scale`` and ``weight_decay`` following SPEC §8.1.
-
-    ViT: timm's ``param_groups_layer_decay`` matches SPEC §8.1 exactly. Its ``group_matcher`` puts cls
-    token, position and patch embedding in group 0, ``blocks.i`` in group i+1 and every unmatched name
-    (``fc_norm``, ``head``) in the last group L = depth+1; scale = decay^(L - id). No weight decay for ≤1-D
-    tensors and ``model.no_weight_decay()`` (``pos_embed``, ``cls_token``).
-
-    Swin: timm's grouping differs from SPEC §8.1 in three places (it gives a patch-merging layer the id of
-    the next stage's first block, the final norm the last block's id, and lists the relative-position-bias
-    tables as no-decay), so :func:`swin_layer_decay_groups` builds the SPEC groups directly.
-    """
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.optim import param_groups_layer_decay
-
-    if isinstance(model, SwinTransformer):
-        return swin_layer_decay_groups(model, weight_decay, layer_decay)
-    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=nwd, layer_decay=layer_decay)
-
-
-def swin_layer_id(name: str, depths: list[int]) -> int:
-    """SPEC §8.1 Swin layer id of a timm ``SwinTransformer`` parameter name.
-
-    timm runs the merge of stage s-1 at the start of stage s (``layers.{s}.downsample``); SPEC gives the merge
-    after stage s-1 the id of that stage's last block, Σ_{t<s} depths[t].
-    """
-    if name.startswith("patch_embed"):
-        return 0
-    parts = name.split(".")
-    if parts[0] == "layers":
-        s = int(parts[1])
-        if parts[2] == "downsample":
-            return sum(depths[:s])
-        if parts[2] == "blocks":
-            return sum(depths[:s]) + int(parts[3]) + 1
-    return sum(depths) + 1  # final norm, head
-
-
-def swin_layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """SPEC §8.1 groups for a timm Swin: scale decay^(Dsum+1-id); no weight decay on 1-D params, biases and an
-    absolute position embedding; relative-position-bias tables keep weight decay."""
-    depths = [len(layer.blocks) for layer in model.layers]
-    top = sum(depths) + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = swin_layer_id(name, depths)
-        no_wd = p.ndim <= 1 or name.endswith(".bias") or "absolute_pos_embed" in name
-        g = groups.setdefault((lid, no_wd), {"params": [], "lr_scale": layer_decay ** (top - lid),
-                                             "weight_decay": 0.0 if no_wd else weight_decay})
-        g["params"].append(p)
-    return list(groups.values())
 
 
 def build_mixup(cfg, num_classes: int):

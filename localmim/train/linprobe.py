@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from localmim.train.finetune import EncoderSpec, FinetuneResult
+from localmim.models.encoder_io import EncoderSpec
+from localmim.train.finetune import FinetuneResult
 from localmim.train.schedule import WarmupCosine
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -133,7 +134,7 @@ def linprobe(
 ) -> LinprobeResult:
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
-    from localmim.train.distributed import resolve_device
+    from localmim.utils.distributed import resolve_device
 
     t0 = time.time()
     dev = resolve_device(cfg.device)

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from localmim.train import checkpoint as ckpt
-from localmim.train.distributed import DistInfo, init_distributed, unwrap
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
+from localmim.utils.distributed import DistInfo, amp_dtype, init_distributed, make_scaler, unwrap
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -89,14 +89,6 @@ def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
     return model
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none" or device.type != "cuda":
-        return None
-    if amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16  # pre-Ampere GPUs (the paper's V100s): fp16 with dynamic loss scaling, as the reference
-
-
 def data_fingerprint(data_dir: str | Path) -> str:
     """Hash of the data manifests in ``data_dir`` (shard or views manifest), so new data never resumes old runs."""
     d = Path(data_dir)
@@ -142,8 +134,8 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{len(loader)} batches per epoch is fewer than accum_iter={cfg.accum_iter}")
     opt = create_adamw(model, cfg.peak_lr(dist.world_size), cfg.weight_decay, tuple(cfg.betas), dist.device)
-    amp_dtype = _amp_dtype(cfg.amp, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    dtype = amp_dtype(cfg.amp, dist.device)
+    scaler = make_scaler(dist.device, dtype)
     net = torch.compile(model) if cfg.compile else model
     if dist.distributed:
         # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
@@ -152,7 +144,7 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
     torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (SPEC §7)
     sched = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     key_dir = Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir)
-    return _Run(cfg, dist, model, net, opt, scaler, sched, loader, amp_dtype, key_dir,
+    return _Run(cfg, dist, model, net, opt, scaler, sched, loader, dtype, key_dir,
                 log_fn or (lambda m, s: None), progress)
 
 

@@ -108,3 +108,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype every training stage uses (``amp``: ``auto`` | ``bf16`` | ``fp16`` | ``none``).
+
+    CPU: none (fp32). CUDA ``auto``: bf16 where the GPU supports it, else fp16 (pre-Ampere GPUs such as the
+    paper's V100s), which needs a ``torch.amp.GradScaler`` (:func:`make_scaler`).
+    """
+    if amp == "none" or device.type != "cuda":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Dynamic loss scaling, enabled only for fp16 autocast (a pass-through otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

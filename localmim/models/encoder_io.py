@@ -1,0 +1,126 @@
+"""Exported encoders on disk, for ViT and Swin alike: ``encoder.pt`` (a plain timm state dict, loadable with
+``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs`` for ``timm.create_model``, plus
+provenance). Pre-training writes them (:func:`write_encoder`); every downstream stage reads them
+(:func:`read_encoder`) and builds a timm model from them (:func:`build_classifier`, :func:`create_encoder`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
+    """Write ``out/encoder.pt`` + ``out/encoder.json`` (atomically) for a trained LocalMIM/MAE ViT or Swin."""
+    from localmim.models.export import export_encoder
+    from localmim.models.swin import LocalMIMSwin, export_swin_encoder
+    from localmim.utils.io import atomic_torch_save, atomic_write_json
+
+    if isinstance(model, LocalMIMSwin):
+        name, kwargs, state = export_swin_encoder(model)
+    else:
+        name, kwargs, state = export_encoder(model)
+    atomic_torch_save({k: v.contiguous().cpu() for k, v in state.items()}, Path(out) / "encoder.pt")
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    atomic_write_json(Path(out) / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})
+    return Path(out) / "encoder.pt"
+
+
+@dataclass
+class EncoderSpec:
+    """An exported encoder: the standard timm model that holds it and its weights."""
+
+    timm_name: str
+    timm_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def img_size(self) -> int:
+        size = self.timm_kwargs.get("img_size", 224)
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def read_encoder(path: str | Path) -> EncoderSpec:
+    """Load an exported encoder: a ``<name>.json`` holding ``timm_name`` (and ``timm_kwargs``) next to
+    ``<name>.pt`` (a state dict loadable with ``weights_only=True``). ``path`` is that ``.pt`` file or a
+    directory holding one such pair (``encoder.pt`` / ``encoder.json`` preferred)."""
+    path = Path(path)
+    if path.is_dir():
+        metas = sorted(path.glob("*.json"), key=lambda p: (p.stem != "encoder", p.name))
+        metas = [m for m in metas if m.with_suffix(".pt").is_file() and "timm_name" in _read_json(m)]
+        if not metas:
+            raise ValueError(f"{path}: no exported encoder (<name>.json with timm_name + <name>.pt)")
+        path = metas[0].with_suffix(".pt")
+    meta = path.with_suffix(".json")
+    if not path.is_file() or not meta.is_file():
+        raise ValueError(f"{path}: expected an exported encoder ({path.name} + {meta.name})")
+    info = _read_json(meta)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return EncoderSpec(info["timm_name"], dict(info.get("timm_kwargs", {})), sd)
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def build_classifier(
+    enc: EncoderSpec,
+    num_classes: int,
+    *,
+    model: str = "auto",
+    drop_path: float = 0.0,
+    input_size: int = 0,
+    head_init_std: float = 2e-5,
+) -> torch.nn.Module:
+    """timm classifier with ``global_pool='avg'``, encoder weights loaded (SPEC §8.2), fresh head.
+
+    The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
+    the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
+    """
+    import timm
+    from timm.layers import trunc_normal_
+
+    from localmim.models.export import load_pretrained_into_timm
+
+    kwargs = dict(enc.timm_kwargs)
+    kwargs.pop("num_classes", None)
+    kwargs.pop("global_pool", None)
+    if input_size:
+        kwargs["img_size"] = input_size
+    name = enc.timm_name if model == "auto" else model
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                            global_pool="avg", **kwargs)
+    load_pretrained_into_timm(net, enc.state_dict)
+    head = net.get_classifier()
+    trunc_normal_(head.weight, std=head_init_std)
+    torch.nn.init.zeros_(head.bias)
+    return net
+
+
+def create_encoder(enc: EncoderSpec, *, input_size: int = 0, drop_path: float = 0.0, **timm_overrides) -> nn.Module:
+    """The exported encoder as a headless timm model (``num_classes=0``), weights loaded, position embedding
+    resampled to ``input_size`` (ViT; 0 keeps the pre-training size). For dense-task backbones."""
+    import timm
+
+    from localmim.models.export import load_pretrained_into_timm
+
+    kwargs = {k: v for k, v in enc.timm_kwargs.items() if k not in ("num_classes", "global_pool")}
+    if input_size:
+        kwargs["img_size"] = input_size
+    net = timm.create_model(enc.timm_name, pretrained=False, num_classes=0, drop_path_rate=drop_path,
+                            **{**kwargs, **timm_overrides})
+    _, unexpected = load_pretrained_into_timm(net, enc.state_dict)
+    if unexpected:
+        raise ValueError(f"encoder weights have keys unknown to {enc.timm_name}: {unexpected[:5]}")
+    return net
