@@ -37,8 +37,8 @@ def flat(tmp_path_factory) -> Path:
     """The same datasets drawn white-on-black (texture and background patched), so that the drawn pixels can
     be recovered by thresholding the JPEGs, independently of the polygons and masks the generator wrote."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(synth, "_background", lambda rng, w, h: np.zeros((h, w, 3)))
-    mp.setattr(synth, "_texture", lambda rng, colour, w, h: np.full((h, w, 3), 255.0))
+    mp.setattr(synth.draw, "_background", lambda rng, w, h: np.zeros((h, w, 3)))
+    mp.setattr(synth.draw, "_texture", lambda rng, colour, w, h: np.full((h, w, 3), 255.0))
     out = tmp_path_factory.mktemp("flat")
     synth.generate_all(out, seed=1, **{**TINY, "jpeg_quality": 100})
     mp.undo()
@@ -144,7 +144,7 @@ def test_failure_leaves_no_partial_dataset(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synth, "write_coco", boom)
+    monkeypatch.setattr(synth.datasets, "write_coco", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         synth.generate_all(tmp_path, seed=0, **TINY)
     assert list(tmp_path.iterdir()) == []  # no imagenet/ade20k that looks complete, no temp dir left

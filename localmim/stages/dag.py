@@ -61,7 +61,7 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
             "synth",
             "localmim synth data/raw",
             params=["synth"],
-            deps=["localmim/data/synth.py"],
+            deps=["localmim/data/synth"],
             outs=["data/raw/imagenet", "data/raw/ade20k", "data/raw/coco"],
         ),
     ]

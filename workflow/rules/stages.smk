@@ -3,7 +3,7 @@
 ALL_TARGETS = ["data/raw/imagenet", "data/raw/ade20k", "data/raw/coco", "data/shards/train", "data/shards/val", "data/pretrain", "metrics/pretrain.json", "data/finetune", "metrics/finetune.json", "data/linprobe", "metrics/linprobe.json"]
 
 rule synth:
-    input: "localmim/data/synth.py"
+    input: "localmim/data/synth"
     output: directory("data/raw/imagenet"), directory("data/raw/ade20k"), directory("data/raw/coco")
     params: synth=config["synth"]
     threads: 1
