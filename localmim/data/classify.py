@@ -58,9 +58,9 @@ class ClassifyShards(ShardStream):
         return self.transform(image_entry(sample)), sample["cls"]
 
     def collate(self, items: list[tuple[Any, int]]) -> tuple[Any, Any]:
-        import torch
+        from torch.utils.data import default_collate
 
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+        return tuple(default_collate(items))  # images [b, 3, S, S], labels [b] int64
 
 
 def build_transform(

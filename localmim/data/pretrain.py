@@ -127,10 +127,12 @@ class PretrainStream(ShardStream):
         return random_view(image_entry(sample), self.input_size, rng)[0], None
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Any:
-        imgs = torch.stack([x for x, _ in items])  # [b, 3, S, S] uint8
+        from torch.utils.data import default_collate
+
+        imgs = default_collate([x for x, _ in items])  # [b, 3, S, S] uint8
         if items[0][1] is None:
             return imgs
-        return imgs, torch.stack([t for _, t in items])  # [b, ...finest] fp16
+        return imgs, default_collate([t for _, t in items])  # [b, ...finest] fp16
 
 
 class PretrainLoader(ShardLoader):

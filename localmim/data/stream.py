@@ -14,8 +14,10 @@ only its own samples, and gets ``N // world`` or one more, whatever the load of 
 ``N // world // batch_size`` batches on every rank (equal, so DDP stays in lockstep; the few left-over samples
 are dropped, ``drop_last``); evaluation reads every sample of the rank, the last batch possibly partial.
 
-Resampled mode (for many nodes): every (rank, worker) draws shards with replacement from its own seeded
-stream and takes all their samples; the epoch is still ``N // world // batch_size`` batches.
+Trade-off: all ranks together read the dataset's bytes ``world`` times (reading a tar is sequential and cheap
+next to JPEG decoding, but on many nodes the I/O adds up). Resampled mode (for many nodes): every (rank, worker)
+draws shards with replacement from its own seeded stream and takes all their samples; the epoch is still
+``N // world // batch_size`` batches.
 
 Determinism: the shard order and the shuffle buffers are functions of ``(seed, epoch, rank, worker)`` only and
 the DataLoader's worker seeds of ``(seed, epoch)``, so a resumed run replays the same batches; resuming mid-epoch
@@ -166,6 +168,8 @@ class ShardStream(IterableDataset):
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Any:
+        """Items -> one chunk. Use ``torch.utils.data.default_collate``: in a DataLoader worker it stacks straight
+        into shared memory, saving a copy of every batch on its way to the main process."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Any]:
