@@ -104,6 +104,8 @@ def test_resampled_mode_draws_the_configured_epoch_length(tmp_path):
     batches = list(PretrainLoader(ds, num_workers=2).epoch(0))
     assert len(batches) == 20 // 2 // 4
     assert all(0 <= k < 20 for b in batches for k in b.tolist())
+    again = list(PretrainLoader(ds, num_workers=2).epoch(0))  # draws are seeded: the same epoch replays
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
 def test_mid_epoch_skip_replays_the_same_batches(tmp_path):

@@ -46,8 +46,9 @@ class ClassifyShards(ShardStream):
     def __init__(self, shard_dir: str | Path, transform: Callable[[Any], Any], *, batch_size: int, train: bool,
                  rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2000):  # fmt: skip
         self.transform = transform
+        sets = [shard_set(shard_dir)]
         try:
-            super().__init__([shard_set(shard_dir)], batch_size=batch_size, train=train, seed=seed,
+            super().__init__(sets, batch_size=batch_size, train=train, seed=seed,
                              shuffle_buffer=shuffle_buffer, rank=rank, world=world)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"{shard_dir}: {e}") from None

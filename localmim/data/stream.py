@@ -153,14 +153,14 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         if self.resampled:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")
-            src = [lambda: resampled(self.shards, rng), tar_samples]
+            draws = resampled(self.shards, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}"))
+            src = [lambda: draws, tar_samples]
         else:
             plan = worker_shards(self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.train, wid=wid, nw=nw)
             src = [lambda: iter(plan), RankShare(self.rank, self.world)]
         if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}/buffer")
-            src.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))
+            buffer_rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}/buffer")
+            src.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=buffer_rng))
         return iter(wds.DataPipeline(*src))
 
     def decode(self, sample: dict[str, Any]) -> Any:
@@ -179,7 +179,7 @@ class ShardStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return iter(wds.DataPipeline(
             lambda: self.samples(wid, nw),
-            wds.decode(rgb_handler, only=self.decode_keys),
+            wds.decode(rgb_handler, only=self.decode_keys, pre=[]),  # pre=[]: no gzip members in our shards
             wds.map(self.decode),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         ))  # fmt: skip
