@@ -236,10 +236,11 @@ class ShardLoader:
         ds: the stream.
         num_workers: DataLoader worker processes (0 = in the main process); at most one per shard is started.
         pin_memory: pin batches for asynchronous host-to-device copies.
+        prefetch_factor: chunks each worker prepares ahead (deeper absorbs jitter, costs some CPU and memory).
     """
 
-    def __init__(self, ds: ShardStream, num_workers: int = 2, pin_memory: bool = False):
-        self.ds, self.num_workers, self.pin_memory = ds, num_workers, pin_memory
+    def __init__(self, ds: ShardStream, num_workers: int = 2, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.ds, self.num_workers, self.pin_memory, self.prefetch_factor = ds, num_workers, pin_memory, prefetch_factor
 
     def __len__(self) -> int:
         return self.ds.steps_per_epoch
@@ -255,7 +256,7 @@ class ShardLoader:
             batch_size=None,
             num_workers=nw,
             pin_memory=self.pin_memory,
-            prefetch_factor=4 if nw > 0 else None,
+            prefetch_factor=self.prefetch_factor if nw > 0 else None,
             # Own generator: the workers' base seed must not be drawn from the global torch RNG, which drives
             # the masking noise (a mid-epoch resume would otherwise draw it once more than the original run).
             generator=torch.Generator().manual_seed(self.ds.seed * 1_000_003 + epoch),
