@@ -11,7 +11,9 @@ import torch
 from pretrain_helpers import make_shards
 from torch.utils.data import DataLoader
 
+from localmim.data.manifest import shard_set
 from localmim.data.pretrain import PretrainLoader, PretrainStream, random_view, sample_crop, sample_rng
+from localmim.data.stream import ShardLoader, ShardStream
 
 
 class KeyStream(PretrainStream):
@@ -63,6 +65,31 @@ def test_epoch_length_is_defined_by_samples(tmp_path):
     assert lengths == [7, 7, 3, 3, 3, 3]
 
 
+class KeyEval(ShardStream):
+    """Evaluation-mode stream of integer keys (nothing decoded)."""
+
+    decode_keys = ()
+
+    def decode(self, sample):
+        return torch.tensor(int(sample["__key__"]))
+
+    def collate(self, items):
+        return torch.stack(items)
+
+
+def test_eval_reads_every_sample_once_with_a_partial_last_batch(tmp_path):
+    make_shards(tmp_path / "s", n=23, per_shard=4)
+    seen, sizes = [], []
+    for rank in range(3):  # ranks hold 8, 8, 7 samples
+        ds = KeyEval([shard_set(tmp_path / "s")], batch_size=3, train=False, rank=rank, world=3)
+        batches = list(ShardLoader(ds, num_workers=2).epoch(0))
+        assert len(batches) == len(ds)
+        sizes.append([len(b) for b in batches])
+        seen += torch.cat(batches).tolist()
+    assert sizes == [[3, 3, 2], [3, 3, 2], [3, 3, 1]]
+    assert sorted(seen) == list(range(23))
+
+
 def test_order_depends_on_seed_and_epoch_only(tmp_path):
     make_shards(tmp_path / "s", n=20, per_shard=4)
     a = _keys_seen(tmp_path / "s", 0, 1, workers=2, epoch=0, shuffle_buffer=5)
@@ -77,6 +104,8 @@ def test_resampled_mode_draws_the_configured_epoch_length(tmp_path):
     batches = list(PretrainLoader(ds, num_workers=2).epoch(0))
     assert len(batches) == 20 // 2 // 4
     assert all(0 <= k < 20 for b in batches for k in b.tolist())
+    again = list(PretrainLoader(ds, num_workers=2).epoch(0))  # draws are seeded: the same epoch replays
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
 def test_mid_epoch_skip_replays_the_same_batches(tmp_path):

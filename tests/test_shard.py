@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 
 from localmim.data import shards as sh
+from localmim.data import tario
+from localmim.data.manifest import read_manifest, shard_set
 from tests.conftest import ROOT, cli_env, run_cli
 
 PARAMS = str(ROOT / "params.yaml")
@@ -327,10 +329,18 @@ def test_timm_wds_reader_and_pipeline_read_every_sample(tmp_path):
     assert len(got) == len(ds) == 21
     assert Counter(t for _, t in got) == Counter(truth.values()) and {m for m, _ in got} == {"RGB"}
 
-    pipe = sh.wds_pipeline(sh.shard_paths(out, "val"), transform=lambda im: im.size, draft_size=(8, 8))
-    assert Counter(c for _, c in pipe) == Counter(truth.values())
+    # the project's reader (the one used by fine-tuning / linear probing), 2 workers, 2 ranks
+    import torch
+
+    from localmim.data.classify import ClassifyShards, make_loader
+
+    labels = []
+    for rank in (0, 1):
+        ds = ClassifyShards(out, lambda im: torch.tensor(im.size), batch_size=4, train=False, rank=rank, world=2)
+        labels += [int(y) for _, ys in make_loader(ds, 2) for y in ys]
+    assert Counter(labels) == Counter(truth.values())
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        sh.read_manifest(out, "train")
+        read_manifest(out, "train")
 
 
 # ---------------------------------------------------------------------------------------------------- tracking
@@ -400,12 +410,12 @@ def test_kill_midway_leaves_nothing_that_looks_complete(tmp_path):
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
 
 
-# ---------------------------------------------------------------------------------------------------- fast reader
+# ---------------------------------------------------------------------------------------------------- tar reader
 
 
 @pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "PAX_FORMAT", "GNU_FORMAT"])
 def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
-    """The mmap reader against the standard library on long, prefixed and non-ASCII names (PAX / GNU headers)."""
+    """The tar reader against the standard library on long, prefixed and non-ASCII names (PAX / GNU headers)."""
     rng = np.random.default_rng(0)
     names = ["a/k1.jpg", "a/k1.json", "k2.cls", "d" * 90 + "/" + "e" * 60 + ".jpg", "ünï/名前.txt",
              "x" * 120 + ".json", "empty.bin"]  # fmt: skip
@@ -424,29 +434,44 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
             tf.addfile(ti, io.BytesIO(data))
     with tarfile.open(path) as tf:
         ref = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
-    assert list(sh.iter_tar_members(path)) == ref
+    assert list(tario.iter_tar_members(path)) == ref
     raw = bytearray(path.read_bytes())
     raw[10] ^= 1
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="checksum"):
-        list(sh.iter_tar_members(path))
+        list(tario.iter_tar_members(path))
 
 
-def test_samples_from_our_shards_match_tarfile_and_draft_size(tmp_path):
+def test_samples_from_our_shards_match_tarfile(tmp_path):
+    from localmim.data.stream import raw_samples
+
     src, out = tmp_path / "src", tmp_path / "out"
     make_good_folder(src, classes=2, per_class=4)
     sh.write_shards(src, out, "train", sh.ShardOptions(max_samples_per_shard=3, workers=1), progress=False)
-    fast = [{k: v for k, v in s.items() if k != "__url__"} for s in sh.iter_shard_samples(sh.shard_paths(out, "train"))]
+    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in raw_samples(shard_set(out, "train"))]
     ref = [{k: v for k, v in s.items() if k != "__shard__"} for s in read_tars(out)]
-    assert fast == ref and len(ref) == 8
+    assert ours == ref and len(ref) == 8
 
-    # RandomResizedCrop(64, scale=(0.2, 1)) crops keep >= sqrt(0.2 * 3/4) of the short side: decode >= 165 px
-    need = sh.rrc_draft_size(64, 0.2)
-    assert need == (166, 166)  # ceil(64 / sqrt(0.15)) = ceil(165.25)
+
+def test_shard_sink_matches_webdataset_tarwriter(tmp_path):
+    """Our writer's bytes equal webdataset's TarWriter with the same fixed metadata, and roll over at limits."""
+    import webdataset as wds
+
     rng = np.random.default_rng(0)
-    for w, h, expect in ((400, 300, (400, 300)), (800, 700, (200, 175)), (1400, 700, (350, 175))):
-        img = sh.decode_rgb(_jpeg(rng, w, h), need)
-        assert img.size == expect and img.mode == "RGB", (w, h, img.size)
+    samples = [{"__key__": f"k{i:03d}", "jpg": rng.bytes(int(rng.integers(1, 3000))), "cls": b"%d" % i}
+               for i in range(7)]  # fmt: skip
+    with tario.ShardSink(tmp_path, "s", max_samples=3) as sink:
+        for x in samples:
+            sink.write(tario.tar_members(x["__key__"], {k: v for k, v in x.items() if k != "__key__"}))
+    assert [r["num_samples"] for r in sink.shards] == [3, 3, 1]
+    for r, start in zip(sink.shards, (0, 3, 6), strict=True):
+        ref = tmp_path / f"ref-{start}.tar"
+        with wds.TarWriter(str(ref), user="localmim", group="localmim", mtime=0) as w:
+            for x in samples[start : start + 3]:
+                w.write(x)
+        mine = (tmp_path / r["name"]).read_bytes()
+        assert mine == ref.read_bytes() and r["bytes"] == len(mine)
+        assert r["sha256"] == hashlib.sha256(mine).hexdigest()
 
 
 def test_ordered_map_keeps_order_and_bounds_work_in_flight():

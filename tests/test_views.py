@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from pretrain_helpers import make_shards
 
+from localmim.data.manifest import shard_set
 from localmim.data.pretrain import PretrainLoader, PretrainStream, random_view, sample_rng
+from localmim.data.stream import raw_samples
 from localmim.data.views import ViewSpec, spec_from_model, targets_from_finest, write_views
 from localmim.models import create
 
@@ -21,10 +23,7 @@ K = 3
 
 
 def _read_view_dir(d: Path) -> dict[str, dict]:
-    import webdataset as wds
-
-    urls = [{"url": str(u)} for u in sorted(d.glob("*.tar"))]
-    return {s["__key__"]: s for s in wds.tariterators.tarfile_samples(urls)}
+    return {s["__key__"]: s for s in raw_samples(shard_set(d))}
 
 
 def _uint8(png: bytes) -> torch.Tensor:
@@ -45,11 +44,8 @@ def built(tmp_path_factory):
 
 
 def test_stored_views_are_the_online_augmentation_of_epoch_k(built):
-    import webdataset as wds
-
     root, keys, _, out = built
-    raw = {s["__key__"]: s for s in wds.tariterators.tarfile_samples([{"url": str(u)} for u in
-                                                                      sorted((root / "shards").glob("*.tar"))])}
+    raw = _read_view_dir(root / "shards")
     for k in range(K):
         stored = _read_view_dir(out["fp32"] / f"view-{k:02d}")
         assert sorted(stored) == sorted(keys)

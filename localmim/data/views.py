@@ -14,12 +14,11 @@ fp16 or fp32. Every coarser scale is an exact mean of them followed by the L2 no
 
 View ``k`` of image ``key`` is the online augmentation of epoch ``k`` (same RNG, :func:`sample_rng`), so with
 ``targets.seed == pretrain.seed`` view mode replays the online crops and flips of the first K epochs. The flip
-is part of the view: a stored HOG cannot be flipped afterwards (SPEC §13 item 19).
+is part of the view: a stored HOG cannot be flipped afterwards (method §13 item 19).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.data.pretrain import VIEWS_MANIFEST, decode_image, random_view, sample_rng, shard_set
+from localmim.data.manifest import VIEWS_MANIFEST, shard_set
+from localmim.data.pretrain import decode_image, random_view, sample_rng
+from localmim.data.stream import raw_samples
+from localmim.data.tario import ShardSink, tar_members
 from localmim.targets.hog import hog_from_pooled, pixel_histograms, pool_cells, to_tokens
 
 TAR_OVERHEAD = 3 * 1024  # per sample: three 512-byte tar headers plus padding, rounded up
@@ -135,36 +137,6 @@ def _make_views_job(args: tuple[dict[str, Any], ViewSpec]) -> list[dict[str, Any
     return make_views(*args)
 
 
-class _ShardSink:
-    """Writes one view's samples into rotating tar shards and records their manifest entries."""
-
-    def __init__(self, directory: Path, max_samples: int):
-        self.dir, self.max_samples = directory, max_samples
-        self.dir.mkdir(parents=True)
-        self.shards: list[dict[str, Any]] = []
-        self.writer, self.count = None, 0
-
-    def write(self, sample: dict[str, Any]) -> None:
-        import webdataset as wds
-
-        if self.writer is None:
-            self.path = self.dir / f"views-{len(self.shards):06d}.tar"
-            self.writer, self.count = wds.TarWriter(str(self.path)), 0
-        self.writer.write(sample)
-        self.count += 1
-        if self.count >= self.max_samples:
-            self.close()
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        h = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        size = self.path.stat().st_size
-        self.shards.append({"name": self.path.name, "num_samples": self.count, "bytes": size, "sha256": h})
-        self.writer = None
-
-
 def projected_bytes(samples: list[dict[str, Any]], spec: ViewSpec, num_samples: int) -> int:
     """Projected size on disk from a few measured samples: ``N × K × (png + hog + json + tar overhead)``."""
     per_view = [len(s["png"]) + len(s["json"]) + spec.hog_bytes + 128 + TAR_OVERHEAD for x in samples for s in x]
@@ -177,12 +149,6 @@ def _human(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes:.2f} TiB"
-
-
-def _iter_raw(src: Path) -> Iterator[dict[str, Any]]:
-    import webdataset as wds
-
-    yield from wds.tariterators.tarfile_samples([{"url": u} for u in shard_set(src).urls])
 
 
 def write_views(
@@ -206,9 +172,11 @@ def write_views(
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    sinks = [_ShardSink(stage / f"view-{k:02d}", max_samples_per_shard) for k in range(spec.views)]
+    sinks = [ShardSink(stage / f"view-{k:02d}", "views", max_samples_per_shard) for k in range(spec.views)]
     try:
-        raw = _iter_raw(src)
+        for sink in sinks:
+            sink.dir.mkdir()
+        raw = raw_samples(source)
         head = [next(raw) for _ in range(min(8, n))]
         first = [make_views(s, spec) for s in head]
         log(f"targets: {n} images x {spec.views} views at {spec.input_size}px ({spec.target}, {spec.dtype}): "
@@ -216,7 +184,7 @@ def write_views(
         results = _compute(raw, spec, workers)
         for views in [*first, *results]:
             for sink, sample in zip(sinks, views, strict=True):
-                sink.write(sample)
+                sink.write(tar_members(sample["__key__"], {k: v for k, v in sample.items() if k != "__key__"}))
         for sink in sinks:
             sink.close()
         manifest = _manifest(spec, sinks, n, src, extra)
@@ -238,7 +206,7 @@ def _compute(raw: Iterator[dict[str, Any]], spec: ViewSpec, workers: int) -> Ite
         yield from pool.imap(_make_views_job, ((s, spec) for s in raw), chunksize=4)
 
 
-def _manifest(spec: ViewSpec, sinks: list[_ShardSink], n: int, src: Path, extra: dict | None) -> dict[str, Any]:
+def _manifest(spec: ViewSpec, sinks: list[ShardSink], n: int, src: Path, extra: dict | None) -> dict[str, Any]:
     view_dirs = [s.dir.name for s in sinks]
     for s in sinks:
         (s.dir / f"{s.dir.name}.json").write_text(json.dumps({"shards": s.shards, "num_samples": n}, indent=2))

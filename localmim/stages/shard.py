@@ -5,7 +5,7 @@ params ``OUT/<split>.params.yaml`` and, last, the manifest ``OUT/<split>.json``.
 
     timm.data.create_dataset("wds/localmim", root=OUT, split=SPLIT)
 
-or with :func:`localmim.data.shards.wds_pipeline`.
+or with :class:`localmim.data.classify.ClassifyShards` (the project's one reader, :mod:`localmim.data.stream`).
 """
 
 from __future__ import annotations
