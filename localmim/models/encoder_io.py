@@ -1,7 +1,12 @@
 """Exported encoders on disk, for ViT and Swin alike: ``encoder.pt`` (a plain timm state dict, loadable with
-``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs`` for ``timm.create_model``, plus
-provenance). Pre-training writes them (:func:`write_encoder`); every downstream stage reads them
-(:func:`read_encoder`) and builds a timm model from them (:func:`build_classifier`, :func:`create_encoder`).
+``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs``, plus provenance). Pre-training
+writes them (:func:`write_encoder`); every downstream stage reads them (:func:`read_encoder`) and builds a timm model
+from them (:func:`build_classifier`, :func:`create_encoder`), always through :func:`create_timm_model`.
+
+``timm_name`` says what the model is (``vit_tiny_patch8_64``: width, patch size, resolution; Swin adds the window);
+``timm_kwargs`` carry the whole architecture. Plain timm builds it with ``timm.create_model(timm_name, **kwargs)``
+when timm registers that name (the reference sizes), else with the family's class, ``timm.models.VisionTransformer``
+or ``timm.models.SwinTransformer`` (``**kwargs``). Older files labelled with a registered name still load.
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     atomic_write_json(Path(out) / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})
     return Path(out) / "encoder.pt"
+
+
+_FAMILY_CLASSES = {"vit_": "VisionTransformer", "swin_": "SwinTransformer"}
+
+
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` when timm registers ``name``, else the timm class of its family
+    (``vit_*``: ``timm.models.VisionTransformer``, ``swin_*``: ``timm.models.SwinTransformer``) built from
+    ``kwargs``, which must then carry the whole architecture (exported ``timm_kwargs`` do)."""
+    import timm
+
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False, **kwargs)
+    for prefix, cls in _FAMILY_CLASSES.items():
+        if name.startswith(prefix):
+            return getattr(timm.models, cls)(**kwargs)
+    raise ValueError(f"{name!r} is neither a timm model name nor a vit_*/swin_* label")
 
 
 @dataclass
@@ -88,7 +110,6 @@ def build_classifier(
     The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
     the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
     """
-    import timm
     from timm.layers import trunc_normal_
 
     from localmim.models.export import load_pretrained_into_timm
@@ -99,8 +120,7 @@ def build_classifier(
     if input_size:
         kwargs["img_size"] = input_size
     name = enc.timm_name if model == "auto" else model
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                            global_pool="avg", **kwargs)
+    net = create_timm_model(name, num_classes=num_classes, drop_path_rate=drop_path, global_pool="avg", **kwargs)
     load_pretrained_into_timm(net, enc.state_dict)
     head = net.get_classifier()
     trunc_normal_(head.weight, std=head_init_std)
@@ -111,15 +131,12 @@ def build_classifier(
 def create_encoder(enc: EncoderSpec, *, input_size: int = 0, drop_path: float = 0.0, **timm_overrides) -> nn.Module:
     """The exported encoder as a headless timm model (``num_classes=0``), weights loaded, position embedding
     resampled to ``input_size`` (ViT; 0 keeps the pre-training size). For dense-task backbones."""
-    import timm
-
     from localmim.models.export import load_pretrained_into_timm
 
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k not in ("num_classes", "global_pool")}
     if input_size:
         kwargs["img_size"] = input_size
-    net = timm.create_model(enc.timm_name, pretrained=False, num_classes=0, drop_path_rate=drop_path,
-                            **{**kwargs, **timm_overrides})
+    net = create_timm_model(enc.timm_name, num_classes=0, drop_path_rate=drop_path, **{**kwargs, **timm_overrides})
     _, unexpected = load_pretrained_into_timm(net, enc.state_dict)
     if unexpected:
         raise ValueError(f"encoder weights have keys unknown to {enc.timm_name}: {unexpected[:5]}")

@@ -5,9 +5,10 @@ MAE baseline) and returns it with summary metrics. The same function serves the 
 LocalMIM-vs-MAE benchmark and the tests.
 
 * lr = ``blr × batch_size × accum_iter × world_size / 256`` (or ``lr``), per-iteration warm-up + cosine, updated
-  at the start of each accumulation cycle; AdamW (0.9, 0.95) without decay on norms/biases; loss / accum_iter.
-* Device auto-detect; bf16 autocast on CUDA (fp16 + loss scaling where bf16 is unsupported), fp32 on CPU; DDP
-  under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
+  at the start of each accumulation cycle; AdamW (0.9, 0.95) without decay on norms/biases; loss / (micro-batches in
+  the cycle: accum_iter, or fewer in the last cycle of an epoch); backward outside autocast.
+* Device auto-detect; bf16 autocast on CUDA (fp16 + loss scaling where bf16 is unsupported; ``amp``), fp32 on
+  CPU; DDP under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
 * No host syncs in the hot loop: losses are summed on the device and read every ``log_every`` steps; the first
   non-finite loss is recorded on the device and raised (naming its step) at the next read, which always comes
   before a checkpoint is written, so the last checkpoint on disk is a good one.
@@ -32,7 +33,7 @@ import torch
 
 from localmim.train import checkpoint as ckpt
 from localmim.train.optim import create_adamw
-from localmim.train.schedule import WarmupCosine
+from localmim.train.schedule import WarmupCosine, cycle_length
 from localmim.utils.distributed import DistInfo, amp_dtype, init_distributed, make_scaler, unwrap
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -256,9 +257,10 @@ def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
             lr = run.sched.apply(run.opt, epoch + it / steps)
         last_micro = (it + 1) % accum == 0 or it + 1 == steps
         sync = contextlib.nullcontext() if last_micro or not run.dist.distributed else run.net.no_sync()
-        with sync, torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            loss, per_tap, _ = run.net(images, mask_ratio=cfg.mask_ratio, targets=targets)
-            run.scaler.scale(loss / accum).backward()
+        with sync:
+            with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+                loss, per_tap, _ = run.net(images, mask_ratio=cfg.mask_ratio, targets=targets)
+            run.scaler.scale(loss / cycle_length(it, accum, steps)).backward()  # backward outside autocast
         if last_micro:
             run.scaler.step(run.opt)
             run.scaler.update()
