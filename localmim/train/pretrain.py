@@ -124,28 +124,35 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
     from localmim.data.pretrain import PretrainLoader, PretrainStream
 
     dist = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg, dist.device).to(dist.device)
-    if cfg.data == "views":
-        _check_views(model, data_dir)
     ds = PretrainStream(data_dir, input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=dist.rank,
                         world=dist.world_size, views=cfg.data == "views")
     loader = PretrainLoader(ds, cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{len(loader)} batches per epoch is fewer than accum_iter={cfg.accum_iter}")
+    run = make_run(cfg, dist, loader, Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir), log_fn, progress)
+    if cfg.data == "views":
+        _check_views(run.model, data_dir)
+    return run
+
+
+def make_run(cfg, dist: DistInfo, loader, ckpt_dir: Path, log_fn: LogFn | None = None,
+             progress: bool = False) -> _Run:
+    """Model (seeded ``cfg.seed``), AdamW, loss scaler, schedule and DDP wrapper around a batch source ``loader``
+    (``len(loader)`` batches per epoch, ``loader.epoch(epoch, skip)`` yields them): what :func:`train_one_epoch`
+    runs. Leaves the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg, dist.device).to(dist.device)
     opt = create_adamw(model, cfg.peak_lr(dist.world_size), cfg.weight_decay, tuple(cfg.betas), dist.device)
     dtype = amp_dtype(cfg.amp, dist.device)
-    scaler = make_scaler(dist.device, dtype)
     net = torch.compile(model) if cfg.compile else model
     if dist.distributed:
         # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
-    torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (SPEC §7)
+    torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (method §7)
     sched = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    key_dir = Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir)
-    return _Run(cfg, dist, model, net, opt, scaler, sched, loader, dtype, key_dir,
+    return _Run(cfg, dist, model, net, opt, make_scaler(dist.device, dtype), sched, loader, dtype, ckpt_dir,
                 log_fn or (lambda m, s: None), progress)
 
 
