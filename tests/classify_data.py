@@ -80,6 +80,7 @@ def plain_timm(info: dict, **overrides) -> torch.nn.Module:
     import timm
 
     name, kwargs = info["timm_name"], {**info["timm_kwargs"], **overrides}
+    assert info.get("head", "timm") == "timm", "a pool_norm (Swin) classifier needs encoder_io.create_timm_model"
     if timm.is_model(name):
         return timm.create_model(name, **kwargs)
     cls = {"vit": timm.models.VisionTransformer, "swin": timm.models.SwinTransformer}[name.split("_")[0]]

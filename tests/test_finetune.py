@@ -247,3 +247,29 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
     assert small["head.weight"].abs().max() > 1e-2 and small["blocks.0.attn.qkv.weight"].abs().max() > 1e-4
     for k in small:
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_swin_classifier_pools_then_applies_a_fresh_layer_norm():
+    """method §8.2 Swin: logits = head(LayerNorm(mean of the stage-4 tokens)), the LayerNorm fresh (1, 0, eps
+    1e-6), no per-token norm; encoder weights loaded; head and its norm train at the top layer-decay id."""
+    from localmim.models import create
+    from localmim.models.encoder_io import EncoderSpec
+    from localmim.models.swin import export_swin_encoder
+
+    torch.manual_seed(0)
+    name, kwargs, sd = export_swin_encoder(create("localmim_swin_nano_p2_64"))
+    net = build_classifier(EncoderSpec(name, kwargs, sd), 7).eval()
+    assert torch.equal(net.layers[2].blocks[1].attn.qkv.weight, sd["layers.2.blocks.1.attn.qkv.weight"])
+    with torch.no_grad():
+        net.head.fc.weight.normal_()  # the fresh head is ~0; make the logits informative
+        x = torch.randn(3, 3, 64, 64)
+        tokens = net.layers(net.patch_embed(x))  # [B, 4, 4, 8C] NHWC, before any final norm
+        pooled = tokens.double().mean(dim=(1, 2))  # [B, 8C]
+        z = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True) + 1e-6)
+        want = z @ net.head.fc.weight.double().T + net.head.fc.bias.double()
+        torch.testing.assert_close(net(x).double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.all(net.head.norm.weight == 1) and torch.all(net.head.norm.bias == 0)
+    assert not any(n.startswith("norm.") for n, _ in net.named_parameters())
+    where = {id(p): g for g in layer_decay_groups(net, 0.05, 0.9) for p in g["params"]}
+    for n in ("head.norm.weight", "head.fc.weight"):
+        assert where[id(dict(net.named_parameters())[n])]["lr_scale"] == 1.0, n

@@ -39,18 +39,38 @@ def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
 _FAMILY_CLASSES = {"vit_": "VisionTransformer", "swin_": "SwinTransformer"}
 
 
-def create_timm_model(name: str, **kwargs) -> nn.Module:
+def create_timm_model(name: str, head: str = "timm", **kwargs) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` when timm registers ``name``, else the timm class of its family
     (``vit_*``: ``timm.models.VisionTransformer``, ``swin_*``: ``timm.models.SwinTransformer``) built from
-    ``kwargs``, which must then carry the whole architecture (exported ``timm_kwargs`` do)."""
+    ``kwargs``, which must then carry the whole architecture (exported ``timm_kwargs`` do).
+
+    ``head``: ``timm`` (the model's own) or ``pool_norm`` (Swin only: mean -> fresh LayerNorm -> linear, method
+    §8.2, :func:`localmim.models.swin.use_pool_norm_head`); a classifier's ``model.json`` records which.
+    """
     import timm
 
     if timm.is_model(name):
-        return timm.create_model(name, pretrained=False, **kwargs)
-    for prefix, cls in _FAMILY_CLASSES.items():
-        if name.startswith(prefix):
-            return getattr(timm.models, cls)(**kwargs)
-    raise ValueError(f"{name!r} is neither a timm model name nor a vit_*/swin_* label")
+        net = timm.create_model(name, pretrained=False, **kwargs)
+    elif name.startswith(tuple(_FAMILY_CLASSES)):
+        net = getattr(timm.models, next(c for p, c in _FAMILY_CLASSES.items() if name.startswith(p)))(**kwargs)
+    else:
+        raise ValueError(f"{name!r} is neither a timm model name nor a vit_*/swin_* label")
+    if head == "pool_norm":
+        from localmim.models.swin import use_pool_norm_head
+
+        if not isinstance(net, timm.models.SwinTransformer):
+            raise ValueError(f"head 'pool_norm' is for Swin models, not {name!r}")
+        return use_pool_norm_head(net)
+    if head != "timm":
+        raise ValueError(f"head must be 'timm' or 'pool_norm', got {head!r}")
+    return net
+
+
+def classifier_head(name: str) -> str:
+    """The classifier head method §8 uses for a model family: ViT ``timm`` (``global_pool='avg'`` + fresh
+    ``fc_norm``: mean of the patch tokens -> LayerNorm -> head), Swin ``pool_norm`` (mean -> fresh LayerNorm -> head;
+    timm's Swin would normalise each token before pooling)."""
+    return "pool_norm" if name.startswith("swin") else "timm"
 
 
 @dataclass
@@ -105,7 +125,8 @@ def build_classifier(
     input_size: int = 0,
     head_init_std: float = 2e-5,
 ) -> torch.nn.Module:
-    """timm classifier with ``global_pool='avg'``, encoder weights loaded (SPEC §8.2), fresh head.
+    """timm classifier with ``global_pool='avg'`` and the :func:`classifier_head` of its family, encoder weights
+    loaded (method §8.2), fresh head.
 
     The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
     the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
@@ -120,7 +141,8 @@ def build_classifier(
     if input_size:
         kwargs["img_size"] = input_size
     name = enc.timm_name if model == "auto" else model
-    net = create_timm_model(name, num_classes=num_classes, drop_path_rate=drop_path, global_pool="avg", **kwargs)
+    net = create_timm_model(name, classifier_head(name), num_classes=num_classes, drop_path_rate=drop_path,
+                            global_pool="avg", **kwargs)
     load_pretrained_into_timm(net, enc.state_dict)
     head = net.get_classifier()
     trunc_normal_(head.weight, std=head_init_std)

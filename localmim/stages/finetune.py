@@ -1,8 +1,9 @@
 """``localmim finetune --encoder data/pretrain --out data/finetune``: method §8 fine-tuning of the exported encoder.
 
-Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (plain timm state dicts: the timm model of ``OUT/model.json``, built by
-``timm.create_model(name, **kwargs)`` for a timm-registered name, else ``timm.models.VisionTransformer`` /
-``SwinTransformer(**kwargs)``, loads them with ``load_state_dict(torch.load(p, weights_only=True))``),
+Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (state dicts of the model ``OUT/model.json`` describes:
+``localmim.models.encoder_io.create_timm_model(timm_name, head, **timm_kwargs)``, which for ViT is plain timm,
+``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``; Swin is timm's
+``SwinTransformer`` with the method §8.2 pooled-LayerNorm head; ``load_state_dict(torch.load(p, weights_only=True))``),
 ``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds). Resumable
 checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
 Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun for DDP.

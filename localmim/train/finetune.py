@@ -2,7 +2,7 @@
 
 Recipe: AdamW (0.9, 0.999) with layer-wise lr decay (``models.layer_decay``), per-iteration warm-up + cosine
 schedule, timm Mixup/CutMix with label smoothing folded into soft targets and ``SoftTargetCrossEntropy``, drop path,
-global average pooling (ViT: patch tokens -> fresh LayerNorm -> head; Swin: timm's per-token norm -> mean -> head),
+global average pooling (ViT: patch tokens -> fresh LayerNorm -> head; Swin: all tokens -> fresh LayerNorm -> head),
 head weight trunc-normal std 2e-5. Autocast per ``amp`` (``utils.distributed.amp_dtype``: bf16 on CUDA where
 supported, else fp16 with a GradScaler whose state is checkpointed; fp32 on CPU). No gradient clipping, no EMA.
 Top-1/top-5 on the val shards after every epoch; resumable checkpoints every ``ckpt_every`` epochs; the best and
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from localmim.models.encoder_io import EncoderSpec, build_classifier
+from localmim.models.encoder_io import EncoderSpec, build_classifier, classifier_head
 from localmim.models.layer_decay import layer_decay_groups
 from localmim.train import checkpoint as ckpt
 from localmim.train.schedule import WarmupCosine, cycle_length
@@ -200,11 +200,12 @@ def _end_epoch(cfg, p: _Parts, state: dict, epoch: int, train_loss: float, ckpt_
 
 
 def _recipe(model, enc: EncoderSpec, cfg, state: dict) -> dict[str, Any]:
-    """How to rebuild the classifier in plain timm (``encoder_io.create_timm_model(timm_name, **timm_kwargs)``)."""
+    """How to rebuild the classifier: ``encoder_io.create_timm_model(timm_name, head, **timm_kwargs)`` (plain timm
+    for ``head == 'timm'``; Swin's ``pool_norm`` head swaps timm's per-token norm for a pooled one, method §8.2)."""
     kwargs = dict(enc.timm_kwargs) | {"img_size": cfg.input_size or enc.img_size, "global_pool": "avg",
                                      "num_classes": unwrap(model).num_classes}
     name = enc.timm_name if cfg.model == "auto" else cfg.model
-    return {"timm_name": name, "timm_kwargs": kwargs, "best_epoch": state["best_epoch"],
+    return {"timm_name": name, "head": classifier_head(name), "timm_kwargs": kwargs, "best_epoch": state["best_epoch"],
             "best_top1": state["best_top1"]}
 
 

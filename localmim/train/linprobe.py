@@ -1,7 +1,7 @@
 """Linear probing (MAE protocol): frozen encoder, ``BatchNorm1d(affine=False)`` + ``Linear`` head.
 
 The encoder is the standard timm model built from the exported encoder with no classifier
-(``num_classes=0``), so its output is the pooled pre-logits feature (mean of the patch tokens -> LayerNorm,
+(``num_classes=0``), so its output is the pooled pre-logits feature (mean of the tokens -> fresh LayerNorm,
 as in fine-tuning). Features are extracted once per split with the eval transform and cached; the head
 is then trained on the cache. Deviation from MAE, for speed: MAE re-encodes RandomResizedCrop + flip views
 every epoch; caching un-augmented features makes the probe a cheap signal for comparing pre-training
@@ -34,13 +34,14 @@ class LinprobeResult(FinetuneResult):
 
 def build_encoder(enc: EncoderSpec, *, model: str = "auto", input_size: int = 0) -> torch.nn.Module:
     """Frozen timm encoder (no head, eval mode) with the exported weights."""
-    from localmim.models.encoder_io import create_timm_model
+    from localmim.models.encoder_io import classifier_head, create_timm_model
     from localmim.models.export import load_pretrained_into_timm
 
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k != "num_classes"}
     if input_size:
         kwargs["img_size"] = input_size
-    net = create_timm_model(enc.timm_name if model == "auto" else model, num_classes=0, **kwargs)
+    name = enc.timm_name if model == "auto" else model
+    net = create_timm_model(name, classifier_head(name), num_classes=0, **kwargs)  # pre-logits: pooled, then LN
     load_pretrained_into_timm(net, enc.state_dict)
     return net.eval().requires_grad_(False)
 
