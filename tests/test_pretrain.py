@@ -131,13 +131,16 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("model,size", [("localmim_vit_micro_patch8", 32), ("localmim_swin_nano_p2_64", 64)])
-def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, model, size):
-    """A training epoch with online HOG targets (forward, backward, optimizer step, loss bookkeeping) never syncs
-    the device with the host, except the loss read every ``log_every`` steps, which is its one intended sync."""
+@pytest.mark.parametrize("model,size,bias", [("localmim_vit_micro_patch8", 32, False),
+                                             ("localmim_vit_micro_patch8", 32, True),
+                                             ("localmim_swin_nano_p2_64", 64, False)])
+def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, model, size, bias):
+    """A training epoch with online HOG targets (with and without the Sobel bias; forward, backward, optimizer
+    step, loss bookkeeping) never syncs the device with the host, except the loss read every ``log_every`` steps,
+    which is its one intended sync."""
     import localmim.train.pretrain as P
 
-    cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda")
+    cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda", hog_bias=bias)
     batches = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory() for _ in range(3)]
     run = P.make_run(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), _Batches(batches), tmp_path)
     read = P._Meter.read

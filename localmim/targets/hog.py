@@ -23,6 +23,7 @@ once per distinct bias, and coarser cells are pooled from finer ones (a mean of 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -115,11 +116,18 @@ def _biased(c0: Tensor, c1: Tensor, integer_input: bool, bias: Tensor | None) ->
         raise ValueError(f"HOG bias must have shape [2] = (beta0, beta1), got {tuple(bias.shape)}")
     if integer_input:
         # K * ((x/255 - mean) / std) = (K * x) / (255 std): both kernels sum to zero, so the mean cancels.
-        scale = 255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float64)
-        scale = scale.to(device=c0.device, dtype=torch.float32).view(1, NUM_CHANNELS, 1, 1)
+        scale = _uint8_scale(c0.device)  # [1, 3, 1, 1]
         c0, c1 = c0 / scale, c1 / scale
     bias = bias.detach().to(device=c0.device, dtype=torch.float32)
     return c0 + bias[0], c1 + bias[1]
+
+
+@functools.cache
+def _uint8_scale(device: torch.device) -> Tensor:
+    """``255 * std`` (float64, rounded to float32) as ``[1, 3, 1, 1]`` on ``device``; cached, since building it
+    from the host on a GPU is a blocking copy (a sync) on every call."""
+    scale = 255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    return scale.to(torch.float32).view(1, NUM_CHANNELS, 1, 1).to(device)
 
 
 def _histograms(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
