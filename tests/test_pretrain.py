@@ -146,11 +146,12 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
     read = P._Meter.read
 
     def read_allowed(self, *a, **kw):
+        mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)
         try:
             return read(self, *a, **kw)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode(mode)
 
     monkeypatch.setattr(P._Meter, "read", read_allowed)
     P.train_one_epoch(run, 0)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
