@@ -98,16 +98,14 @@ def evaluate_encoder(enc_dir: Path | None, args, shards: Path, work: Path, tag: 
     from localmim.config import load_section
     from localmim.config.finetune import FinetuneConfig
     from localmim.config.linprobe import LinprobeConfig
-    from localmim.models.encoder_io import EncoderSpec, read_encoder
-    from localmim.train.finetune import finetune
+    from localmim.models.encoder_io import EncoderSpec, create_timm_model, read_encoder
+    from localmim.train.finetune import FinetuneData, finetune
     from localmim.train.linprobe import linprobe
 
     if enc_dir is None:
-        import timm
-
         ref = read_encoder(random_like)
         torch.manual_seed(0)
-        net = timm.create_model(ref.timm_name, num_classes=0, **ref.timm_kwargs)
+        net = create_timm_model(ref.timm_name, num_classes=0, **ref.timm_kwargs)
         enc = EncoderSpec(ref.timm_name, ref.timm_kwargs, {k: v for k, v in net.state_dict().items()})
     else:
         enc = read_encoder(enc_dir)
@@ -122,8 +120,7 @@ def evaluate_encoder(enc_dir: Path | None, args, shards: Path, work: Path, tag: 
     t1 = time.time()
     ckpt = work / "ft_ckpt" / tag
     shutil.rmtree(ckpt, ignore_errors=True)
-    fr = finetune(ft, enc, train_dir=shards / "train", val_dir=shards / "val", out_dir=work / "ft" / tag,
-                  ckpt_dir=ckpt)
+    fr = finetune(ft, enc, FinetuneData(shards / "train", shards / "val", ckpt))
     print(f"  {tag}: linprobe {lr.best_top1:.1f} ({t1 - t0:.0f}s), finetune {fr.best_top1:.1f} "
           f"({time.time() - t1:.0f}s)", file=sys.stderr, flush=True)
     return {"linprobe_top1": lr.top1, "linprobe_best": lr.best_top1, "finetune_top1": fr.top1,

@@ -74,6 +74,19 @@ def pretrained_micro_encoder(train_dir: Path, out_dir: Path, steps: int = 30, mo
     return out_dir
 
 
+def plain_timm(info: dict, **overrides) -> torch.nn.Module:
+    """The timm model an ``encoder.json`` / ``model.json`` describes, built with timm alone (the documented rule):
+    ``timm.create_model`` for a registered name, else the family's class from the full ``timm_kwargs``."""
+    import timm
+
+    name, kwargs = info["timm_name"], {**info["timm_kwargs"], **overrides}
+    assert info.get("head", "timm") == "timm", "a pool_norm (Swin) classifier needs encoder_io.create_timm_model"
+    if timm.is_model(name):
+        return timm.create_model(name, **kwargs)
+    cls = {"vit": timm.models.VisionTransformer, "swin": timm.models.SwinTransformer}[name.split("_")[0]]
+    return cls(**kwargs)
+
+
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 

@@ -39,7 +39,11 @@ def _trained_like(**kw) -> LocalMIMViT:
 
 
 def _timm(name, kwargs, **extra):
-    return timm.create_model(name, pretrained=False, **{**kwargs, **extra}).eval()
+    """Plain timm: the registered name, else ``VisionTransformer`` from the full kwargs (the documented rule)."""
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=False, **{**kwargs, **extra}).eval()
+    assert name.startswith("vit_")
+    return timm.models.VisionTransformer(**{**kwargs, **extra}).eval()
 
 
 @pytest.mark.parametrize("final_norm,missing", [("fresh", {"fc_norm.weight", "fc_norm.bias", "head.weight",
@@ -168,3 +172,37 @@ def test_reference_sizes_map_to_timm_names(model, timm_name):
 def test_export_rejects_other_models():
     with pytest.raises(TypeError, match="LocalMIMViT"):
         export_encoder(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("model,label", [("localmim_vit_micro_patch8", "vit_micro_patch8_32"),
+                                         ("localmim_vit_tiny_patch8", "vit_tiny_patch8_64"),
+                                         ("localmim_swin_nano_p2_64", "swin_nano_patch2_window4_64"),
+                                         ("localmim_swin_base_w14", "swin_base_patch4_window14_224"),
+                                         ("localmim_swin_base", "swin_base_patch4_window7_224")])
+def test_exported_labels_say_what_the_model_is(model, label):
+    """Width word, patch size, (window,) resolution in the name; the kwargs agree with it, and the model
+    builds in timm from the label (registered name) or from the family class."""
+    from localmim.models.encoder_io import create_timm_model
+    from localmim.models.swin import LocalMIMSwin, export_swin_encoder
+
+    with torch.device("meta"):
+        m = create(model)
+    name, kwargs, _ = (export_swin_encoder if isinstance(m, LocalMIMSwin) else export_encoder)(m)
+    assert name == label
+    assert f"patch{kwargs['patch_size']}_" in name and name.endswith(f"_{kwargs['img_size']}")
+    if "window_size" in kwargs:
+        assert f"window{kwargs['window_size']}_" in name
+    with torch.device("meta"):
+        net = create_timm_model(name, num_classes=0, **kwargs)
+    assert net.patch_embed.proj.kernel_size == (kwargs["patch_size"],) * 2
+
+
+def test_old_encoder_json_with_a_registered_name_still_builds():
+    """Files written before the honest labels named a registered timm model whose kwargs were overridden."""
+    from localmim.models.encoder_io import EncoderSpec, build_classifier
+
+    m = _trained_like()
+    _, kwargs, sd = export_encoder(m)
+    net = build_classifier(EncoderSpec("vit_base_patch16_224", kwargs, sd), 3)
+    assert net.patch_embed.proj.kernel_size == (8, 8) and net.embed_dim == kwargs["embed_dim"]
+    assert torch.equal(net.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])

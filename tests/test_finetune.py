@@ -15,8 +15,9 @@ from localmim.config.finetune import FinetuneConfig
 from localmim.data.classify import ClassifyShards, decode_sample, iter_tar_samples, make_loader
 from localmim.models.encoder_io import build_classifier, read_encoder
 from localmim.models.layer_decay import layer_decay_groups
-from localmim.train.finetune import finetune
-from tests.classify_data import eval_images, make_shards, pretrained_micro_encoder
+from localmim.stages.finetune import write_outputs
+from localmim.train.finetune import FinetuneData, finetune
+from tests.classify_data import eval_images, make_shards, plain_timm, pretrained_micro_encoder
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +42,32 @@ def _eval_independently(model: torch.nn.Module, val_dir: Path, size: int) -> tup
     return 100.0 * (logits.argmax(1) == y).double().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
-    import timm
+def _data(data, ckpt_dir) -> FinetuneData:
+    return FinetuneData(data["train"], data["val"], ckpt_dir)
 
+
+def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
+    """Proves the loop trains and the written outputs are what was evaluated: the reported best/last top-1 and
+    val loss are reproduced by plain timm + the test's own eval transform. Beating chance here does NOT show that
+    pre-training helps: a colour per class gives the labels away (see test_embedded_learning)."""
     logged = []
-    res = finetune(_cfg(), read_encoder(data["encoder"]), train_dir=data["train"], val_dir=data["val"],
-                   out_dir=tmp_path / "out", ckpt_dir=tmp_path / "ckpt", log_fn=lambda m, s: logged.append((s, m)))
+    res = finetune(_cfg(), read_encoder(data["encoder"]), _data(data, tmp_path / "ckpt"),
+                   log_fn=lambda m, s: logged.append((s, m)))
+    write_outputs(res, tmp_path / "ckpt", tmp_path / "out")
     chance = 100.0 / 4
     assert res.best_top1 >= 2 * chance, res.history
     assert [s for s, _ in logged] == list(range(1, 7)) and res.epochs == 6
     assert res.best_top1 == max(r["top1"] for r in res.history)
     # plain timm, nothing from localmim: model.json recipe + best.pt weights
     info = json.loads((tmp_path / "out" / "model.json").read_text())
-    model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    assert info["timm_name"] == "vit_micro_patch8_32" and info["best_epoch"] == res.best_epoch
+    model = plain_timm(info)
     model.load_state_dict(torch.load(tmp_path / "out" / "best.pt", weights_only=True))
     top1, loss = _eval_independently(model, data["val"], info["timm_kwargs"]["img_size"])
     best_row = res.history[res.best_epoch - 1]
     assert top1 == pytest.approx(res.best_top1, abs=1e-9)
     assert loss == pytest.approx(best_row["val_loss"], abs=1e-4)
-    last = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    last = plain_timm(info)
     last.load_state_dict(torch.load(tmp_path / "out" / "last.pt", weights_only=True))
     assert _eval_independently(last, data["val"], 32)[0] == pytest.approx(res.top1, abs=1e-9)
 
@@ -113,19 +121,18 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     from localmim.train.checkpoint import list_checkpoints
 
     enc = read_encoder(data["encoder"])
-    kw = dict(train_dir=data["train"], val_dir=data["val"])
     cfg = _cfg(epochs=3, warmup_epochs=1)
-    full = finetune(cfg, enc, out_dir=tmp_path / "a", ckpt_dir=tmp_path / "ca", **kw)
+    full = finetune(cfg, enc, _data(data, tmp_path / "ca"))
+    a = torch.load(tmp_path / "ca" / "last.pt", weights_only=True)
     ckpts = list_checkpoints(tmp_path / "ca")
     ckpts[-1].unlink()  # the epoch-3 checkpoint is gone: the resumed run restarts at epoch 3
-    res = finetune(cfg, enc, out_dir=tmp_path / "b", ckpt_dir=tmp_path / "ca", **kw)
+    res = finetune(cfg, enc, _data(data, tmp_path / "ca"))
     assert [r["epoch"] for r in res.history] == [1, 2, 3]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ca" / "last.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.history[-1] == full.history[-1]
     # other params -> not resumed from the stale checkpoint
-    fresh = finetune(_cfg(epochs=1, warmup_epochs=0), enc, out_dir=tmp_path / "c", ckpt_dir=tmp_path / "ca", **kw)
+    fresh = finetune(_cfg(epochs=1, warmup_epochs=0), enc, _data(data, tmp_path / "ca"))
     assert [r["epoch"] for r in fresh.history] == [1]
     assert [p.name for p in list_checkpoints(tmp_path / "ca")] == [f"ckpt-{len(fresh.history) * 10:09d}.pt"]
 
@@ -165,7 +172,6 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
     import subprocess
     import sys
 
-    import timm
     import yaml
 
     from tests.conftest import cli_env
@@ -182,7 +188,7 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
     m = json.loads(metrics.read_text())
     assert m["val_samples"] == 40 and m["epochs"] == 2
     info = json.loads((out / "model.json").read_text())
-    model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
+    model = plain_timm(info)
     model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
     assert _eval_independently(model, data["val"], 32)[0] == pytest.approx(m["best_top1"], abs=1e-9)
 
@@ -210,3 +216,60 @@ def test_swin_layer_decay_scales_match_spec():
         no_wd = p.ndim <= 1 or name.endswith(".bias")
         assert where[id(p)]["weight_decay"] == (0.0 if no_wd else wd), name
     assert where[id(params["layers.2.blocks.1.attn.relative_position_bias_table"])]["weight_decay"] == wd
+
+
+def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
+    """method §8 with accumulation: ``accum_iter=2, batch 4`` over 3 micro-batches (a full cycle, then a cycle of 1)
+    makes the same two steps as ``accum_iter=1`` over batches of 8 and 4 (same init, data order, constant lr; drop
+    path and dropout off). Plain SGD makes each update the accumulated gradient itself; dividing the short cycle's
+    loss by accum_iter (the old bug) would halve the second update."""
+    import timm
+
+    from localmim.train.finetune import train_one_epoch
+    from localmim.train.schedule import WarmupCosine
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)
+
+    def train(cuts: list[int], accum: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                  num_heads=2, num_classes=5, drop_path_rate=0.0)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = torch.optim.SGD(layer_decay_groups(model, 0.0, 0.75), lr=0.0)
+        batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        train_one_epoch(model, batches, opt, WarmupCosine(1.0, 1.0, 0, 1), torch.nn.CrossEntropyLoss(), None,
+                        epoch=0, steps=len(batches), accum_iter=accum, device=torch.device("cpu"), amp_dtype=None)
+        return {k: v - init[k] for k, v in model.state_dict().items()}
+
+    small = train([0, 4, 8, 12], accum=2)
+    big = train([0, 8, 12], accum=1)
+    assert small["head.weight"].abs().max() > 1e-2 and small["blocks.0.attn.qkv.weight"].abs().max() > 1e-4
+    for k in small:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_swin_classifier_pools_then_applies_a_fresh_layer_norm():
+    """method §8.2 Swin: logits = head(LayerNorm(mean of the stage-4 tokens)), the LayerNorm fresh (1, 0, eps
+    1e-6), no per-token norm; encoder weights loaded; head and its norm train at the top layer-decay id."""
+    from localmim.models import create
+    from localmim.models.encoder_io import EncoderSpec
+    from localmim.models.swin import export_swin_encoder
+
+    torch.manual_seed(0)
+    name, kwargs, sd = export_swin_encoder(create("localmim_swin_nano_p2_64"))
+    net = build_classifier(EncoderSpec(name, kwargs, sd), 7).eval()
+    assert torch.equal(net.layers[2].blocks[1].attn.qkv.weight, sd["layers.2.blocks.1.attn.qkv.weight"])
+    with torch.no_grad():
+        net.head.fc.weight.normal_()  # the fresh head is ~0; make the logits informative
+        x = torch.randn(3, 3, 64, 64)
+        tokens = net.layers(net.patch_embed(x))  # [B, 4, 4, 8C] NHWC, before any final norm
+        pooled = tokens.double().mean(dim=(1, 2))  # [B, 8C]
+        z = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True) + 1e-6)
+        want = z @ net.head.fc.weight.double().T + net.head.fc.bias.double()
+        torch.testing.assert_close(net(x).double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.all(net.head.norm.weight == 1) and torch.all(net.head.norm.bias == 0)
+    assert not any(n.startswith("norm.") for n, _ in net.named_parameters())
+    where = {id(p): g for g in layer_decay_groups(net, 0.05, 0.9) for p in g["params"]}
+    for n in ("head.norm.weight", "head.fc.weight"):
+        assert where[id(dict(net.named_parameters())[n])]["lr_scale"] == 1.0, n

@@ -111,12 +111,13 @@ def test_unmasked_encoder_matches_timm_swin(attn_impl):
     model = LocalMIMSwin(img_size=64, patch_size=2, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
                          window_size=4, decoder_dim=32, target="pixel", attn_impl=attn_impl).eval()
     _randomise(model)
-    name, kwargs, state = export_swin_encoder(model)
-    assert json.loads(json.dumps(kwargs)) == json.loads(json.dumps(kwargs))  # serialisable for encoder.json
-    plain = timm.create_model(name, num_classes=10, **kwargs)  # as fine-tuning builds it (LN eps 1e-5)
+    name, kwargs, state = export_swin_encoder(model, include_final_norm=True)  # tap-4 LN as timm's norm
+    assert name == "swin_c16d2222_patch2_window4_64" and not timm.is_model(name)  # says what it is
+    kwargs = json.loads(json.dumps(kwargs))  # as encoder.json stores them (JSON: tuples become lists)
+    plain = timm.models.SwinTransformer(num_classes=10, **kwargs)  # as fine-tuning builds it (LN eps 1e-5)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight"]
-    ref = timm.create_model(name, num_classes=10, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs).eval()
+    ref = timm.models.SwinTransformer(num_classes=10, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **kwargs).eval()
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight"]
     assert any(b.shift_size[0] > 0 for b in ref.layers[0].blocks)

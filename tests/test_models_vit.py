@@ -11,15 +11,6 @@ import torch
 from localmim.models import common, create, list_models
 from localmim.models.vit import LocalMIMViT, default_taps
 
-try:
-    from localmim.targets import hog_multiscale  # noqa: F401
-
-    HAVE_TARGETS = True
-except ImportError:  # localmim.targets is written in parallel; full-pipeline tests need it
-    HAVE_TARGETS = False
-needs_targets = pytest.mark.skipif(not HAVE_TARGETS, reason="localmim.targets not available")
-
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -417,7 +408,6 @@ def test_init_spec27():
 # ------------------------------------------------------------------------------------------- full pipeline
 
 
-@needs_targets
 def test_uint8_and_normalised_inputs_agree():
     from localmim.targets import normalize
 
@@ -434,7 +424,6 @@ def test_uint8_and_normalised_inputs_agree():
             assert a[1][k].item() == pytest.approx(b[1][k].item(), rel=rel, abs=1e-6), (target, k)
 
 
-@needs_targets
 @pytest.mark.parametrize("name,kw", [("localmim_vit_micro_patch8", dict(target="hog")),
                                      ("localmim_vit_micro_patch8", dict(target="pixel")),
                                      ("mae_vit_micro_patch8", {})])
@@ -457,7 +446,6 @@ def test_overfit_fixed_batch(name, kw):
     assert loss.item() <= 0.1 * first, (first, loss.item())
 
 
-@needs_targets
 def test_hog_bias_reaches_the_targets():
     from localmim.targets import hog_multiscale, to_tokens
 

@@ -22,6 +22,7 @@ from localmim.models import create
 from localmim.train import checkpoint as ckpt
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
+from localmim.utils.distributed import DistInfo
 
 TINY = dict(model="localmim_vit_micro_patch8", input_size=32, batch_size=4, epochs=3, warmup_epochs=1, blr=1e-2,
             num_workers=2, shuffle_buffer=4, log_every=1)
@@ -74,6 +75,93 @@ def test_peak_lr_scales_with_effective_batch():
     assert PretrainConfig(lr=1e-3).peak_lr(8) == 1e-3
     with pytest.raises(ValueError, match="warmup_epochs=5"):
         PretrainConfig(epochs=4, warmup_epochs=5)
+
+
+# ------------------------------------------------------------------------------------ accumulation / GPU path
+
+
+class _Batches:
+    """A fixed list of uint8 image batches, read the way the loop reads its loader."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        return iter(self.batches[skip:])
+
+
+def _cfg_const_lr(**kw) -> PretrainConfig:
+    """TINY with a constant lr (no warm-up, min_lr = lr): configs with different step counts see the same lr."""
+    return PretrainConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0, "lr": 1e-3, "min_lr": 1e-3, **kw})
+
+
+def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_path):
+    """method §7: ``accum_iter=2, batch 4`` over 3 micro-batches (one full cycle, then a cycle of 1) makes the same
+    two AdamW steps as ``accum_iter=1`` over batches of 8 and 4: same init, same images in the same order, same
+    masking noise. Plain SGD (lr 1, set by the loop's schedule) makes each update the accumulated gradient itself
+    (AdamW would blow float noise on ~zero gradients, e.g. the key biases, up to full lr-sized steps). Dividing the
+    short cycle's loss by accum_iter (the old bug) halves its gradient: updates then differ by up to ~1e-2 here,
+    float reassociation by < 1e-6."""
+    from localmim.train.pretrain import make_run, train_one_epoch
+
+    torch.manual_seed(5)
+    one = torch.rand(8, 16)  # the noise is drawn per forward from the global CPU RNG: [2b, N] must equal 2 x [b, N]
+    torch.manual_seed(5)
+    assert torch.equal(one, torch.cat([torch.rand(4, 16), torch.rand(4, 16)]))
+    imgs = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+
+    def train(batches: list[torch.Tensor], accum: int) -> dict[str, torch.Tensor]:
+        cfg = _cfg_const_lr(accum_iter=accum, batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
+        run = make_run(cfg, dist, _Batches(batches), tmp_path)
+        run.opt = torch.optim.SGD(run.model.parameters(), lr=0.0)
+        train_one_epoch(run, 0)
+        return {k: v - init[k] for k, v in run.model.state_dict().items() if v.is_floating_point()}  # the updates
+
+    torch.manual_seed(0)  # make_run's init seed (cfg.seed)
+    init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
+    small = train([imgs[0:4], imgs[4:8], imgs[8:12]], accum=2)
+    big = train([imgs[0:8], imgs[8:12]], accum=1)
+    assert small["blocks.0.attn.qkv.weight"].abs().max() > 1e-3  # the steps moved the encoder
+    for k in small:
+        torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model,size,bias", [("localmim_vit_micro_patch8", 32, False),
+                                             ("localmim_vit_micro_patch8", 32, True),
+                                             ("localmim_swin_nano_p2_64", 64, False)])
+def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, model, size, bias):
+    """A training epoch with online HOG targets (with and without the Sobel bias; forward, backward, optimizer
+    step, loss bookkeeping) never syncs the device with the host, except the loss read every ``log_every`` steps,
+    which is its one intended sync."""
+    import localmim.train.pretrain as P
+
+    cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda", hog_bias=bias)
+    batches = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory() for _ in range(3)]
+    run = P.make_run(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), _Batches(batches), tmp_path)
+    read = P._Meter.read
+
+    def read_allowed(self, *a, **kw):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return read(self, *a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(P._Meter, "read", read_allowed)
+    P.train_one_epoch(run, 0)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        P.train_one_epoch(run, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert run.step == 6
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -239,7 +327,8 @@ def test_targets_and_pretrain_stages_export_a_plain_timm_encoder(tmp_path):
     assert metrics["epochs_done"] == 2 and metrics["steps"] == 6 and math.isfinite(metrics["final_loss"])
     assert {"final_loss_tap1", "final_images_per_s", "final_data_wait_frac", "final_peak_mem_mb"} <= set(metrics)
     info = json.loads((tmp_path / "enc" / "encoder.json").read_text())
-    model = timm.create_model(info["timm_name"], num_classes=0, **info["timm_kwargs"])
+    assert info["timm_name"] == "vit_micro_patch8_32" and not timm.is_model(info["timm_name"])
+    model = timm.models.VisionTransformer(num_classes=0, **info["timm_kwargs"])  # the documented plain-timm rule
     state = torch.load(tmp_path / "enc" / "encoder.pt", weights_only=True)
     res = model.load_state_dict(state, strict=False)
     assert not res.unexpected_keys and set(res.missing_keys) <= {"fc_norm.weight", "fc_norm.bias"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from localmim.config.shard import ShardConfig
 from localmim.stages.tracking import StageRun, TrackingError, check_reachable
@@ -40,7 +43,10 @@ def _check_run(uri: str, run_id: str) -> None:
     row = runs.iloc[0]
     assert row["metrics.num_samples"] == 12 and row["metrics.num_skipped"] == 1
     assert row["params.seed"] == "3" and row["params.on_bad"] == "skip"
-    assert row["tags.params_hash"] == ShardConfig(seed=3).params_hash()
+    # the tag is sha256(sorted-key JSON of the section)[:12], recomputed here from the params the run logged
+    logged = {k.removeprefix("params."): yaml.safe_load(v) for k, v in row.items() if k.startswith("params.")}
+    want = hashlib.sha256(json.dumps(logged, sort_keys=True).encode()).hexdigest()[:12]
+    assert row["tags.params_hash"] == want and want != ShardConfig(seed=4).params_hash()
     assert row["tags.git_commit"]
     assert row["status"] == "FINISHED"
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id)]

@@ -1,7 +1,7 @@
-"""Params of the ``finetune`` stage: timm classifier from the pre-trained encoder, SPEC §8 recipe.
+"""Params of the ``finetune`` stage: timm classifier from the pre-trained encoder, method §8 recipe.
 
 Embedded defaults are sized for the mini ImageNet on 2 CPU cores (about a minute); the paper's ViT-B
-values are in SPEC §8 (epochs 100, warm-up 20, lr 2e-3 absolute, batch 1024, layer decay 0.65).
+values are in method §8 (epochs 100, warm-up 20, lr 2e-3 absolute, batch 1024, layer decay 0.65).
 """
 
 from typing import Annotated, Literal
@@ -23,7 +23,7 @@ class FinetuneConfig(Section):
     warmup_epochs: NonNeg = 2
     batch_size: PosInt = 32  # per device
     accum_iter: PosInt = 1
-    lr: Annotated[float, Field(gt=0)] | None = 2e-3  # absolute peak lr (SPEC §8: not rescaled by batch size)
+    lr: Annotated[float, Field(gt=0)] | None = 2e-3  # absolute peak lr (method §8: not rescaled by batch size)
     blr: Annotated[float, Field(gt=0)] | None = None  # used only when lr is null: lr = blr * eff_batch / 256
     min_lr: NonNeg = 1e-5
     weight_decay: NonNeg = 0.05
@@ -42,6 +42,7 @@ class FinetuneConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
 

@@ -32,6 +32,7 @@ class LinprobeConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
 
     @model_validator(mode="after")
     def _check(self):

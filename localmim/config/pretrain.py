@@ -55,7 +55,7 @@ class PretrainConfig(Section):
     fused_attn: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
-    amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     log_every: PosInt = 1  # steps between synced loss/throughput logs (the hot loop never syncs otherwise)
 
     @model_validator(mode="after")

@@ -1,7 +1,12 @@
 """Exported encoders on disk, for ViT and Swin alike: ``encoder.pt`` (a plain timm state dict, loadable with
-``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs`` for ``timm.create_model``, plus
-provenance). Pre-training writes them (:func:`write_encoder`); every downstream stage reads them
-(:func:`read_encoder`) and builds a timm model from them (:func:`build_classifier`, :func:`create_encoder`).
+``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs``, plus provenance). Pre-training
+writes them (:func:`write_encoder`); every downstream stage reads them (:func:`read_encoder`) and builds a timm model
+from them (:func:`build_classifier`, :func:`create_encoder`), always through :func:`create_timm_model`.
+
+``timm_name`` says what the model is (``vit_tiny_patch8_64``: width, patch size, resolution; Swin adds the window);
+``timm_kwargs`` carry the whole architecture. Plain timm builds it with ``timm.create_model(timm_name, **kwargs)``
+when timm registers that name (the reference sizes), else with the family's class, ``timm.models.VisionTransformer``
+or ``timm.models.SwinTransformer`` (``**kwargs``). Older files labelled with a registered name still load.
 """
 
 from __future__ import annotations
@@ -29,6 +34,43 @@ def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     atomic_write_json(Path(out) / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})
     return Path(out) / "encoder.pt"
+
+
+_FAMILY_CLASSES = {"vit_": "VisionTransformer", "swin_": "SwinTransformer"}
+
+
+def create_timm_model(name: str, head: str = "timm", **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` when timm registers ``name``, else the timm class of its family
+    (``vit_*``: ``timm.models.VisionTransformer``, ``swin_*``: ``timm.models.SwinTransformer``) built from
+    ``kwargs``, which must then carry the whole architecture (exported ``timm_kwargs`` do).
+
+    ``head``: ``timm`` (the model's own) or ``pool_norm`` (Swin only: mean -> fresh LayerNorm -> linear, method
+    §8.2, :func:`localmim.models.swin.use_pool_norm_head`); a classifier's ``model.json`` records which.
+    """
+    import timm
+
+    if timm.is_model(name):
+        net = timm.create_model(name, pretrained=False, **kwargs)
+    elif name.startswith(tuple(_FAMILY_CLASSES)):
+        net = getattr(timm.models, next(c for p, c in _FAMILY_CLASSES.items() if name.startswith(p)))(**kwargs)
+    else:
+        raise ValueError(f"{name!r} is neither a timm model name nor a vit_*/swin_* label")
+    if head == "pool_norm":
+        from localmim.models.swin import use_pool_norm_head
+
+        if not isinstance(net, timm.models.SwinTransformer):
+            raise ValueError(f"head 'pool_norm' is for Swin models, not {name!r}")
+        return use_pool_norm_head(net)
+    if head != "timm":
+        raise ValueError(f"head must be 'timm' or 'pool_norm', got {head!r}")
+    return net
+
+
+def classifier_head(name: str) -> str:
+    """The classifier head method §8 uses for a model family: ViT ``timm`` (``global_pool='avg'`` + fresh
+    ``fc_norm``: mean of the patch tokens -> LayerNorm -> head), Swin ``pool_norm`` (mean -> fresh LayerNorm -> head;
+    timm's Swin would normalise each token before pooling)."""
+    return "pool_norm" if name.startswith("swin") else "timm"
 
 
 @dataclass
@@ -83,12 +125,12 @@ def build_classifier(
     input_size: int = 0,
     head_init_std: float = 2e-5,
 ) -> torch.nn.Module:
-    """timm classifier with ``global_pool='avg'``, encoder weights loaded (SPEC §8.2), fresh head.
+    """timm classifier with ``global_pool='avg'`` and the :func:`classifier_head` of its family, encoder weights
+    loaded (method §8.2), fresh head.
 
     The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
     the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
     """
-    import timm
     from timm.layers import trunc_normal_
 
     from localmim.models.export import load_pretrained_into_timm
@@ -99,7 +141,7 @@ def build_classifier(
     if input_size:
         kwargs["img_size"] = input_size
     name = enc.timm_name if model == "auto" else model
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+    net = create_timm_model(name, classifier_head(name), num_classes=num_classes, drop_path_rate=drop_path,
                             global_pool="avg", **kwargs)
     load_pretrained_into_timm(net, enc.state_dict)
     head = net.get_classifier()
@@ -111,15 +153,12 @@ def build_classifier(
 def create_encoder(enc: EncoderSpec, *, input_size: int = 0, drop_path: float = 0.0, **timm_overrides) -> nn.Module:
     """The exported encoder as a headless timm model (``num_classes=0``), weights loaded, position embedding
     resampled to ``input_size`` (ViT; 0 keeps the pre-training size). For dense-task backbones."""
-    import timm
-
     from localmim.models.export import load_pretrained_into_timm
 
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k not in ("num_classes", "global_pool")}
     if input_size:
         kwargs["img_size"] = input_size
-    net = timm.create_model(enc.timm_name, pretrained=False, num_classes=0, drop_path_rate=drop_path,
-                            **{**kwargs, **timm_overrides})
+    net = create_timm_model(enc.timm_name, num_classes=0, drop_path_rate=drop_path, **{**kwargs, **timm_overrides})
     _, unexpected = load_pretrained_into_timm(net, enc.state_dict)
     if unexpected:
         raise ValueError(f"encoder weights have keys unknown to {enc.timm_name}: {unexpected[:5]}")

@@ -18,23 +18,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from localmim.models.vit import LocalMIMViT
 
-# Encoder sizes that have a timm model name (the kwargs below override everything else anyway).
-_TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large"}
+# Widths/depths/heads with a conventional size word (timm's, plus the small-image "micro").
+_VIT_SIZES = {(64, 4, 2): "micro", (192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base",
+              (1024, 24, 16): "large"}
 _ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+
+
+def vit_label(dim: int, depth: int, heads: int, patch: int, img: int | tuple[int, int]) -> str:
+    """``vit_<size>_patch<p>_<S>``: what the model is, e.g. ``vit_tiny_patch8_64``; for the reference sizes it is
+    timm's own name (``vit_base_patch16_224``). Unlisted sizes read ``vit_d<dim>x<depth>_...``."""
+    size = _VIT_SIZES.get((dim, depth, heads), f"d{dim}x{depth}")
+    res = img if isinstance(img, int) else f"{img[0]}x{img[1]}"
+    return f"vit_{size}_patch{patch}_{res}"
 
 
 def _timm_spec(model: LocalMIMViT, final_norm: str, global_pool: str) -> tuple[str, dict[str, Any]]:
     blk = model.blocks[0]
     dim, depth, heads = model.cls_token.shape[-1], len(model.blocks), blk.attn.num_heads
     mlp_ratio = blk.mlp.fc1.out_features / dim
-    size = _TIMM_SIZES.get((dim, depth, heads), "base")
-    name = f"vit_{size}_patch16_224"
+    name = vit_label(dim, depth, heads, model.patch_size, model.img_size)
     kwargs = dict(img_size=model.img_size, patch_size=model.patch_size, embed_dim=dim, depth=depth,
                   num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
                   global_pool=global_pool, fc_norm=final_norm == "fresh")
@@ -65,8 +72,9 @@ def export_encoder(model: LocalMIMViT, final_norm: str = "fresh",
                    global_pool: str = "avg") -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """Turn a pre-trained LocalMIMViT into ``(timm_model_name, timm_kwargs, state_dict)``.
 
-    ``timm.create_model(name, **timm_kwargs)`` builds the matching plain ViT; ``state_dict`` loads into it
-    with :func:`load_pretrained_into_timm`. See the module docstring for ``final_norm``.
+    ``localmim.models.encoder_io.create_timm_model(name, **timm_kwargs)`` builds the matching plain timm ViT
+    (``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**timm_kwargs)``);
+    ``state_dict`` loads into it with :func:`load_pretrained_into_timm`. See the module docstring for ``final_norm``.
 
     Args:
         model: pre-trained LocalMIMViT (either mode).
@@ -117,8 +125,10 @@ def create_timm_encoder(source: LocalMIMViT | tuple[str, dict[str, Any], dict[st
     Raises:
         RuntimeError: if the state dict has keys the timm model does not know.
     """
+    from localmim.models.encoder_io import create_timm_model
+
     name, kwargs, state = export_encoder(source) if isinstance(source, LocalMIMViT) else source
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **{**kwargs, **timm_overrides})
+    model = create_timm_model(name, num_classes=num_classes, **{**kwargs, **timm_overrides})
     if num_classes > 0:
         nn.init.trunc_normal_(model.head.weight, std=head_init_std)
         nn.init.zeros_(model.head.bias)

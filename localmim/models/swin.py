@@ -189,30 +189,69 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
 # --------------------------------------------------------------------------------------------- export
 
 
-def export_swin_encoder(model: LocalMIMSwin, include_final_norm: bool = True) -> tuple[str, dict, dict[str, Tensor]]:
-    """Encoder weights as a ``timm`` SwinTransformer state dict (SPEC §8.2).
+def export_swin_encoder(model: LocalMIMSwin, include_final_norm: bool = False) -> tuple[str, dict, dict[str, Tensor]]:
+    """Encoder weights as a ``timm`` SwinTransformer state dict (method §8.2).
 
-    The encoder already uses timm's module names, so the mapping strips ``encoder.``. The stage-4 tap LayerNorm
-    sits exactly where timm's final ``norm`` does (on the stage-4 output, before pooling); it is exported as
-    ``norm`` when ``include_final_norm`` (the reference instead starts that norm fresh). Tap 1-3 norms, decoders and
-    HOG biases are dropped; the classifier head stays missing.
+    The encoder already uses timm's module names, so the mapping strips ``encoder.``. Tap norms, decoders and HOG
+    biases are dropped: method §8.2 fine-tunes with a *fresh* LayerNorm after pooling (:class:`PoolNormHead`), so
+    timm's per-token ``norm`` and the head stay missing. ``include_final_norm`` exports the stage-4 tap LayerNorm
+    as ``norm`` instead (it sits exactly where timm's per-token norm does): the pre-trained top output, bit for bit.
 
     Returns:
-        ``(timm_name, timm_kwargs, state_dict)`` for ``timm.create_model(timm_name, num_classes=..., **timm_kwargs)``.
-        ``timm_kwargs`` is JSON-serialisable and carries the full architecture (img/patch/window size, widths,
-        depths, heads), so the name only labels the closest standard model. It leaves timm's LayerNorm eps (1e-5):
-        pre-training uses 1e-6 (SPEC §3.1) and the reference fine-tunes with 1e-5 too (SPEC §13 item 10, minor);
-        add ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to reproduce the pre-trained encoder bit for bit.
+        ``(timm_name, timm_kwargs, state_dict)``: :func:`swin_label` names the model; ``timm_kwargs`` is
+        JSON-serialisable and carries the full architecture (img/patch/window size, widths, depths, heads), so
+        ``timm.models.SwinTransformer(**timm_kwargs)`` builds it (``encoder_io.create_timm_model``). It leaves
+        timm's LayerNorm eps (1e-5): pre-training uses 1e-6 (SPEC §3.1) and the reference fine-tunes with 1e-5
+        too (SPEC §13 item 10, minor); add ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to reproduce the
+        pre-trained encoder bit for bit.
     """
     kwargs = {k: v for k, v in model.encoder.timm_kwargs.items() if k != "norm_layer"}
-    arch = (kwargs["embed_dim"], kwargs["depths"])
-    name = {(128, (2, 2, 18, 2)): "base", (192, (2, 2, 18, 2)): "large", (96, (2, 2, 18, 2)): "small"}.get(arch, "tiny")
     state = {k.removeprefix("encoder."): v.detach().clone() for k, v in model.state_dict().items()
              if k.startswith("encoder.")}
     if include_final_norm and 3 in model.taps:
         norm = model.tap_norms[model.taps.index(3)]
         state["norm.weight"], state["norm.bias"] = norm.weight.detach().clone(), norm.bias.detach().clone()
-    return f"swin_{name}_patch4_window7_224", kwargs, state
+    return swin_label(kwargs), kwargs, state
+
+
+class PoolNormHead(nn.Module):
+    """Swin classifier head of method §8.2: mean over all tokens -> fresh LayerNorm -> linear layer.
+
+    timm's SwinTransformer normalises every token (``norm``) and then pools (``head``); :func:`use_pool_norm_head`
+    swaps in this head and an identity ``norm``. Follows timm's head protocol: ``forward(x, pre_logits)`` with the
+    NHWC stage-4 map, ``fc`` the linear layer (an identity when ``num_classes == 0``).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, eps: float = LN_EPS):
+        super().__init__()
+        self.in_features = self.num_features = in_features
+        self.norm = nn.LayerNorm(in_features, eps=eps)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.norm(x.mean(dim=(1, 2)))  # [B, H, W, C] -> [B, C]
+        return x if pre_logits else self.fc(x)
+
+
+def use_pool_norm_head(net: nn.Module) -> nn.Module:
+    """Give a timm ``SwinTransformer`` the method §8.2 head (in place): ``norm`` -> Identity, ``head`` ->
+    :class:`PoolNormHead` (state-dict keys ``head.norm.*``, ``head.fc.*``; no ``norm.*``)."""
+    net.norm = nn.Identity()
+    net.head = PoolNormHead(net.num_features, net.num_classes)
+    return net
+
+
+# (C, depths) with a conventional size word (timm's, plus the small-image "nano").
+_SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
+               (192, (2, 2, 18, 2)): "large", (32, (2, 2, 2, 2)): "nano"}
+
+
+def swin_label(kwargs: dict) -> str:
+    """``swin_<size>_patch<p0>_window<w>_<S>``: what the model is, e.g. ``swin_nano_patch2_window4_64``; for the
+    reference Swin-B/L at 224 with window 7 it is timm's own name. Unlisted sizes read ``swin_c<C>d<depths>_...``."""
+    depths = tuple(kwargs["depths"])
+    size = _SWIN_SIZES.get((kwargs["embed_dim"], depths), f"c{kwargs['embed_dim']}d{''.join(map(str, depths))}")
+    return f"swin_{size}_patch{kwargs['patch_size']}_window{kwargs['window_size']}_{kwargs['img_size']}"
 
 
 # --------------------------------------------------------------------------------------------- registry

@@ -1,7 +1,9 @@
-"""``localmim finetune --encoder data/pretrain --out data/finetune``: SPEC §8 fine-tuning of the exported encoder.
+"""``localmim finetune --encoder data/pretrain --out data/finetune``: method §8 fine-tuning of the exported encoder.
 
-Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (plain timm state dicts: ``timm.create_model(name, **kwargs)`` with
-name/kwargs from ``OUT/model.json`` loads them with ``load_state_dict(torch.load(p, weights_only=True))``),
+Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (state dicts of the model ``OUT/model.json`` describes:
+``localmim.models.encoder_io.create_timm_model(timm_name, head, **timm_kwargs)``, which for ViT is plain timm,
+``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``; Swin is timm's
+``SwinTransformer`` with the method §8.2 pooled-LayerNorm head; ``load_state_dict(torch.load(p, weights_only=True))``),
 ``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds). Resumable
 checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
 Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun for DDP.
@@ -37,7 +39,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
 )
 def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
-    from localmim.train.finetune import finetune
+    from localmim.train.finetune import FinetuneData, finetune
     from localmim.utils.distributed import cleanup, init_distributed
     from localmim.utils.io import atomic_write_json
 
@@ -50,8 +52,10 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     try:
         if ctx.is_main:
             ctx.dump_params(cfg, args.out)
-        res = finetune(cfg, enc, train_dir=args.train, val_dir=args.val, out_dir=args.out, ckpt_dir=args.ckpt_dir,
-                       log_fn=ctx.tracker.log_metrics, dist=dist)
+        res = finetune(cfg, enc, FinetuneData(args.train, args.val, args.ckpt_dir), log_fn=ctx.tracker.log_metrics,
+                       dist=dist)
+        if dist.is_main:
+            write_outputs(res, args.ckpt_dir, args.out)
     except (ValueError, FloatingPointError) as e:
         raise StageError(str(e)) from None
     finally:
@@ -65,3 +69,18 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
         print(f"localmim finetune: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
               f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {args.out}", file=sys.stderr)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def write_outputs(res, ckpt_dir: str | Path, out_dir: str | Path) -> None:
+    """Copy ``best.pt`` / ``last.pt`` from ``ckpt_dir`` into ``out_dir`` (temp name, then rename) and write
+    ``model.json`` (timm name + kwargs, best epoch / top-1) next to them."""
+    import shutil
+
+    from localmim.utils.io import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copyfile(Path(ckpt_dir) / name, out / f".{name}.tmp")
+        (out / f".{name}.tmp").replace(out / name)
+    atomic_write_json(out / "model.json", res.recipe)

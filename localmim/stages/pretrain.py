@@ -5,7 +5,8 @@ train shards (``pretrain.data: online``) or the view shards of ``localmim target
 checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
 
 Outputs (rank 0): ``OUT/encoder.pt`` (a plain timm state dict, ``weights_only``-loadable), ``OUT/encoder.json``
-(``timm_name``, ``timm_kwargs`` for ``timm.create_model``, plus provenance), ``OUT/params.yaml`` and the
+(``timm_name`` saying what the model is, ``timm_kwargs`` with the whole architecture: see
+``localmim.models.encoder_io`` for building it in timm; plus provenance), ``OUT/params.yaml`` and the
 metrics file. MLflow: params, per-step losses at x = epoch_1000x, lr, throughput, memory, system metrics, and the
 exported encoder as an artifact.
 """

@@ -12,9 +12,10 @@ gives. Three choices guarantee it:
   response is 0 for repeated pixel values (axis-aligned edges, the reflect-padded border).
 * Without a bias, HOG is invariant to per-channel ``x -> a*x + b`` (a > 0), so uint8 images are processed as their
   integer values: responses are integers (``|c| <= 4*255``), exact in float32, and device independent.
-* The direction is folded into the upper half plane; the angle is taken in float32 and re-evaluated in float64
-  wherever it is within 1e-3 bins of an edge; ties on the edges whose tangent is rational (0, pi/4, pi/2, 3pi/4; by
-  Niven's theorem the only ones) are set exactly. Checked on every integer response pair a uint8 image can give.
+* The direction is folded into the upper half plane and the angle is taken in float64 everywhere (no
+  data-dependent recheck, so no device-to-host sync); ties on the edges whose tangent is rational (0, pi/4, pi/2,
+  3pi/4; by Niven's theorem the only ones) are set exactly. Checked on every integer response pair a uint8 image
+  can give.
 
 The pipeline is vectorised over batch, channels and scales: gradients are computed once per call, the histogram
 once per distinct bias, and coarser cells are pooled from finer ones (a mean of means is exact).
@@ -22,6 +23,7 @@ once per distinct bias, and coarser cells are pooled from finer ones (a mean of 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -77,8 +79,8 @@ def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
     """Hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` (SPEC §4 steps 3-4).
 
     Exact for integer responses (the uint8 path): ties on bin edges get the exact-arithmetic bin, and every other
-    integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) is settled in float64 when float32 is not
-    safely clear of an edge.
+    integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) is binned by a float64 angle. Shape-static
+    (no ``nonzero``), so it never syncs the device with the host.
 
     Args:
         c0: responses to K0, any shape.
@@ -91,14 +93,11 @@ def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
     # (c0, c1) and (-c0, -c1) share a bin: fold into c0 >= 0 so that theta = atan2(y, x) lies in [0, pi).
     y = c0.abs()  # [B, 3, H, W]
     x = torch.where(c0 > 0, c1, torch.where(c0 < 0, -c1, c1.abs()))  # phi = pi (c0 = 0, c1 < 0) is bin 0 like 0
-    t = torch.atan2(y, x).mul_(nbins / math.pi)  # [B, 3, H, W] in [0, nb]
-    bins = t.floor()
-    # float32 atan2 is off by a few ulp, so only t within 1e-3 of an edge can land on the wrong side: redo those in
-    # float64 (integer responses |c| <= 1020 are at least 5e-7 bins from an edge they do not lie on)
-    near = ((t - t.round()).abs() < 1e-3) & (y > 0) & (x != 0)
-    idx = near.nonzero(as_tuple=True)
-    bins[idx] = torch.atan2(y[idx].double(), x[idx].double()).mul_(nbins / math.pi).floor_().to(bins.dtype)
-    bins = bins.long().clamp_(0, nbins - 1)  # theta < pi in exact arithmetic
+    # float64 atan2 (inputs are float32, so exactly representable) is within a few 1e-16 of exact: integer responses
+    # (|c| <= 1020) lie at least 5e-7 bins from an edge they are not on, so the floor is exact. One dense pass, no
+    # data-dependent indexing (a masked float32 recheck would need nonzero(): a device-to-host sync).
+    t = torch.atan2(y.double(), x.double()).mul_(nbins / math.pi)  # [B, 3, H, W] float64 in [0, nb]
+    bins = t.floor_().long().clamp_(0, nbins - 1)  # theta < pi in exact arithmetic
     # Edges with rational tangent can be hit exactly; float rounding of atan2 must not decide those.
     up = y > 0
     if nbins % 2 == 0:  # pi/2 is an edge
@@ -117,11 +116,18 @@ def _biased(c0: Tensor, c1: Tensor, integer_input: bool, bias: Tensor | None) ->
         raise ValueError(f"HOG bias must have shape [2] = (beta0, beta1), got {tuple(bias.shape)}")
     if integer_input:
         # K * ((x/255 - mean) / std) = (K * x) / (255 std): both kernels sum to zero, so the mean cancels.
-        scale = 255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float64)
-        scale = scale.to(device=c0.device, dtype=torch.float32).view(1, NUM_CHANNELS, 1, 1)
+        scale = _uint8_scale(c0.device)  # [1, 3, 1, 1]
         c0, c1 = c0 / scale, c1 / scale
     bias = bias.detach().to(device=c0.device, dtype=torch.float32)
     return c0 + bias[0], c1 + bias[1]
+
+
+@functools.cache
+def _uint8_scale(device: torch.device) -> Tensor:
+    """``255 * std`` (float64, rounded to float32) as ``[1, 3, 1, 1]`` on ``device``; cached, since building it
+    from the host on a GPU is a blocking copy (a sync) on every call."""
+    scale = 255.0 * torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    return scale.to(torch.float32).view(1, NUM_CHANNELS, 1, 1).to(device)
 
 
 def _histograms(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,9 +34,17 @@ def check_divides(size: int, h: int, w: int, what: str) -> None:
 
 
 def channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
-    """ImageNet mean and std as float32 ``[3, 1, 1]`` tensors on ``device``."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    """ImageNet mean and std as float32 ``[3, 1, 1]`` tensors on ``device`` (read-only: cached per device).
+
+    Building them from Python lists on a GPU is a blocking host-to-device copy, i.e. a sync; the cache makes that
+    happen once per device instead of on every training step."""
+    return _channel_stats(torch.device(device))
+
+
+@functools.cache
+def _channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1).to(device)
     return mean, std
 
 

@@ -1,45 +1,47 @@
 """Linear probing (MAE protocol): frozen encoder, ``BatchNorm1d(affine=False)`` + ``Linear`` head.
 
 The encoder is the standard timm model built from the exported encoder with no classifier
-(``num_classes=0``), so its output is the pooled pre-logits feature (mean of the patch tokens -> LayerNorm,
+(``num_classes=0``), so its output is the pooled pre-logits feature (mean of the tokens -> fresh LayerNorm,
 as in fine-tuning). Features are extracted once per split with the eval transform and cached; the head
 is then trained on the cache. Deviation from MAE, for speed: MAE re-encodes RandomResizedCrop + flip views
 every epoch; caching un-augmented features makes the probe a cheap signal for comparing pre-training
 runs (seconds instead of a full-encoder pass per epoch). Optimizer: LARS as in MAE (timm's ``Lars``,
-trust ratio on the weight matrix only, as MAE excludes 1-D params) or SGD / AdamW.
+trust ratio on the weight matrix only, as MAE excludes 1-D params) or SGD / AdamW. Feature extraction autocasts per
+``amp`` (``utils.distributed.amp_dtype``: bf16 where supported, else fp16; nothing is back-propagated through the
+encoder, so no loss scaling); the head trains in fp32 on the cached features.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from localmim.models.encoder_io import EncoderSpec
 from localmim.train.finetune import FinetuneResult
-from localmim.train.schedule import WarmupCosine
+from localmim.train.schedule import WarmupCosine, cycle_length
 
 LogFn = Callable[[dict[str, float], int], None]
 
 
 @dataclass
 class LinprobeResult(FinetuneResult):
-    head: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # the best epoch's probe state dict
 
 
 def build_encoder(enc: EncoderSpec, *, model: str = "auto", input_size: int = 0) -> torch.nn.Module:
     """Frozen timm encoder (no head, eval mode) with the exported weights."""
-    import timm
-
+    from localmim.models.encoder_io import classifier_head, create_timm_model
     from localmim.models.export import load_pretrained_into_timm
 
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k != "num_classes"}
     if input_size:
         kwargs["img_size"] = input_size
-    net = timm.create_model(enc.timm_name if model == "auto" else model, pretrained=False, num_classes=0, **kwargs)
+    name = enc.timm_name if model == "auto" else model
+    net = create_timm_model(name, classifier_head(name), num_classes=0, **kwargs)  # pre-logits: pooled, then LN
     load_pretrained_into_timm(net, enc.state_dict)
     return net.eval().requires_grad_(False)
 
@@ -109,7 +111,7 @@ def train_probe(
                 schedule.apply(opt, epoch + it / steps)
             idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
             loss = crit(head(x[idx]), y[idx])  # [B, d] -> [B, C]
-            (loss / cfg.accum_iter).backward()
+            (loss / cycle_length(it, cfg.accum_iter, steps)).backward()
             if (it + 1) % cfg.accum_iter == 0 or it + 1 == steps:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -125,7 +127,7 @@ def train_probe(
             log_fn({k: v for k, v in row.items() if k != "epoch"} | {"best_top1": best}, epoch + 1)
     last = history[-1]
     return LinprobeResult(last["top1"], last["top5"], best, best_epoch, cfg.epochs, time.time() - t0, history,
-                          best_head)
+                          head=best_head)
 
 
 def linprobe(
@@ -134,7 +136,7 @@ def linprobe(
 ) -> LinprobeResult:
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
-    from localmim.utils.distributed import resolve_device
+    from localmim.utils.distributed import amp_dtype, resolve_device
 
     t0 = time.time()
     dev = resolve_device(cfg.device)
@@ -144,7 +146,7 @@ def linprobe(
     size = cfg.input_size or enc.img_size
     encoder = build_encoder(enc, model=cfg.model, input_size=size).to(dev)
     tf = build_transform(size, train=False)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = amp_dtype(cfg.amp, dev)  # inference only: no loss scaling needed
     xy = []
     for d in (train_dir, val_dir):
         ds = ClassifyShards(d, tf, batch_size=256, train=False)

@@ -5,9 +5,10 @@ MAE baseline) and returns it with summary metrics. The same function serves the 
 LocalMIM-vs-MAE benchmark and the tests.
 
 * lr = ``blr × batch_size × accum_iter × world_size / 256`` (or ``lr``), per-iteration warm-up + cosine, updated
-  at the start of each accumulation cycle; AdamW (0.9, 0.95) without decay on norms/biases; loss / accum_iter.
-* Device auto-detect; bf16 autocast on CUDA (fp16 + loss scaling where bf16 is unsupported), fp32 on CPU; DDP
-  under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
+  at the start of each accumulation cycle; AdamW (0.9, 0.95) without decay on norms/biases; loss / (micro-batches in
+  the cycle: accum_iter, or fewer in the last cycle of an epoch); backward outside autocast.
+* Device auto-detect; bf16 autocast on CUDA (fp16 + loss scaling where bf16 is unsupported; ``amp``), fp32 on
+  CPU; DDP under torchrun (gloo on CPU, NCCL on CUDA); rank 0 logs and saves.
 * No host syncs in the hot loop: losses are summed on the device and read every ``log_every`` steps; the first
   non-finite loss is recorded on the device and raised (naming its step) at the next read, which always comes
   before a checkpoint is written, so the last checkpoint on disk is a good one.
@@ -32,7 +33,7 @@ import torch
 
 from localmim.train import checkpoint as ckpt
 from localmim.train.optim import create_adamw
-from localmim.train.schedule import WarmupCosine
+from localmim.train.schedule import WarmupCosine, cycle_length
 from localmim.utils.distributed import DistInfo, amp_dtype, init_distributed, make_scaler, unwrap
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -123,28 +124,35 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
     from localmim.data.pretrain import PretrainLoader, PretrainStream
 
     dist = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg, dist.device).to(dist.device)
-    if cfg.data == "views":
-        _check_views(model, data_dir)
     ds = PretrainStream(data_dir, input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=dist.rank,
                         world=dist.world_size, views=cfg.data == "views")
     loader = PretrainLoader(ds, cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
     if len(loader) < cfg.accum_iter:
         raise ValueError(f"{len(loader)} batches per epoch is fewer than accum_iter={cfg.accum_iter}")
+    run = make_run(cfg, dist, loader, Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir), log_fn, progress)
+    if cfg.data == "views":
+        _check_views(run.model, data_dir)
+    return run
+
+
+def make_run(cfg, dist: DistInfo, loader, ckpt_dir: Path, log_fn: LogFn | None = None,
+             progress: bool = False) -> _Run:
+    """Model (seeded ``cfg.seed``), AdamW, loss scaler, schedule and DDP wrapper around a batch source ``loader``
+    (``len(loader)`` batches per epoch, ``loader.epoch(epoch, skip)`` yields them): what :func:`train_one_epoch`
+    runs. Leaves the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(cfg, dist.device).to(dist.device)
     opt = create_adamw(model, cfg.peak_lr(dist.world_size), cfg.weight_decay, tuple(cfg.betas), dist.device)
     dtype = amp_dtype(cfg.amp, dist.device)
-    scaler = make_scaler(dist.device, dtype)
     net = torch.compile(model) if cfg.compile else model
     if dist.distributed:
         # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
-    torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (SPEC §7)
+    torch.manual_seed(cfg.seed + dist.rank)  # masking noise: seed + rank (method §7)
     sched = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    key_dir = Path(ckpt_dir) / run_key(cfg, dist.world_size, data_dir)
-    return _Run(cfg, dist, model, net, opt, scaler, sched, loader, dtype, key_dir,
+    return _Run(cfg, dist, model, net, opt, make_scaler(dist.device, dtype), sched, loader, dtype, ckpt_dir,
                 log_fn or (lambda m, s: None), progress)
 
 
@@ -256,9 +264,10 @@ def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
             lr = run.sched.apply(run.opt, epoch + it / steps)
         last_micro = (it + 1) % accum == 0 or it + 1 == steps
         sync = contextlib.nullcontext() if last_micro or not run.dist.distributed else run.net.no_sync()
-        with sync, torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            loss, per_tap, _ = run.net(images, mask_ratio=cfg.mask_ratio, targets=targets)
-            run.scaler.scale(loss / accum).backward()
+        with sync:
+            with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+                loss, per_tap, _ = run.net(images, mask_ratio=cfg.mask_ratio, targets=targets)
+            run.scaler.scale(loss / cycle_length(it, accum, steps)).backward()  # backward outside autocast
         if last_micro:
             run.scaler.step(run.opt)
             run.scaler.update()

@@ -48,3 +48,11 @@ class WarmupCosine:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
+
+
+def cycle_length(it: int, accum: int, steps: int) -> int:
+    """Micro-batches in the accumulation cycle holding batch ``it`` of an epoch of ``steps``: ``accum``, except
+    for a shorter last cycle. The loss is divided by it, so every optimizer step sees the mean micro-batch gradient
+    (``accum_iter=k, batch b`` steps like ``accum_iter=1, batch k*b``, also at the end of an epoch)."""
+    start = it - it % accum
+    return min(accum, steps - start)
