@@ -3,7 +3,7 @@
 ``python benchmarks/bench_models.py [--json OUT] [--threads 2] [--iters 3]``
 
 One step = target computation from the uint8 batch (HOG / pixels, inside ``forward``) + masked forward
-+ backward (no optimizer step), the quantity quoted in SPEC §16: the reference ViT-B/16 needs about
++ backward (no optimizer step), the quantity quoted in method §16: the reference ViT-B/16 needs about
 2.4-2.7 s per batch of 8 at 224² on a 2-core CPU (2.9-3.3 images/s), ~1.0 s of it in its 12 HOG passes.
 Prints a markdown section on stdout (for ``benchmarks/run_all.py``). Measurements, not tests.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from localmim.models import create  # noqa: E402
 from localmim.targets import normalize  # noqa: E402
 
-REFERENCE_VIT_B_IMG_S = 3.3  # SPEC §16, upper end of the reference range on a 2-core CPU
+REFERENCE_VIT_B_IMG_S = 3.3  # method §16, upper end of the reference range on a 2-core CPU
 
 CASES = [  # (model, batch, variant)
     ("localmim_vit_base_patch16", 8, "fp32"),
@@ -40,7 +40,7 @@ CASES = [  # (model, batch, variant)
 
 @torch.no_grad()
 def reference_style_hog(model, images: torch.Tensor) -> list[torch.Tensor]:
-    """HOG targets computed the way SPEC §4/§16 describe the reference doing it (for comparison only).
+    """HOG targets computed the way method §4/§16 describe the reference doing it (for comparison only).
 
     One Sobel pass per (scale, colour channel) on the normalised float image: 4 x 3 = 12 passes, each with
     its own magnitude, orientation, one-hot histogram, pooling and L2 normalisation.
@@ -128,7 +128,7 @@ def main() -> int:
     if base:
         lines.append(f"\nViT-B/16 @224, batch 8, fp32: {base['images_per_s']:.2f} images/s = "
                      f"{base['images_per_s'] / REFERENCE_VIT_B_IMG_S:.2f}x the reference's ~{REFERENCE_VIT_B_IMG_S} "
-                     "images/s (SPEC §16, 2-core CPU; its HOG alone took ~1.0 s of a ~2.5 s step).")
+                     "images/s (method §16, 2-core CPU; its HOG alone took ~1.0 s of a ~2.5 s step).")
     ref = next((r for r in rows if r["variant"].startswith("reference-style")), None)
     if base and ref:
         lines.append(f"Same machine, same run: {ref['cpu_s'] / base['cpu_s']:.2f}x less CPU time per step and "

@@ -1,7 +1,7 @@
 """Benchmark of the HOG targets on CPU: one multi-scale pass vs separate single-scale calls.
 
 Batch of 8 at 224 x 224, cells (4, 8, 16, 32), nb 9 from uint8 (the ViT-B/16 recipe), torch threads = 2.
-For scale, also times a reference-style evaluation written from SPEC §4 (one 3x3 conv pass per scale and channel on
+For scale, also times a reference-style evaluation written from method §4 (one 3x3 conv pass per scale and channel on
 the normalised image, 12 in all) and the nb 18 per-scale-bias case (cells 8, 16, 32, 32, the Swin recipe).
 
 Usage: ``python benchmarks/bench_targets.py [--json OUT] [--repeats N]``.
@@ -26,7 +26,7 @@ K0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
 
 
 def reference_style(images: torch.Tensor, nbins: int, cells: tuple[int, ...]) -> list[torch.Tensor]:
-    """SPEC §4 evaluated the straightforward way: a separate Sobel conv per scale and per colour channel."""
+    """method §4 evaluated the straightforward way: a separate Sobel conv per scale and per colour channel."""
     x = normalize(images)  # [B, 3, H, W]
     weight = torch.stack([K0, K0.T]).unsqueeze(1)  # [2, 1, 3, 3]
     outs = []

@@ -92,7 +92,7 @@ STD = np.array([0.229, 0.224, 0.225])
 
 
 def eval_images(val_dir: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every val image through a hand-written SPEC §8 eval transform (shorter side -> floor(S/0.875) bicubic,
+    """Every val image through a hand-written method §8 eval transform (shorter side -> floor(S/0.875) bicubic,
     center crop S, ImageNet normalisation in float64 NumPy): ``[N, 3, S, S]`` float32 and labels ``[N]``."""
     from localmim.data.classify import decode_sample, iter_tar_samples
 

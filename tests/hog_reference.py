@@ -1,4 +1,4 @@
-"""Independent float64 NumPy reference for the HOG and pixel targets, written from SPEC §4 and §5 (no torch).
+"""Independent float64 NumPy reference for the HOG and pixel targets, written from method §4 and §5 (no torch).
 
 The Sobel responses are the plain 3x3 cross-correlation of the reflect-padded channel (not the separable form
 used by the code under test). For integer or dyadic-rational pixel values every product and partial sum is exact in
@@ -43,7 +43,7 @@ def bins_reference(c0: np.ndarray, c1: np.ndarray, nbins: int) -> np.ndarray:
 
 
 def pixel_histogram_reference(channel: np.ndarray, nbins: int, bias=(0.0, 0.0)) -> np.ndarray:
-    """Per-pixel one-bin histogram ``[nb, H, W]`` of one channel (SPEC §4 steps 1-5)."""
+    """Per-pixel one-bin histogram ``[nb, H, W]`` of one channel (method §4 steps 1-5)."""
     c0, c1 = sobel_reference(channel)
     c0 = c0 + float(bias[0])
     c1 = c1 + float(bias[1])
@@ -80,7 +80,7 @@ def normalize_reference(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def pixel_targets_reference(images: np.ndarray, patch: int, norm_pix: bool = True) -> np.ndarray:
-    """Per-patch pixel targets of a normalised ``[B, 3, H, W]`` batch (SPEC §5): ``[B, L, 3*P*P]``."""
+    """Per-patch pixel targets of a normalised ``[B, 3, H, W]`` batch (method §5): ``[B, L, 3*P*P]``."""
     b, c, h, w = images.shape
     out = np.zeros((b, (h // patch) * (w // patch), c * patch * patch))
     for n in range(b):

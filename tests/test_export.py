@@ -1,4 +1,4 @@
-"""Tests of the LocalMIMViT -> timm ViT export (SPEC §8.2, §13 items 14 and 16)."""
+"""Tests of the LocalMIMViT -> timm ViT export (method §8.2, §13.14 and 16)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-tuning (SPEC §8): accuracy on tiny shards, best checkpoint reproducible in plain timm, layer-decay
+"""Fine-tuning (method §8): accuracy on tiny shards, best checkpoint reproducible in plain timm, layer-decay
 scales (§8.1), position-embedding interpolation (§14.3), resume, exact data splitting."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
 
 
 def test_layer_decay_scales_match_spec(data):
-    """SPEC §8.1 for ViT: ids 0 (cls, pos, patch embed), i+1 (block i), L = D+1 (rest); scale decay^(L-id);
+    """method §8.1 for ViT: ids 0 (cls, pos, patch embed), i+1 (block i), L = D+1 (rest); scale decay^(L-id);
     no weight decay on 1-D params, pos_embed and cls_token."""
     decay, wd = 0.65, 0.05
     model = build_classifier(read_encoder(data["encoder"]), 4)
@@ -194,7 +194,7 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
 
 
 def test_swin_layer_decay_scales_match_spec():
-    """SPEC §8.1 for Swin, written out for depths (2, 2, 2, 2): patch embed 0; block j of stage s
+    """method §8.1 for Swin, written out for depths (2, 2, 2, 2): patch embed 0; block j of stage s
     2s + j + 1; the merge after stage s (timm: ``layers.{s+1}.downsample``) 2(s+1); final norm / head 9.
     Relative-position-bias tables keep weight decay; 1-D params and biases do not."""
     import timm

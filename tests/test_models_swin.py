@@ -257,7 +257,7 @@ def test_tap_grids_match_target_cells(img, p0, window, grids):
     m = LocalMIMSwin(img_size=img, patch_size=p0, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
                      window_size=window, decoder_dim=16, target="pixel")
     assert m.tap_grids == grids
-    assert [img // c for c in m.target_cells] == grids  # S / c_k = tap grid (SPEC §14.2)
+    assert [img // c for c in m.target_cells] == grids  # S / c_k = tap grid (method §14.2)
     assert m.target_cells == [2 * p0, 4 * p0, 8 * p0, 8 * p0]
 
 

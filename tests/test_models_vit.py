@@ -1,4 +1,4 @@
-"""Tests of the columnar LocalMIM model (SPEC §2, §14.1, §15, §16) and its shared building blocks."""
+"""Tests of the columnar LocalMIM model (method §2, §14.1, §15, §16) and its shared building blocks."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_resize_mask_matches_numpy(scale):
 
 
 def test_mask_weight_sums_spec15():
-    """SPEC §15: sums 16, 4, 1, 1/4 times the patch mask; times c_k^2 all equal the masked pixel area."""
+    """method §15: sums 16, 4, 1, 1/4 times the patch mask; times c_k^2 all equal the masked pixel area."""
     _, _, mask = common.random_masking(5, 196, 0.75, generator=torch.Generator().manual_seed(2))
     grid = mask.view(5, 14, 14)
     m_sum = mask.sum(1)
@@ -132,7 +132,7 @@ def test_mask_weight_sums_spec15():
         assert torch.allclose(w.sum(1) * cell**2, m_sum * p**2)
     half = common.resize_mask(grid, 0.5)
     assert set(half.unique().tolist()) <= {0.0, 0.25, 0.5, 0.75, 1.0}
-    assert ((half > 0) & (half < 1)).any()  # fractional weights are kept (SPEC §13 item 15)
+    assert ((half > 0) & (half < 1)).any()  # fractional weights are kept (method §13.15)
 
 
 def test_masked_mse_matches_numpy_and_batch_normaliser():
@@ -152,7 +152,7 @@ def test_masked_mse_shape_mismatch():
 
 
 def test_scale_head_shapes_spec26():
-    """Intermediate shapes of the four heads for d_dec=256, g=14, nb=9 (SPEC §2.6)."""
+    """Intermediate shapes of the four heads for d_dec=256, g=14, nb=9 (method §2.6)."""
     want = {
         4: [(1, 128, 28, 28), (1, 128, 28, 28), (1, 128, 28, 28), (1, 64, 56, 56), (1, 27, 56, 56)],
         2: [(1, 128, 28, 28), (1, 27, 28, 28)],
@@ -332,7 +332,7 @@ def test_masking_differs_per_sample_and_visible_counts():
 
 
 def test_grad_isolation_segments():
-    """With grad_isolate each loss only reaches the blocks of its own segment (SPEC §10.1 [X])."""
+    """With grad_isolate each loss only reaches the blocks of its own segment (method §10.1 [X])."""
     torch.manual_seed(0)
     m = LocalMIMViT(**{**MICRO, "depth": 8}, grad_isolate=True)  # taps 1, 3, 5, 7 (0-based)
     z, _, ids = m.forward_encoder(torch.randn(2, 3, 32, 32), 0.75)
@@ -418,7 +418,7 @@ def test_uint8_and_normalised_inputs_agree():
         a = m(x, generator=torch.Generator().manual_seed(2))
         b = m(normalize(x), generator=torch.Generator().manual_seed(2))
         assert torch.equal(a[2], b[2])
-        # HOG of the normalised image differs slightly at exact bin edges (SPEC §13 item 18)
+        # HOG of the normalised image differs slightly at exact bin edges (method §13.18)
         rel = 1e-2 if target == "hog" else 1e-4
         for k in a[1]:
             assert a[1][k].item() == pytest.approx(b[1][k].item(), rel=rel, abs=1e-6), (target, k)

@@ -60,7 +60,7 @@ def test_weight_decay_groups_follow_spec_2_8():
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed | plain == trainable and not decayed & plain
-    # SPEC §2.8: no decay for <= 1-D tensors and biases; the cls token and mask tokens (3-D) are decayed.
+    # method §2.8: no decay for <= 1-D tensors and biases; the cls token and mask tokens (3-D) are decayed.
     want_plain = {n for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
     assert plain == want_plain
     assert "cls_token" in decayed and any("mask_token" in n for n in decayed)
@@ -70,7 +70,7 @@ def test_weight_decay_groups_follow_spec_2_8():
 
 def test_peak_lr_scales_with_effective_batch():
     cfg = PretrainConfig(batch_size=256, accum_iter=1, blr=2e-4)
-    assert cfg.peak_lr(8) == pytest.approx(1.6e-3)  # SPEC §7 ViT-B
+    assert cfg.peak_lr(8) == pytest.approx(1.6e-3)  # method §7 ViT-B
     assert PretrainConfig(batch_size=128, accum_iter=4, blr=1.5e-4).peak_lr(8) == pytest.approx(2.4e-3)
     assert PretrainConfig(lr=1e-3).peak_lr(8) == 1e-3
     with pytest.raises(ValueError, match="warmup_epochs=5"):

@@ -193,7 +193,7 @@ PHOTOS = [
 @pytest.mark.parametrize("name,top,left,h,w", PHOTOS)
 def test_hog_uint8_photo_matches_exact_integer_hog(nbins, name, top, left, h, w):
     image = photo(name, top, left, h, w)
-    # The hard case of SPEC §13.18: many exact-zero responses inside real 8-bit photos.
+    # The hard case of method §13.18: many exact-zero responses inside real 8-bit photos.
     c0, c1 = sobel_reference(image[0, 1].numpy())
     assert np.mean(c0[1:-1, 1:-1] == 0) > 0.005 or np.mean(c1[1:-1, 1:-1] == 0) > 0.005
     cells = (4, 8, 16, 32)

@@ -1,4 +1,4 @@
-"""Params of the ``pretrain`` stage: SPEC §7 recipe with its vocabulary.
+"""Params of the ``pretrain`` stage: method §7 recipe with its vocabulary.
 
 Embedded defaults are sized for the mini ImageNet on 2 CPU cores (~1-3 minutes); the paper's ViT-B recipe
 (1600 epochs, warm-up 40, batch 256 x 8, blr 2e-4, min_lr 1e-6) is ``configs/imagenet_vit_base.yaml``.
@@ -41,7 +41,7 @@ class PretrainConfig(Section):
     min_lr: NonNeg = 1e-6
     weight_decay: NonNeg = 0.05
     betas: tuple[Beta, Beta] = (0.9, 0.95)
-    seed: Annotated[int, Field(ge=0)] = 0  # rank r uses seed + r for the masking noise (SPEC §7)
+    seed: Annotated[int, Field(ge=0)] = 0  # rank r uses seed + r for the masking noise (method §7)
     data: Literal["online", "views"] = "online"
     shuffle_buffer: Annotated[int, Field(ge=0)] = 500  # samples per DataLoader worker; 0 = shard order only
     resampled: bool = False  # draw shards with replacement (multi-node); default: every sample once per epoch
@@ -67,7 +67,7 @@ class PretrainConfig(Section):
         return self
 
     def peak_lr(self, world_size: int) -> float:
-        """Absolute peak lr: ``lr`` if set, else ``blr × batch_size × accum_iter × world_size / 256`` (SPEC §7)."""
+        """Absolute peak lr: ``lr`` if set, else ``blr × batch_size × accum_iter × world_size / 256`` (method §7)."""
         if self.lr is not None:
             return self.lr
         return self.blr * self.batch_size * self.accum_iter * world_size / 256

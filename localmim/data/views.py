@@ -14,7 +14,7 @@ fp16 or fp32. Every coarser scale is an exact mean of them followed by the L2 no
 
 View ``k`` of image ``key`` is the online augmentation of epoch ``k`` (same RNG, :func:`sample_rng`), so with
 ``targets.seed == pretrain.seed`` view mode replays the online crops and flips of the first K epochs. The flip
-is part of the view: a stored HOG cannot be flipped afterwards (method §13 item 19).
+is part of the view: a stored HOG cannot be flipped afterwards (method §13.19).
 """
 
 from __future__ import annotations

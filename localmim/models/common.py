@@ -1,4 +1,4 @@
-"""Building blocks shared by the ViT and Swin LocalMIM models (SPEC §2, §3).
+"""Building blocks shared by the ViT and Swin LocalMIM models (method §2, §3).
 
 Pure torch + timm: position embeddings, per-sample masking, mask resizing, the masked loss, the
 scale-specific decoder heads and the masked-token decoder, and the reference initialisation.
@@ -28,7 +28,7 @@ def vit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float
 
 
 def sincos_pos_embed_2d(h: int, w: int, dim: int, cls_token: bool = False) -> Tensor:
-    """Fixed 2-D sin-cos position embedding of an ``h x w`` grid (SPEC §2.9).
+    """Fixed 2-D sin-cos position embedding of an ``h x w`` grid (method §2.9).
 
     The first ``dim/2`` entries encode the column index, the last ``dim/2`` the row index; each half is
     ``[sin(x * omega), cos(x * omega)]`` with ``omega_t = 10000^(-t / (dim/4))``. Tokens are row-major.
@@ -59,7 +59,7 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, cls_token: bool = False) -> Te
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
-    """Number of kept tokens: ``max(1, floor(N * (1 - r)))`` (SPEC §2.1 step 3, guard from §14.1)."""
+    """Number of kept tokens: ``max(1, floor(N * (1 - r)))`` (method §2.1 step 3, guard from §14.1)."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     return max(1, int(num_tokens * (1 - mask_ratio)))
@@ -67,7 +67,7 @@ def num_visible(num_tokens: int, mask_ratio: float) -> int:
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample MAE-style random masking (SPEC §2.1 step 3).
+    """Per-sample MAE-style random masking (method §2.1 step 3).
 
     Args:
         batch: batch size B.
@@ -93,10 +93,10 @@ def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None,
 
 
 def resize_mask(mask_grid: Tensor, scale: float) -> Tensor:
-    """Resize a patch-level mask to a target grid and flatten it row-major (SPEC §2.4, §3.7).
+    """Resize a patch-level mask to a target grid and flatten it row-major (method §2.4, §3.7).
 
     Integer up-factors repeat each value over an ``s x s`` block (stays binary); ``1/k`` averages
-    non-overlapping ``k x k`` groups, giving fractional weights (SPEC §13 item 15: intentional).
+    non-overlapping ``k x k`` groups, giving fractional weights (method §13.15: intentional).
 
     Args:
         mask_grid: ``[B, h, w]`` mask, 1 = masked.
@@ -122,7 +122,7 @@ def resize_mask(mask_grid: Tensor, scale: float) -> Tensor:
 
 
 def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """Weighted masked MSE of SPEC §2.5.
+    """Weighted masked MSE of method §2.5.
 
     ``sum_{b,i} w[b,i] * mean_c (pred - target)^2 / sum_{b,i} w[b,i]``: the normaliser is the total weight
     of the whole batch, not per sample. Computed in float32. If the total weight is 0 (mask ratio 0) the
@@ -145,7 +145,7 @@ def masked_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 
 def build_scale_head(in_dim: int, out_dim: int, scale: float) -> nn.Sequential:
-    """Scale-specific ViT decoder head of SPEC §2.2, mapping ``[B, d, g, g]`` to ``[B, out, g*s, g*s]``.
+    """Scale-specific ViT decoder head of method §2.2, mapping ``[B, d, g, g]`` to ``[B, out, g*s, g*s]``.
 
     ``s = 2^k``: k transposed convs (kernel 2, stride 2) halving the channels, with LN2d + GELU between
     consecutive ones (s=4: TConv -> LN2d -> GELU -> TConv; s=2: TConv), then a 1x1 conv.
@@ -178,7 +178,7 @@ def build_scale_head(in_dim: int, out_dim: int, scale: float) -> nn.Sequential:
 class MaskedDecoder(nn.Module):
     """Light MAE-style decoder body: embed -> mask tokens -> unshuffle -> fixed pos -> blocks -> LN.
 
-    Shared by the ViT decoders (SPEC §2.2 steps 1-4, with a cls slot) and usable for Swin (§3.5 steps 1-4,
+    Shared by the ViT decoders (method §2.2 steps 1-4, with a cls slot) and usable for Swin (§3.5 steps 1-4,
     no cls, with a block->raster ``order``). Heads are not included.
 
     Args:
@@ -236,10 +236,10 @@ class MaskedDecoder(nn.Module):
 
 
 def init_weights_localmim(module: nn.Module) -> None:
-    """Reference initialisation (SPEC §2.7, §3.9) applied to every submodule.
+    """Reference initialisation (method §2.7, §3.9) applied to every submodule.
 
     Linear: Xavier-uniform weight, zero bias. LayerNorm (incl. LN2d): weight 1, bias 0. Conv and
-    transposed conv keep the framework default (SPEC §13 item 17). Tokens / patch embedding are
+    transposed conv keep the framework default (method §13.17). Tokens / patch embedding are
     initialised by the owning model.
     """
     for m in module.modules():

@@ -129,7 +129,7 @@ def build_classifier(
     loaded (method §8.2), fresh head.
 
     The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
-    the pre-training resolution (SPEC §14.3); ``input_size=0`` keeps the pre-training resolution.
+    the pre-training resolution (method §14.3); ``input_size=0`` keeps the pre-training resolution.
     """
     from timm.layers import trunc_normal_
 

@@ -1,17 +1,17 @@
-"""Export a pre-trained LocalMIMViT encoder to a plain timm ``VisionTransformer`` (SPEC §8.2, §13 items 14, 16).
+"""Export a pre-trained LocalMIMViT encoder to a plain timm ``VisionTransformer`` (method §8.2, §13.14, §13.16).
 
 The encoder already uses timm's ``PatchEmbed`` and ``Block``, so the blocks, patch embedding and cls token map
 key-for-key. The fixed sin-cos position embedding is copied (it becomes trainable in timm). The tap
 LayerNorms, decoders, heads and HOG biases are pre-training only and are dropped.
 
 Final norm: the reference encoder has no separate final LayerNorm; the last tap's LN plays that role
-(§13 item 16). Fine-tuning in the reference uses global average pooling over the patch tokens followed by
+(§13.16). Fine-tuning in the reference uses global average pooling over the patch tokens followed by
 a *new* LayerNorm (§8: mean -> LN -> head), i.e. timm's ``global_pool='avg', fc_norm=True``, where timm sets
 ``norm = Identity`` and ``fc_norm`` is fresh. That is our default (``final_norm='fresh'``): faithful to §8.2,
 so only ``fc_norm`` and ``head`` are missing. With ``final_norm='tap'`` the last tap LN is copied into timm's
 pre-pool ``norm`` (``fc_norm=False``) so ``forward_features`` reproduces the pre-trained top output exactly
 (tokens normalised, then pooled); only ``head`` is missing. This also makes cls-token pooling
-(``global_pool='token'``) work, which the reference cannot do (§13 item 14).
+(``global_pool='token'``) work, which the reference cannot do (§13.14).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def export_encoder(model: LocalMIMViT, final_norm: str = "fresh",
 
     Args:
         model: pre-trained LocalMIMViT (either mode).
-        final_norm: ``'fresh'`` (SPEC §8.2: new pooling LN) or ``'tap'`` (last tap LN as timm ``norm``).
+        final_norm: ``'fresh'`` (method §8.2: new pooling LN) or ``'tap'`` (last tap LN as timm ``norm``).
         global_pool: timm pooling, ``'avg'`` (reference) or ``'token'`` (only sensible with ``final_norm='tap'``).
     """
     if not isinstance(model, LocalMIMViT):
@@ -88,7 +88,7 @@ def export_encoder(model: LocalMIMViT, final_norm: str = "fresh",
 
 
 def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-    """Load an exported encoder state dict non-strictly into a timm ViT (SPEC §8.2).
+    """Load an exported encoder state dict non-strictly into a timm ViT (method §8.2).
 
     The position embedding is resampled bicubically over the patch grid when the grid differs (cls slot
     kept); a checkpoint ``head`` is dropped only if its shape differs.
@@ -119,7 +119,7 @@ def create_timm_encoder(source: LocalMIMViT | tuple[str, dict[str, Any], dict[st
     Args:
         source: the pre-trained model, or ``(name, kwargs, state_dict)`` from :func:`export_encoder`.
         num_classes: classifier classes (0: no head).
-        head_init_std: truncated-normal std of a new head, zero bias (SPEC §8: 2e-5).
+        head_init_std: truncated-normal std of a new head, zero bias (method §8: 2e-5).
         **timm_overrides: extra/overriding timm kwargs, e.g. ``img_size=96``, ``drop_path_rate=0.1``.
 
     Raises:

@@ -14,16 +14,16 @@ from torch import nn
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Param groups with ``lr_scale`` and ``weight_decay`` following SPEC §8.1.
+    """Param groups with ``lr_scale`` and ``weight_decay`` following method §8.1.
 
-    ViT: timm's ``param_groups_layer_decay`` matches SPEC §8.1 exactly. Its ``group_matcher`` puts cls
+    ViT: timm's ``param_groups_layer_decay`` matches method §8.1 exactly. Its ``group_matcher`` puts cls
     token, position and patch embedding in group 0, ``blocks.i`` in group i+1 and every unmatched name
     (``fc_norm``, ``head``) in the last group L = depth+1; scale = decay^(L - id). No weight decay for ≤1-D
     tensors and ``model.no_weight_decay()`` (``pos_embed``, ``cls_token``).
 
-    Swin: timm's grouping differs from SPEC §8.1 in three places (it gives a patch-merging layer the id of
+    Swin: timm's grouping differs from method §8.1 in three places (it gives a patch-merging layer the id of
     the next stage's first block, the final norm the last block's id, and lists the relative-position-bias
-    tables as no-decay), so :func:`swin_layer_decay_groups` builds the SPEC groups directly.
+    tables as no-decay), so :func:`swin_layer_decay_groups` builds the method §8.1 groups directly.
     """
     from timm.models.swin_transformer import SwinTransformer
     from timm.optim import param_groups_layer_decay
@@ -35,9 +35,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 def swin_layer_id(name: str, depths: list[int]) -> int:
-    """SPEC §8.1 Swin layer id of a timm ``SwinTransformer`` parameter name.
+    """method §8.1 Swin layer id of a timm ``SwinTransformer`` parameter name.
 
-    timm runs the merge of stage s-1 at the start of stage s (``layers.{s}.downsample``); SPEC gives the merge
+    timm runs the merge of stage s-1 at the start of stage s (``layers.{s}.downsample``); method §8.1 gives the merge
     after stage s-1 the id of that stage's last block, Σ_{t<s} depths[t].
     """
     if name.startswith("patch_embed"):
@@ -53,7 +53,7 @@ def swin_layer_id(name: str, depths: list[int]) -> int:
 
 
 def swin_layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """SPEC §8.1 groups for a timm Swin: scale decay^(Dsum+1-id); no weight decay on 1-D params, biases and an
+    """method §8.1 groups for a timm Swin: scale decay^(Dsum+1-id); no weight decay on 1-D params, biases and an
     absolute position embedding; relative-position-bias tables keep weight decay."""
     return param_groups_with_decay(model, model, "", weight_decay, layer_decay)
 

@@ -1,9 +1,9 @@
-"""Pyramidal (Swin) LocalMIM model and its top-only baseline (SPEC §3, §14.2).
+"""Pyramidal (Swin) LocalMIM model and its top-only baseline (method §3, §14.2).
 
 The encoder computes only the visible tokens of a block-wise mask shared by the batch (mask unit = one cell of
 the final G x G grid). Taps "stage k + patch merging" (k = 1..3) and the stage-4 output each get their own
 LayerNorm and a light decoder that predicts, over the whole tap grid, a target whose cell equals the tap stride:
-HOG (SPEC §4) or per-patch-normalised pixels (SPEC §5) with cell sides (2p0, 4p0, 8p0, 8p0). The multi-scale
+HOG (method §4) or per-patch-normalised pixels (method §5) with cell sides (2p0, 4p0, 8p0, 8p0). The multi-scale
 structure comes from the hierarchy, so the decoders have no up/down-sampling.
 """
 
@@ -47,11 +47,11 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
         decoder_heads: Heads per decoder.
         target: ``'hog'`` or ``'pixel'``.
         hog_nbins: HOG orientation bins nb.
-        hog_bias: One frozen random Sobel bias per tap (SPEC §4 step 1), kept in the state dict.
+        hog_bias: One frozen random Sobel bias per tap (method §4 step 1), kept in the state dict.
         norm_pix_loss: Per-patch normalisation of pixel targets.
         mode: ``'localmim'`` (4 taps) or ``'mae'`` (one decoder on the stage-4 tap, SimMIM/GreenMIM-style).
         reference_mask_count: Mask ``floor(r*N_m)+1`` cells as the reference does, instead of
-            ``N_m - max(1, floor(N_m(1-r)))`` (SPEC §14.2).
+            ``N_m - max(1, floor(N_m(1-r)))`` (method §14.2).
         drop_path_rate: Encoder stochastic depth (0 in pre-training).
         attn_impl: Visible-token attention: ``'auto'``, ``'packed'`` or ``'dense'`` (see ``SwinVisibleEncoder``).
         dense_max_tokens: With ``'auto'``, blocks with at most this many visible tokens use one dense attention
@@ -85,7 +85,7 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
                           mlp_ratio=mlp_ratio) for k, w, g in zip(self.taps, widths, self.tap_grids, strict=True))
         self.heads = nn.ModuleList(nn.Linear(w, f) for w, f in zip(widths, self.target_dims, strict=True))
         if target == "hog" and hog_bias:
-            # one independent frozen (beta0, beta1) per tap, drawn at construction (SPEC §4 step 1, §13 item 13)
+            # one independent frozen (beta0, beta1) per tap, drawn at construction (method §4 step 1, §13.13)
             self.register_buffer("hog_biases", torch.stack([T.make_hog_bias() for _ in self.taps]))  # [K, 2]
         else:
             self.hog_biases = None
@@ -106,21 +106,21 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
     def _init_weights(self) -> None:
         init_weights_localmim(self)  # Linear xavier / zero bias, LN 1/0; rel-pos tables keep timm's trunc_normal .02
         w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # flattened (C, 3*p0*p0) view (SPEC §3.9)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # flattened (C, 3*p0*p0) view (method §3.9)
         for dec in self.decoders:
             nn.init.normal_(dec.mask_token, std=0.02)
 
     # ----------------------------------------------------------------------------------------- masking
 
     def draw_mask(self, mask_ratio: float, generator: torch.Generator | None = None) -> Tensor:
-        """One block-wise cell mask for the whole batch: bool ``[G*G]`` on the CPU, True = masked (SPEC §3.2)."""
+        """One block-wise cell mask for the whole batch: bool ``[G*G]`` on the CPU, True = masked (method §3.2)."""
         return draw_cell_mask(self.grid**2, mask_ratio, self.reference_mask_count, generator)
 
     def _fill_index(self, cell_mask: Tensor, side: int) -> Tensor:
         """Raster position on the tap grid -> row of ``[visible tokens (block order)..., masked tokens...]``.
 
         This is the restore permutation (visible first, masked after, each in increasing block order) composed
-        with the block -> raster reordering of SPEC §3.5 step 2, using G (not 7).
+        with the block -> raster reordering of method §3.5 step 2, using G (not 7).
         """
         g, area = self.grid, side * side
         block_pos = torch.cat([(~cell_mask).nonzero()[:, 0], cell_mask.nonzero()[:, 0]]).argsort()  # [G*G] cell->slot
@@ -182,7 +182,7 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
         return [norm(taps[k].flatten(1, 2)) for norm, k in zip(self.tap_norms, self.taps, strict=True)]
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters excluded from weight decay besides ndim <= 1: rel-pos tables and tokens (SPEC §3.9)."""
+        """Parameters excluded from weight decay besides ndim <= 1: rel-pos tables and tokens (method §3.9)."""
         return {n for n, _ in self.named_parameters() if "position_bias" in n or "token" in n}
 
 
@@ -201,8 +201,8 @@ def export_swin_encoder(model: LocalMIMSwin, include_final_norm: bool = False) -
         ``(timm_name, timm_kwargs, state_dict)``: :func:`swin_label` names the model; ``timm_kwargs`` is
         JSON-serialisable and carries the full architecture (img/patch/window size, widths, depths, heads), so
         ``timm.models.SwinTransformer(**timm_kwargs)`` builds it (``encoder_io.create_timm_model``). It leaves
-        timm's LayerNorm eps (1e-5): pre-training uses 1e-6 (SPEC §3.1) and the reference fine-tunes with 1e-5
-        too (SPEC §13 item 10, minor); add ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to reproduce the
+        timm's LayerNorm eps (1e-5): pre-training uses 1e-6 (method §3.1) and the reference fine-tunes with 1e-5
+        too (method §13.10, minor); add ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` to reproduce the
         pre-trained encoder bit for bit.
     """
     kwargs = {k: v for k, v in model.encoder.timm_kwargs.items() if k != "norm_layer"}
@@ -260,15 +260,15 @@ _ARCHS = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7),
     "base_w14": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=14),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=14),  # SPEC §6.2
-    # small-image variants (SPEC §14.2): 64 px, p0 = 2 -> stages 32/16/8/4, G = 4 (16 cells), w = 4
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=14),  # method §6.2
+    # small-image variants (method §14.2): 64 px, p0 = 2 -> stages 32/16/8/4, G = 4 (16 cells), w = 4
     "tiny_p2_64": dict(img_size=64, patch_size=2, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                        window_size=4),
     "nano_p2_64": dict(img_size=64, patch_size=2, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
                        window_size=4, decoder_dim=32),
 }
-# Swin recipes (SPEC §7): HOG nb 18 with bias, d_dec 128. The small-image variants have no reference recipe [X]:
-# nb 9 without bias, so HOG is computed exactly from the uint8 pixels (SPEC §13 item 18).
+# Swin recipes (method §7): HOG nb 18 with bias, d_dec 128. The small-image variants have no reference recipe [X]:
+# nb 9 without bias, so HOG is computed exactly from the uint8 pixels (method §13.18).
 _SMALL_TARGETS = dict(hog_nbins=9, hog_bias=False)
 
 

@@ -1,16 +1,16 @@
-"""Swin encoder that computes only the visible tokens of a block-wise mask (SPEC §3.1-3.4).
+"""Swin encoder that computes only the visible tokens of a block-wise mask (method §3.1-3.4).
 
 The parameters are timm's own Swin modules (``patch_embed``, ``layers.{i}.downsample``, ``layers.{i}.blocks.{j}``
 with ``attn.qkv``, ``attn.relative_position_bias_table``, ``norm1``, ``mlp`` ...), so a state dict maps onto
 ``timm.models.swin_transformer.SwinTransformer`` by stripping a prefix. Only the attention computation is
 replaced on the visible-token path: each visible token attends to the visible tokens of its (shifted) window,
 with windows and relative-position bias taken from its true grid coordinates at every stage (this fixes the
-reference's stage-2/3 coordinate bug, SPEC §13.8).
+reference's stage-2/3 coordinate bug, method §13.8).
 
 timm places patch merging at the START of stages 2-4 (``layers[1..3].downsample``); the LocalMIM taps "stage k
 + merge" (k = 1..3) are therefore the outputs of ``layers[k].downsample``, and tap 4 is the output of
 ``layers[3].blocks``. Patch merging uses timm's channel order, (0,0), (1,0), (0,1), (1,1) as (row, col), in
-pre-training and fine-tuning alike (SPEC §13.9).
+pre-training and fine-tuning alike (method §13.9).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ NUM_STAGES = 4
 
 
 def validate_swin_geometry(img_size: int, patch_size: int, window_size: int, embed_dim: int, num_heads) -> None:
-    """Raise ValueError naming the numbers when a Swin configuration cannot run (SPEC §14.2)."""
+    """Raise ValueError naming the numbers when a Swin configuration cannot run (method §14.2)."""
     if img_size % (8 * patch_size):
         raise ValueError(f"img_size={img_size} must be divisible by 8*patch_size={8 * patch_size}")
     grid = img_size // (8 * patch_size)

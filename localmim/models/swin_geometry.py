@@ -1,4 +1,4 @@
-"""Index bookkeeping for the visible-only Swin encoder (SPEC §3.2-3.3, §14.2).
+"""Index bookkeeping for the visible-only Swin encoder (method §3.2-3.3, §14.2).
 
 All functions here run on the host (CPU) on tiny integer tensors: the block-wise mask is shared by the whole
 batch, so token coordinates, window membership and relative-position indices do not depend on the images.
@@ -19,7 +19,7 @@ import torch
 def draw_cell_mask(
     num_cells: int, mask_ratio: float, reference_count: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw one block-wise mask over the final-grid cells, shared by the batch (SPEC §3.2, §14.2).
+    """Draw one block-wise mask over the final-grid cells, shared by the batch (method §3.2, §14.2).
 
     Args:
         num_cells: Number of final-grid cells ``N_m = G**2``.

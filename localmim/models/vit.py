@@ -1,4 +1,4 @@
-"""Columnar (plain ViT) LocalMIM model and its single-tap MAE baseline (SPEC §2, §14.1, §10.1).
+"""Columnar (plain ViT) LocalMIM model and its single-tap MAE baseline (method §2, §14.1, §10.1).
 
 The encoder sees only the visible patches. Four intermediate blocks are tapped; each tap has its own
 LayerNorm, its own light decoder and its own reconstruction loss against a target at scale ``s_k``
@@ -34,10 +34,10 @@ LOCALMIM_SCALES = (4, 2, 1, 0.5)
 
 
 def default_taps(depth: int) -> list[int]:
-    """0-based tapped blocks: ``[1, 3, D-3, D-1]`` for D >= 7 (SPEC §2.1 step 6).
+    """0-based tapped blocks: ``[1, 3, D-3, D-1]`` for D >= 7 (method §2.1 step 6).
 
-    For 4 <= D < 7 the reference indices repeat (SPEC §13 item 5); we use distinct increasing taps that
-    keep "two low, two high" (SPEC §14.1 [X]): ``[0, 1, D-2, D-1]``, e.g. D=4 -> 0,1,2,3 and D=6 -> 0,1,4,5.
+    For 4 <= D < 7 the reference indices repeat (method §13.5); we use distinct increasing taps that
+    keep "two low, two high" (method §14.1 [X]): ``[0, 1, D-2, D-1]``, e.g. D=4 -> 0,1,2,3 and D=6 -> 0,1,4,5.
     """
     if depth < 4:
         raise ValueError(f"LocalMIM needs 4 distinct taps, so encoder depth must be >= 4, got {depth}")
@@ -57,12 +57,12 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
         decoder_dim: decoder width d_dec (divisible by 4 and by ``decoder_heads``).
         decoder_depth: blocks per decoder.
         decoder_heads: attention heads per decoder.
-        target: ``'hog'`` or ``'pixel'`` (per-patch pixels, SPEC §5 [X] for ViT).
+        target: ``'hog'`` or ``'pixel'`` (per-patch pixels, method §5 [X] for ViT).
         hog_nbins: HOG orientation bins nb.
-        hog_bias: draw one frozen random Sobel bias per tap (SPEC §4 step 1); kept in the state dict.
+        hog_bias: draw one frozen random Sobel bias per tap (method §4 step 1); kept in the state dict.
         norm_pix_loss: per-patch normalisation of pixel targets.
         mode: ``'localmim'`` (4 taps, scales 4/2/1/½) or ``'mae'`` (top layer only, scale 1).
-        grad_isolate: stop the gradient after each tap (SPEC §10.1, our interpretation [X]).
+        grad_isolate: stop the gradient after each tap (method §10.1, our interpretation [X]).
     """
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, embed_dim: int = 768,
@@ -88,7 +88,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
 
         self.patch_embed = PatchEmbed((h, w), patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed sin-cos with a zero cls slot; a persistent buffer so the export can copy it (SPEC §8.2).
+        # Fixed sin-cos with a zero cls slot; a persistent buffer so the export can copy it (method §8.2).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.grid_size, embed_dim, cls_token=True)[None])
         self.blocks = nn.ModuleList(vit_block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.tap_norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=LN_EPS) for _ in self.taps)
@@ -98,7 +98,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
         self.heads = nn.ModuleList(
             build_scale_head(decoder_dim, f, s) for f, s in zip(self.target_dims, self.scales, strict=True))
         if target == "hog" and hog_bias:
-            # One independent frozen bias (beta0, beta1) per tap scale, drawn at construction (SPEC §13 item 13).
+            # One independent frozen bias (beta0, beta1) per tap scale, drawn at construction (method §13.13).
             self.register_buffer("hog_biases", torch.stack([T.make_hog_bias() for _ in self.taps]))  # [K, 2]
         else:
             self.hog_biases = None
@@ -129,7 +129,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
             raise ValueError(f"hog_nbins must be >= 1, got {self.hog_nbins}")
 
     def _init_weights(self) -> None:
-        init_weights_localmim(self)  # Linear xavier / LN 1,0; convs keep the default (SPEC §2.7)
+        init_weights_localmim(self)  # Linear xavier / LN 1,0; convs keep the default (method §2.7)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # on the flattened (d, 3*p*p) view
         nn.init.normal_(self.cls_token, std=0.02)
@@ -149,7 +149,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
             if i in self.taps:
                 taps.append(self.tap_norms[len(taps)](x))
                 if self.grad_isolate:
-                    x = x.detach()  # blocks up to tap k learn only from L_k (SPEC §10.1 [X])
+                    x = x.detach()  # blocks up to tap k learn only from L_k (method §10.1 [X])
         return taps
 
     def forward_encoder(self, x: Tensor, mask_ratio: float, generator: torch.Generator | None = None):
@@ -209,7 +209,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
         return loss, {n: v.detach() for n, v in losses.items()}, mask
 
     def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay beyond the ``ndim <= 1`` rule (none: SPEC §2.8 decays tokens)."""
+        """Names excluded from weight decay beyond the ``ndim <= 1`` rule (none: method §2.8 decays tokens)."""
         return set()
 
     @property
@@ -227,12 +227,12 @@ _ENCODERS = {
     "base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
 }
-# LocalMIM decoders: 256/1/8 for every reference size (SPEC §2.2); d_dec <= d for the small-image models (§14.1).
+# LocalMIM decoders: 256/1/8 for every reference size (method §2.2); d_dec <= d for the small-image models (§14.1).
 _LOCALMIM_DECODERS = {
     "micro_patch8": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
     "tiny_patch8": dict(decoder_dim=128, decoder_depth=1, decoder_heads=4),
 }
-# ViT-L recipe: HOG nb 18 with bias (SPEC §7); others nb 9 without bias.
+# ViT-L recipe: HOG nb 18 with bias (method §7); others nb 9 without bias.
 _TARGETS = {"large_patch16": dict(hog_nbins=18, hog_bias=True)}
 # MAE baselines: standard 512/8/16 decoder for S/B/L; small decoders for the tiny models.
 _MAE_DECODERS = {

@@ -1,4 +1,4 @@
-"""``localmim pretrain --out DIR``: masked image modeling pre-training (SPEC §7), exported as a timm encoder.
+"""``localmim pretrain --out DIR``: masked image modeling pre-training (method §7), exported as a timm encoder.
 
 Launch under ``torchrun`` for several processes (the DAG does: ``pretrain.nproc_per_node``). Reads the raw
 train shards (``pretrain.data: online``) or the view shards of ``localmim targets`` (``views``). Resumable

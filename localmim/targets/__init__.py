@@ -1,4 +1,4 @@
-"""Reconstruction targets: multi-scale HOG (SPEC §4) and per-patch-normalised pixels (SPEC §5).
+"""Reconstruction targets: multi-scale HOG (method §4) and per-patch-normalised pixels (method §5).
 
 Pure torch, no gradients, device follows the input.
 """

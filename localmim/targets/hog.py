@@ -1,11 +1,11 @@
-"""Multi-scale HOG targets (SPEC §4, §13.18).
+"""Multi-scale HOG targets (method §4, §13.18).
 
 Per colour channel: Sobel responses ``c0`` (kernel K0) and ``c1`` (K1 = K0^T) with reflect padding, magnitude
 ``sqrt(c0^2 + c1^2)``, hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb``, a one-bin histogram per
 pixel, mean pooling over ``c x c`` cells, and an L2 normalisation of each cell's ``nb``-vector per channel. Features
 are ordered ``[R bins, G bins, B bins]``.
 
-Exactness (SPEC §13.18): every orientation that lies exactly on a bin edge must land in the bin that exact arithmetic
+Exactness (method §13.18): every orientation that lies exactly on a bin edge must land in the bin that exact arithmetic
 gives. Three choices guarantee it:
 
 * Responses are differences of identically computed ``[1, 2, 1]`` sums, so they are exactly 0 wherever the exact
@@ -38,7 +38,7 @@ NUM_CHANNELS = 3
 
 
 def make_hog_bias(generator: torch.Generator | None = None) -> Tensor:
-    """Draw a frozen Sobel bias ``(beta0, beta1)`` from U(-1/3, 1/3) (SPEC §4 step 1).
+    """Draw a frozen Sobel bias ``(beta0, beta1)`` from U(-1/3, 1/3) (method §4 step 1).
 
     This is the default init of a 1-in-channel 3x3 conv bias (bound ``1/sqrt(9)``). Models store it as a buffer.
 
@@ -53,7 +53,7 @@ def make_hog_bias(generator: torch.Generator | None = None) -> Tensor:
 
 @torch.no_grad()
 def sobel_responses(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Raw Sobel responses of every colour channel (SPEC §4 step 1, without bias).
+    """Raw Sobel responses of every colour channel (method §4 step 1, without bias).
 
     ``c0 = S_v[:, j-1] - S_v[:, j+1]`` and ``c1 = S_h[i-1, :] - S_h[i+1, :]``, where ``S_v`` / ``S_h`` are the
     ``[1, 2, 1]`` sums down the rows / along the columns of the reflect-padded image. This equals the 3x3
@@ -76,7 +76,7 @@ def sobel_responses(images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def orientation_bins(c0: Tensor, c1: Tensor, nbins: int) -> Tensor:
-    """Hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` (SPEC §4 steps 3-4).
+    """Hard unsigned orientation bin ``floor(atan2(c0, c1) * nb / pi) mod nb`` (method §4 steps 3-4).
 
     Exact for integer responses (the uint8 path): ties on bin edges get the exact-arithmetic bin, and every other
     integer pair (``|c| <= 1020``: at least 5e-7 bins away from an edge) is binned by a float64 angle. Shape-static
@@ -169,7 +169,7 @@ def _check_nbins(nbins: int) -> None:
 
 @torch.no_grad()
 def pixel_histograms(images: Tensor, nbins: int, bias: Tensor | None = None) -> Tensor:
-    """Per-pixel orientation histograms, before cell pooling (SPEC §4 steps 1-5).
+    """Per-pixel orientation histograms, before cell pooling (method §4 steps 1-5).
 
     Args:
         images: uint8 ``[B, 3, H, W]`` (0..255) or floating normalised model input.
@@ -188,7 +188,7 @@ def pixel_histograms(images: Tensor, nbins: int, bias: Tensor | None = None) -> 
 @torch.no_grad()
 def cell_histograms(images: Tensor, nbins: int, cell: int, bias: Tensor | None = None) -> Tensor:
     """Un-normalised cell histograms, ``pool_cells(pixel_histograms(images, nbins, bias), cell)`` without the
-    per-pixel map on CPU (SPEC §4 steps 1-6): the map to store for ``hog_from_pooled``.
+    per-pixel map on CPU (method §4 steps 1-6): the map to store for ``hog_from_pooled``.
 
     Args:
         images: uint8 ``[B, 3, H, W]`` (0..255) or floating normalised model input.
@@ -208,7 +208,7 @@ def cell_histograms(images: Tensor, nbins: int, cell: int, bias: Tensor | None =
 
 @torch.no_grad()
 def pool_cells(hist: Tensor, cell: int) -> Tensor:
-    """Mean over non-overlapping ``cell x cell`` cells (SPEC §4 step 6), un-normalised, float32."""
+    """Mean over non-overlapping ``cell x cell`` cells (method §4 step 6), un-normalised, float32."""
     if hist.ndim != 4:
         raise ValueError(f"histograms must be [B, F, H, W], got shape {tuple(hist.shape)}")
     check_divides(cell, hist.shape[2], hist.shape[3], "cell")
@@ -218,7 +218,7 @@ def pool_cells(hist: Tensor, cell: int) -> Tensor:
 
 @torch.no_grad()
 def normalize_cells(pooled: Tensor, nbins: int) -> Tensor:
-    """L2-normalise each cell's nb-vector per colour channel: ``v / max(||v||, 1e-12)`` (SPEC §4 step 7).
+    """L2-normalise each cell's nb-vector per colour channel: ``v / max(||v||, 1e-12)`` (method §4 step 7).
 
     Args:
         pooled: ``[B, C*nb, h, w]`` cell histograms (any float dtype).
@@ -256,7 +256,7 @@ def _check_cells(cells: Sequence[int], h: int, w: int) -> list[int]:
 @torch.no_grad()
 def hog_multiscale(images: Tensor, nbins: int, cells: Sequence[int],
                    biases: Sequence[Tensor | None] | None = None) -> list[Tensor]:
-    """HOG at several cell sizes from one gradient pass (SPEC §2.3, §3.6, §4).
+    """HOG at several cell sizes from one gradient pass (method §2.3, §3.6, §4).
 
     Without biases the histogram is built once, at the greatest common divisor of the cell sizes, and pooled to
     every cell size (coarser cells from finer ones; a mean of means is exact). With per-scale biases the gradients
@@ -297,7 +297,7 @@ def hog_multiscale(images: Tensor, nbins: int, cells: Sequence[int],
 
 @torch.no_grad()
 def hog(images: Tensor, nbins: int = 9, cell: int = 16, bias: Tensor | None = None) -> Tensor:
-    """HOG feature map at one cell size (SPEC §4).
+    """HOG feature map at one cell size (method §4).
 
     Args:
         images: uint8 ``[B, 3, H, W]`` (0..255; exact integer computation when ``bias`` is None, otherwise treated as

@@ -1,4 +1,4 @@
-"""Image normalisation and per-patch-normalised pixel targets (SPEC §5, §7)."""
+"""Image normalisation and per-patch-normalised pixel targets (method §5, §7)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def normalize(images_uint8: Tensor) -> Tensor:
-    """Model input from 8-bit images: ``(x / 255 - mean) / std`` per channel (SPEC §7).
+    """Model input from 8-bit images: ``(x / 255 - mean) / std`` per channel (method §7).
 
     Args:
         images_uint8: uint8 tensor ``[..., 3, H, W]`` with values 0..255.
@@ -68,7 +68,7 @@ def normalize(images_uint8: Tensor) -> Tensor:
 
 @torch.no_grad()
 def pixel_targets(images: Tensor, patch: int, norm_pix: bool = True) -> Tensor:
-    """Per-patch pixel targets (SPEC §3.6, §5).
+    """Per-patch pixel targets (method §3.6, §5).
 
     Args:
         images: uint8 ``[B, 3, H, W]`` (normalised with ImageNet mean/std first) or floating, already normalised.

@@ -1,8 +1,8 @@
-"""AdamW with the weight-decay grouping of SPEC §2.8 / §3.9, built on timm's param-group helper.
+"""AdamW with the weight-decay grouping of method §2.8 / §3.9, built on timm's param-group helper.
 
 No weight decay on parameters with ≤ 1 dimension and on biases (timm's rule), nor on the names a model lists
 in ``no_weight_decay()`` (timm convention: the Swin models list ``token`` / ``position_bias`` names there; the
-ViT pre-training model lists nothing, so its cls and mask tokens *do* get decay, as in SPEC §2.8). Frozen
+ViT pre-training model lists nothing, so its cls and mask tokens *do* get decay, as in method §2.8). Frozen
 parameters (fixed sin-cos position embeddings) are skipped.
 """
 

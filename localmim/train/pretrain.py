@@ -1,4 +1,4 @@
-"""Masked-image-modeling pre-training loop (SPEC §7), resumable and distributed.
+"""Masked-image-modeling pre-training loop (method §7), resumable and distributed.
 
 ``run_pretrain(cfg, data_dir, ckpt_dir, log_fn)`` trains a ``localmim.models`` pre-training model (LocalMIM or the
 MAE baseline) and returns it with summary metrics. The same function serves the ``pretrain`` stage, the

@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedule of SPEC §7: linear warm-up, then half-cycle cosine to ``min_lr``."""
+"""Per-iteration learning-rate schedule of method §7: linear warm-up, then half-cycle cosine to ``min_lr``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class WarmupCosine:
-    """lr as a function of the fractional epoch ``e`` (SPEC §7).
+    """lr as a function of the fractional epoch ``e`` (method §7).
 
     ``lr·e/W`` for ``e < W``, then ``min_lr + (lr - min_lr)·½·(1 + cos(π(e - W)/(E - W)))``.
     Parameter groups may carry an ``lr_scale`` (layer-wise decay in fine-tuning); :meth:`apply` multiplies it in.
