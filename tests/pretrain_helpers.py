@@ -32,3 +32,16 @@ def make_shards(out: Path, n: int = 24, per_shard: int = 5, seed: int = 0, size=
         shards.append({"name": name, "num_samples": min(n, s + per_shard) - s})
     (out / "train.json").write_text(json.dumps({"classes": ["a", "b", "c"], "shards": shards}))
     return keys
+
+
+class FixedBatches:
+    """A fixed list of uint8 image batches, read the way the pretraining loop reads its loader."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        return iter(self.batches[skip:])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_env, run_cli
-from pretrain_helpers import make_shards
+from pretrain_helpers import FixedBatches, make_shards
 
 from localmim.config.pretrain import PretrainConfig
 from localmim.models import create
@@ -80,19 +80,6 @@ def test_peak_lr_scales_with_effective_batch():
 # ------------------------------------------------------------------------------------ accumulation / GPU path
 
 
-class _Batches:
-    """A fixed list of uint8 image batches, read the way the loop reads its loader."""
-
-    def __init__(self, batches: list[torch.Tensor]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def epoch(self, epoch: int, skip: int = 0):
-        return iter(self.batches[skip:])
-
-
 def _cfg_const_lr(**kw) -> PretrainConfig:
     """TINY with a constant lr (no warm-up, min_lr = lr): configs with different step counts see the same lr."""
     return PretrainConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0, "lr": 1e-3, "min_lr": 1e-3, **kw})
@@ -116,7 +103,7 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_pa
 
     def train(batches: list[torch.Tensor], accum: int) -> dict[str, torch.Tensor]:
         cfg = _cfg_const_lr(accum_iter=accum, batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
-        run = make_run(cfg, dist, _Batches(batches), tmp_path)
+        run = make_run(cfg, dist, FixedBatches(batches), tmp_path)
         run.opt = torch.optim.SGD(run.model.parameters(), lr=0.0)
         train_one_epoch(run, 0)
         return {k: v - init[k] for k, v in run.model.state_dict().items() if v.is_floating_point()}  # the updates
@@ -142,7 +129,7 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
 
     cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda", hog_bias=bias)
     batches = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory() for _ in range(3)]
-    run = P.make_run(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), _Batches(batches), tmp_path)
+    run = P.make_run(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), FixedBatches(batches), tmp_path)
     read = P._Meter.read
 
     def read_allowed(self, *a, **kw):

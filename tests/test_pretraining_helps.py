@@ -20,6 +20,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from pretrain_helpers import FixedBatches
 
 from localmim.config.linprobe import LinprobeConfig
 from localmim.config.pretrain import PretrainConfig
@@ -50,17 +51,6 @@ def gratings(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
-class _Batches:
-    def __init__(self, batches: list[torch.Tensor]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def epoch(self, epoch: int, skip: int = 0):
-        return iter(self.batches[skip:])
-
-
 def _probe_top1(model, train, val) -> float:
     """The linprobe stage's pieces: exported encoder -> frozen timm features -> BN + linear head (last epoch)."""
     name, kwargs, state = export_encoder(model.eval())
@@ -80,7 +70,7 @@ def test_pretrained_encoder_probes_far_better_than_its_random_init(tmp_path):
     cfg = PretrainConfig(model="localmim_vit_micro_patch8", input_size=32, batch_size=32, epochs=1,
                          warmup_epochs=0.05, lr=3e-3, min_lr=3e-3, seed=0, num_workers=0, log_every=200,
                          ckpt_minutes=0, device="cpu")
-    run = make_run(cfg, DistInfo(0, 1, 0, torch.device("cpu")), _Batches(batches), tmp_path)
+    run = make_run(cfg, DistInfo(0, 1, 0, torch.device("cpu")), FixedBatches(batches), tmp_path)
     random_init = copy.deepcopy(run.model)
     train_one_epoch(run, 0)
     pre, rand = _probe_top1(run.model, train, val), _probe_top1(random_init, train, val)
