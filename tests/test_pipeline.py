@@ -143,13 +143,20 @@ def test_snakemake_run_leaves_dvc_clean(repo):
 def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     out = _dvc(repo, "exp", "run", "-n", "mask06", "-S", "pretrain.mask_ratio=0.6")
-    assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == {"pretrain", "finetune", "linprobe"}
+    assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == {"pretrain", "finetune", "linprobe", "summary"}
 
     show = json.loads(_dvc(repo, "exp", "show", "--json"))
     exps = {r["name"]: r["data"] for base in show for e in base.get("experiments") or [] for r in e["revs"]}
     top1 = exps["mask06"]["metrics"]["metrics/finetune.json"]["data"]["top1"]
     assert top1 == json.loads((repo / "metrics/finetune.json").read_text())["top1"]
     assert exps["mask06"]["params"]["params.yaml"]["data"]["pretrain"]["mask_ratio"] == 0.6
+
+    # The readable default table (`make exps`): the key params and headline metrics, not every key.
+    from localmim.stages.dag import KEY_PARAMS, exp_show_args
+
+    header = _dvc(repo, "exp", "show", "--csv", *exp_show_args()).splitlines()[0].split(",")
+    assert set(KEY_PARAMS) <= set(header) and "metrics/finetune.json:top1" in header
+    assert len(header) <= len(KEY_PARAMS) + 8, header
 
 
 def test_mode_switch_runs_targets_without_regenerating_files(repo):
@@ -203,6 +210,19 @@ def test_unreachable_tracking_server_stops_stage_before_work(repo_copy):
 def test_committed_dag_is_current():
     p = run_cli("dag", "--check")
     assert p.returncode == 0, p.stderr
+
+
+def test_snakemake_report_holds_metrics_plots_and_params(repo, tmp_path):
+    import zipfile
+
+    _smk(repo, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        names = z.namelist()
+        html = z.read(next(n for n in names if n.endswith("report.html"))).decode()
+    assert {"metrics.png", "metrics.tsv", "finetune.json", "pretrain.json"} <= {Path(n).name for n in names}
+    png = next(n for n in names if n.endswith("metrics.png"))
+    assert zipfile.ZipFile(tmp_path / "report.zip").read(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "'mask_ratio': " in html  # the rules' params
 
 
 def _sbatch_calls(state: Path) -> dict[str, list[str]]:

@@ -14,7 +14,8 @@ which ``dvc exp run -S`` edits. See docs/reproducing.md.
 from __future__ import annotations
 
 import argparse
-import json
+import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Node:
     resources: dict[str, Any] = field(default_factory=dict)
     launcher: str | None = None  # "torchrun": run ``cmd`` under torch.distributed through localmim.utils.launch
     smk_params: dict[str, str] | None = None
+    report: list[str] = field(default_factory=list)  # outputs shown in `snakemake --report` (besides metrics)
 
     @property
     def section(self) -> str:
@@ -60,6 +62,8 @@ class Node:
         if self.launcher not in (None, TORCHRUN):
             raise ValueError(f"node {self.name}: unknown launcher {self.launcher!r}")
         rest = self.cmd.removeprefix("localmim ")
+        if not self.params:  # a command that reads no params (e.g. the summary)
+            return self.cmd if tool == "dvc" else f"python -m localmim.cli {rest} 2>&1 | tee {{log}}"
         if tool == "dvc":
             if self.launcher is None:
                 return self.cmd
@@ -103,7 +107,16 @@ def pipeline() -> list[Node]:
         )
     nodes += pretrain_nodes()
     nodes += evaluation_nodes()
+    nodes.append(summary_node(nodes))
     return nodes
+
+
+def summary_node(nodes: list[Node]) -> Node:
+    """The results table and plot of every stage's metrics (``localmim report --out reports``), for the Snakemake
+    report and ``dvc plots show``; keep it last."""
+    metrics = [m for n in nodes for m in n.metrics]
+    return Node("summary", "localmim report --out reports", params=[], deps=metrics, outs=["reports/metrics.tsv"],
+                plots=["reports/metrics.png"], report=["reports/metrics.tsv", "reports/metrics.png"])
 
 
 def pretrain_nodes() -> list[Node]:
@@ -136,8 +149,19 @@ def evaluation_nodes() -> list[Node]:
     ]
 
 
-# Params shown by `make exps` (`dvc exp show`) besides those that differ between experiments.
+# The default experiments table (`make exps`): these params and the headline metrics of every stage.
 KEY_PARAMS = ["pretrain.model", "pretrain.mask_ratio", "pretrain.epochs", "pretrain.data", "finetune.epochs"]
+KEY_METRICS = ["final_loss", "top1"]
+
+
+def exp_show_args() -> list[str]:
+    """``dvc exp show`` arguments keeping Experiment, Created, :data:`KEY_PARAMS` and :data:`KEY_METRICS` (the full
+    table has one column per key of every section). DVC matches ``--keep`` regexes at the start of the column's
+    name, which DVC shortens to the bare key when that is unique (else ``params.yaml:<key>``, ``<file>:<key>``)."""
+    params = "|".join(re.escape(k) for k in KEY_PARAMS)
+    metrics = "|".join(re.escape(k) for k in KEY_METRICS)
+    return ["--drop", ".*", "--keep", "Experiment$|Created$", "--keep", f"(params\\.yaml:)?({params})$",
+            "--keep", f"(metrics/[^:]+:)?({metrics})$"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -166,17 +190,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    """Print one results table from every ``metrics/*.json`` written by the stages."""
-    mdir = Path(args.metrics_dir)
-    files = sorted(mdir.glob("*.json")) if mdir.is_dir() else []
-    if not files:
-        print(f"no metrics under {mdir}/ yet (run `make demo` or `snakemake`)")
-        return 1
-    print(f"| {'stage':<12} | {'metric':<28} | {'value':>12} |")
-    print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|")
-    for f in files:
-        data = json.loads(f.read_text())
-        for k, v in data.items():
-            if isinstance(v, int | float):
-                print(f"| {f.stem:<12} | {k:<28} | {v:>12.4g} |")
-    return 0
+    """``localmim report``: see :mod:`localmim.stages.results`."""
+    from localmim.stages.results import report as results_report
+
+    return results_report(args)
+
+if __name__ == "__main__":  # `python -m localmim.stages.dag exps [DVC ARGS]`: the readable experiments table
+    if sys.argv[1:2] != ["exps"]:
+        sys.exit("usage: python -m localmim.stages.dag exps [dvc exp show args...]")
+    sys.exit(subprocess.call([sys.executable, "-m", "dvc", "exp", "show", *exp_show_args(), *sys.argv[2:]]))

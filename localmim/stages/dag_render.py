@@ -39,7 +39,8 @@ def render_dvc(nodes: list[Node]) -> str:
         st: dict[str, Any] = {"cmd": n.command("dvc")}
         if n.deps:
             st["deps"] = list(n.deps)
-        st["params"] = list(n.params)
+        if n.params:
+            st["params"] = list(n.params)
         st["outs"] = list(n.outs)
         if n.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in n.metrics]
@@ -78,16 +79,24 @@ def render_env(pyproject: Path = PYPROJECT) -> str:
     return f"# {HEADER} (pins: pyproject.toml)\n" + yaml.safe_dump(env, sort_keys=False)
 
 
-def _q(items: list[str], wrap_dirs: set[str] = frozenset(), report: set[str] = frozenset()) -> str:
+def _q(items: list[str], wrap_dirs: set[str] = frozenset(), report: dict[str, str] | None = None) -> str:
+    """Snakemake file list; ``report`` maps outputs shown in ``snakemake --report`` to their category."""
     out = []
     for i in items:
         s = json.dumps(i)
         if i in wrap_dirs:
             s = f"directory({s})"
-        elif i in report:
-            s = f'report({s}, category="metrics", labels={{"stage": {json.dumps(Path(i).stem)}}})'
+        elif report and i in report:
+            s = f'report({s}, category={json.dumps(report[i])}, labels={{"file": {json.dumps(Path(i).name)}}})'
         out.append(s)
     return ", ".join(out)
+
+
+def _report_categories(n: Node) -> dict[str, str]:
+    cats = {m: "metrics" for m in n.metrics}
+    cats.update({p: "plots" for p in n.plots if isinstance(p, str)})
+    cats.update({r: "summary" for r in n.report})
+    return cats
 
 
 def _cfg(key: str) -> str:
@@ -148,9 +157,10 @@ def render_smk(nodes: list[Node]) -> str:
         out.append(f"rule {n.name}:")
         if n.deps:
             out.append(f"    input: {_q(n.deps)}")
-        out.append(f"    output: {_q(outs, set(n.dir_outs), set(n.metrics))}")
+        out.append(f"    output: {_q(outs, set(n.dir_outs), _report_categories(n))}")
         # Params are a rerun trigger: a changed section reruns this rule and everything downstream.
-        out.append("    params: " + ", ".join(f"{k}={v}" for k, v in smk_params(n).items()))
+        if n.params:
+            out.append("    params: " + ", ".join(f"{k}={v}" for k, v in smk_params(n).items()))
         out.append(f'    log: "logs/{n.name}.log"')
         out.append(f"    threads: {n.threads}")
         out.append("    resources: " + ", ".join(f"{k}={v}" for k, v in smk_resources(n).items()))
