@@ -114,7 +114,7 @@ def smk_params(n: Node) -> dict[str, str]:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = expr
-    params = {k.replace(".", "_"): v for k, v in exprs.items()}
+    params = {k.replace(".", "_"): f"canonical({v})" for k, v in exprs.items()}
     if n.gpu:
         params["device"] = _cfg(f"{n.section}.device")
     params["file"] = f"params_file({_literal(tree)})"

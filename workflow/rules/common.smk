@@ -19,6 +19,16 @@ def params_file(tree):
     return path
 
 
+def canonical(value):
+    """`value` with every mapping's keys sorted: Snakemake compares params by their order too, and a config
+    merged from --configfile / --config may list the same keys in another order."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def cluster_resource(rule, key):
     """`cluster.rules.<rule>.<key>`, else `cluster.default.<key>` (params.yaml), else the model default."""
     cluster = config.get("cluster") or {}

@@ -7,7 +7,7 @@ CLUSTER_DEFAULTS = {"cpus": 2, "mem_mb": 4000, "runtime": 60}
 rule synth:
     input: "localmim/data/synth.py"
     output: directory("data/raw/imagenet"), directory("data/raw/ade20k"), directory("data/raw/coco")
-    params: synth=config["synth"], file=params_file({"synth": config["synth"]})
+    params: synth=canonical(config["synth"]), file=params_file({"synth": config["synth"]})
     log: "logs/synth.log"
     threads: 1
     resources: cpus_per_task=cluster_resource("synth", "cpus"), mem_mb=cluster_resource("synth", "mem_mb"), runtime=cluster_resource("synth", "runtime"), slurm_partition=cluster_partition(False)
@@ -17,7 +17,7 @@ rule synth:
 rule shard_train:
     input: "data/raw/imagenet"
     output: directory("data/shards/train")
-    params: shard=config["shard"], file=params_file({"shard": config["shard"]})
+    params: shard=canonical(config["shard"]), file=params_file({"shard": config["shard"]})
     log: "logs/shard_train.log"
     threads: 2
     resources: cpus_per_task=cluster_resource("shard_train", "cpus"), mem_mb=cluster_resource("shard_train", "mem_mb"), runtime=cluster_resource("shard_train", "runtime"), slurm_partition=cluster_partition(False)
@@ -27,7 +27,7 @@ rule shard_train:
 rule shard_val:
     input: "data/raw/imagenet"
     output: directory("data/shards/val")
-    params: shard=config["shard"], file=params_file({"shard": config["shard"]})
+    params: shard=canonical(config["shard"]), file=params_file({"shard": config["shard"]})
     log: "logs/shard_val.log"
     threads: 2
     resources: cpus_per_task=cluster_resource("shard_val", "cpus"), mem_mb=cluster_resource("shard_val", "mem_mb"), runtime=cluster_resource("shard_val", "runtime"), slurm_partition=cluster_partition(False)
@@ -37,7 +37,7 @@ rule shard_val:
 rule targets:
     input: "data/shards/train"
     output: directory("data/views")
-    params: targets=config["targets"] if config["pretrain"]["data"] == "views" else None, pretrain_data=config["pretrain"]["data"], file=params_file({"targets": config["targets"] if config["pretrain"]["data"] == "views" else None, "pretrain": {"data": config["pretrain"]["data"]}})
+    params: targets=canonical(config["targets"] if config["pretrain"]["data"] == "views" else None), pretrain_data=canonical(config["pretrain"]["data"]), file=params_file({"targets": config["targets"] if config["pretrain"]["data"] == "views" else None, "pretrain": {"data": config["pretrain"]["data"]}})
     log: "logs/targets.log"
     threads: 2
     resources: cpus_per_task=cluster_resource("targets", "cpus"), mem_mb=cluster_resource("targets", "mem_mb"), runtime=cluster_resource("targets", "runtime"), slurm_partition=cluster_partition(False)
@@ -47,7 +47,7 @@ rule targets:
 rule pretrain:
     input: "data/shards/train", "data/views"
     output: directory("data/pretrain"), report("metrics/pretrain.json", category="metrics", labels={"file": "pretrain.json"})
-    params: pretrain=config["pretrain"], device=config["pretrain"]["device"], file=params_file({"pretrain": config["pretrain"]})
+    params: pretrain=canonical(config["pretrain"]), device=config["pretrain"]["device"], file=params_file({"pretrain": config["pretrain"]})
     log: "logs/pretrain.log"
     threads: 2
     resources: gpu=config["pretrain"]["nproc_per_node"] if config["pretrain"]["device"] != "cpu" else 0, nproc=config["pretrain"]["nproc_per_node"], cpus_per_task=cluster_resource("pretrain", "cpus"), mem_mb=cluster_resource("pretrain", "mem_mb"), runtime=cluster_resource("pretrain", "runtime"), slurm_partition=cluster_partition(True)
@@ -57,7 +57,7 @@ rule pretrain:
 rule finetune:
     input: "data/pretrain", "data/shards/train", "data/shards/val"
     output: directory("data/finetune"), report("metrics/finetune.json", category="metrics", labels={"file": "finetune.json"})
-    params: finetune=config["finetune"], device=config["finetune"]["device"], file=params_file({"finetune": config["finetune"]})
+    params: finetune=canonical(config["finetune"]), device=config["finetune"]["device"], file=params_file({"finetune": config["finetune"]})
     log: "logs/finetune.log"
     threads: 2
     resources: gpu=config["finetune"]["nproc_per_node"] if config["finetune"]["device"] != "cpu" else 0, nproc=config["finetune"]["nproc_per_node"], cpus_per_task=cluster_resource("finetune", "cpus"), mem_mb=cluster_resource("finetune", "mem_mb"), runtime=cluster_resource("finetune", "runtime"), slurm_partition=cluster_partition(True)
@@ -67,7 +67,7 @@ rule finetune:
 rule linprobe:
     input: "data/pretrain", "data/shards/train", "data/shards/val"
     output: directory("data/linprobe"), report("metrics/linprobe.json", category="metrics", labels={"file": "linprobe.json"})
-    params: linprobe=config["linprobe"], file=params_file({"linprobe": config["linprobe"]})
+    params: linprobe=canonical(config["linprobe"]), file=params_file({"linprobe": config["linprobe"]})
     log: "logs/linprobe.log"
     threads: 2
     resources: cpus_per_task=cluster_resource("linprobe", "cpus"), mem_mb=cluster_resource("linprobe", "mem_mb"), runtime=cluster_resource("linprobe", "runtime"), slurm_partition=cluster_partition(False)
