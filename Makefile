@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint dag clean-data venv
+.PHONY: demo test bench lint dag exps clean-data venv
 
 venv: $(STAMP)
 
@@ -39,5 +39,8 @@ lint: $(STAMP)
 dag: $(STAMP)
 	$(BIN)/localmim dag --write
 
+exps: $(STAMP)  ## DVC experiments with the params that matter and the headline metrics (ARGS=... adds dvc exp show args)
+	$(BIN)/python -m localmim.stages.dag exps $(ARGS)
+
 clean-data:
-	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/checkpoints metrics .snakemake
+	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/checkpoints metrics logs .snakemake

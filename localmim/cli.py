@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="print the results table from metrics/*.json")
     p.add_argument("--metrics-dir", default="metrics")
+    p.add_argument("--out", metavar="DIR", help="also write DIR/metrics.tsv and DIR/metrics.png")
     p.set_defaults(_run=_cmd_report)
     return parser
 

@@ -1,19 +1,23 @@
-"""The real pipeline tools on the embedded data: Snakemake and DVC run the same DAG and agree.
+"""The real pipeline tools on the embedded data, sharing one working copy: Snakemake, then DVC experiments.
 
-Runs in temp copies of the repository with tiny params. Slow-ish (a couple of minutes): marked ``slow``.
+One temp git repository (a copy of this one with tiny params) is built once by a Snakemake run; the tests then
+use it in file order: DVC sees the Snakemake run (``dvc status`` clean), ``dvc exp run -S`` reruns only what a
+change affects and keeps its metrics, a mode switch needs no regenerated file, and ``--configfile`` / ``--config``
+reach the stages. Slow (a few minutes on 2 cores): marked ``slow``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, cli_env, run_cli
+from tests.conftest import BIN, cli_env, copy_repo, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +26,12 @@ TINY = {
     "synth": {"num_classes": 10, "train_per_class": 4, "val_per_class": 2, "seg_train": 4, "seg_val": 2,
               "coco_train": 4, "coco_val": 2, "min_side": 40, "max_side": 72},
     "shard": {"max_samples_per_shard": 16, "workers": 2},
-    "targets": {"views": 2},
+    "targets": {"views": 2, "workers": 1},
     "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
     "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
 }  # fmt: skip
+GENERATED = ["dvc.yaml", "Snakefile", "workflow"]
 
 
 def _tiny_params(repo: Path) -> dict:
@@ -38,12 +43,6 @@ def _tiny_params(repo: Path) -> dict:
     return tree
 
 
-def _set_param(repo: Path, section: str, key: str, value) -> None:
-    tree = yaml.safe_load((repo / "params.yaml").read_text())
-    tree[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-
-
 def _run(cmd: list[str], cwd: Path) -> str:
     p = subprocess.run(cmd, cwd=cwd, env=cli_env(LOCALMIM_TEST="1"), capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
@@ -51,11 +50,12 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return p.stdout + p.stderr
 
 
-def _shard_hashes(repo: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted((repo / "data" / "shards").rglob("*.tar"))
-    }
+def _dvc(repo: Path, *args: str) -> str:
+    return _run([str(BIN / "dvc"), *args], repo)
+
+
+def _smk(repo: Path, *args: str) -> str:
+    return _run([str(BIN / "snakemake"), "--cores", "2", *args], repo)
 
 
 def _downstream(dvc_yaml: dict, changed: set[str]) -> set[str]:
@@ -80,65 +80,124 @@ def _downstream(dvc_yaml: dict, changed: set[str]) -> set[str]:
     return result
 
 
-def _ran(output: str) -> set[str]:
+def _ran_dvc(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", output))
 
 
-def _git_init(repo: Path) -> None:
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t",
-                                                                "commit", "-qm", "init"]):
-        _run(cmd, repo)
+def _ran_smk(output: str) -> set[str]:
+    return set(re.findall(r"Finished jobid: \d+ \(Rule: ([\w-]+)\)", output)) - {"all"}
 
 
-def test_snakemake_and_dvc_build_the_same_shards(tmp_path):
-    from tests.conftest import copy_repo
+def _git(repo: Path, *args: str) -> str:
+    return _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo)
 
-    smk = copy_repo(tmp_path / "smk")
-    dvc = copy_repo(tmp_path / "dvc")
-    for repo in (smk, dvc):
-        _tiny_params(repo)
 
-    # Snakemake end to end (the default workflow profile is picked up by itself).
-    out = _run([str(BIN / "snakemake"), "--cores", "2"], smk)
-    assert "Using workflow specific profile profiles/default" in out
-    smk_hashes = _shard_hashes(smk)
-    assert any("train" in k for k in smk_hashes) and any("val" in k for k in smk_hashes)
-    for split in ("train", "val"):
-        manifest = yaml.safe_load((smk / f"data/shards/{split}/{split}.json").read_text())
-        assert manifest["num_samples"] + manifest["num_skipped"] == manifest["num_found"]
-
-    # A second snakemake run has nothing to do (no mtime trigger; params unchanged).
-    out = _run([str(BIN / "snakemake"), "--cores", "2", "-n"], smk)
-    assert "Nothing to be done" in out
-
-    # DVC in a git repo: same shards, byte for byte.
-    _git_init(dvc)
-    out = _run([str(BIN / "dvc"), "repro"], dvc)
-    dvc_yaml = yaml.safe_load((dvc / "dvc.yaml").read_text())
-    assert _ran(out) == set(dvc_yaml["stages"])
-    assert _shard_hashes(dvc) == smk_hashes
-
-    # Changing a shard param reruns the shard stages and what depends on them, nothing upstream.
-    _set_param(dvc, "shard", "max_samples_per_shard", 5)
-    out = _run([str(BIN / "dvc"), "repro"], dvc)
-    assert _ran(out) == _downstream(dvc_yaml, {"shard_train", "shard_val"})
-    assert "synth" not in _ran(out)
-    assert len(_shard_hashes(dvc)) > len(smk_hashes)
-
-    # Changing the mask ratio reruns pretraining and everything downstream of it, nothing upstream.
-    assert "pretrain" in dvc_yaml["stages"]
-    _set_param(dvc, "pretrain", "mask_ratio", 0.6)
-    out = _run([str(BIN / "dvc"), "repro"], dvc)
-    assert _ran(out) == _downstream(dvc_yaml, {"pretrain"})
-    assert {"finetune", "linprobe"} <= _ran(out)
-    assert not {"synth", "shard_train", "shard_val"} & _ran(out)
-
-    # Every stage run is in MLflow (sqlite store in the repo).
+def _last_pretrain_params(repo: Path) -> dict[str, str]:
+    """Params of the newest MLflow pretraining run (keys with or without the ``pretrain.`` prefix)."""
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{dvc / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["localmim"])
-    assert set(dvc_yaml["stages"]) <= set(runs["tags.stage"])
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["localmim"], filter_string="tags.stage = 'pretrain'",
+                              order_by=["start_time DESC"], output_format="list")
+    return {k.removeprefix("pretrain."): v for k, v in runs[0].data.params.items()}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git repository (tiny params committed) after one full Snakemake run of the default target."""
+    r = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    _tiny_params(r)
+    _git(r, "init", "-q")
+    _git(r, "add", "-A")
+    _git(r, "commit", "-qm", "init")
+    r.joinpath("smk_first_run.log").write_text(_smk(r))
+    return r
+
+
+def test_snakemake_run_leaves_dvc_clean(repo):
+    out = (repo / "smk_first_run.log").read_text()
+    assert "Using workflow specific profile profiles/default" in out
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    assert _ran_smk(out) == set(dvc_yaml["stages"])
+    for split in ("train", "val"):
+        manifest = yaml.safe_load((repo / f"data/shards/{split}/{split}.json").read_text())
+        assert manifest["num_samples"] + manifest["num_skipped"] == manifest["num_found"]
+    assert (repo / "logs" / "pretrain.log").read_text().strip()
+    # pretrain.data is online: targets wrote its placeholder only, pretraining read the raw shards
+    assert not (repo / "data/views/views.json").exists() and (repo / "data/views/PLACEHOLDER.json").is_file()
+
+    # Snakemake has nothing left to do (no mtime trigger) and DVC sees the same working copy as up to date.
+    assert "Nothing to be done" in _smk(repo, "-n")
+    assert "Data and pipelines are up to date" in _dvc(repo, "status")
+
+    # A shard param change plans the shard stages first, nothing upstream (`--dry` cannot see further: the
+    # downstream stages rerun when the new shards differ, as the experiments below show for pretrain).
+    params = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(params.replace("max_samples_per_shard: 16", "max_samples_per_shard: 5"))
+        planned = _ran_dvc(_dvc(repo, "repro", "--dry"))
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert planned == {"shard_train", "shard_val"}
+
+
+def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    out = _dvc(repo, "exp", "run", "-n", "mask06", "-S", "pretrain.mask_ratio=0.6")
+    assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == {"pretrain", "finetune", "linprobe", "summary"}
+
+    show = json.loads(_dvc(repo, "exp", "show", "--json"))
+    exps = {r["name"]: r["data"] for base in show for e in base.get("experiments") or [] for r in e["revs"]}
+    top1 = exps["mask06"]["metrics"]["metrics/finetune.json"]["data"]["top1"]
+    assert top1 == json.loads((repo / "metrics/finetune.json").read_text())["top1"]
+    assert exps["mask06"]["params"]["params.yaml"]["data"]["pretrain"]["mask_ratio"] == 0.6
+
+    # The readable default table (`make exps`): the key params and headline metrics, not every key.
+    from localmim.stages.dag import KEY_PARAMS, exp_show_args
+
+    header = _dvc(repo, "exp", "show", "--csv", *exp_show_args()).splitlines()[0].split(",")
+    assert set(KEY_PARAMS) <= set(header) and "metrics/finetune.json:top1" in header
+    assert len(header) <= len(KEY_PARAMS) + 8, header
+
+
+def test_mode_switch_runs_targets_without_regenerating_files(repo):
+    """``pretrain.data=views`` is a param change like any other: the targets node exists in every mode."""
+    before = _git(repo, "status", "--porcelain", "--", *GENERATED)
+    out = _dvc(repo, "exp", "run", "-n", "views", "-S", "pretrain.data=views")
+    assert {"targets", "pretrain"} <= _ran_dvc(out) and not {"synth", "shard_train", "shard_val"} & _ran_dvc(out)
+    assert json.loads((repo / "data/views/views.json").read_text())["views"] == TINY["targets"]["views"]
+    assert _git(repo, "status", "--porcelain", "--", *GENERATED) == before == ""
+    _run([sys.executable, "-m", "localmim.cli", "dag", "--check"], repo)  # the copy's registry, not this checkout's
+
+    # Two experiments with metrics: `dvc metrics diff` compares them.
+    diff = json.loads(_dvc(repo, "metrics", "diff", "mask06", "views", "--all", "--json"))
+    assert {"top1", "top5"} <= set(diff["metrics/finetune.json"])
+
+
+def test_snakemake_config_reaches_the_stages(repo):
+    """``--configfile`` and ``--config`` change what the commands compute (MLflow and params next to outputs)."""
+    ws_params = (repo / "params.yaml").read_bytes()
+    tree = yaml.safe_load(ws_params)
+    tree["pretrain"].update(mask_ratio=0.55, data="online")
+    (repo / "p055.yaml").write_text(yaml.safe_dump(tree))
+    out = _smk(repo, "data/pretrain", "--configfile", "p055.yaml")
+    assert _ran_smk(out) == {"pretrain"}  # the same values in another key order change nothing else
+    assert yaml.safe_load((repo / "data/pretrain/params.yaml").read_text())["pretrain"]["mask_ratio"] == 0.55
+    assert float(_last_pretrain_params(repo)["mask_ratio"]) == 0.55
+    # params.yaml says otherwise: the run is not recorded in DVC, and DVC says pretrain changed.
+    assert re.search(r"pretrain: not recorded in DVC \(Snakemake's config differs from params.yaml", out)
+    assert "pretrain" in _dvc(repo, "status", "pretrain")
+
+    # --config, nested values included (Snakemake reads them as strings; the schema types them); views mode.
+    out = _smk(repo, "data/pretrain", "--configfile", "p055.yaml",
+               "--config", "pretrain={mask_ratio: 0.45, data: views}")
+    assert _ran_smk(out) == {"targets", "pretrain"}
+    assert (repo / "data/views/views.json").is_file()
+    assert yaml.safe_load((repo / "data/pretrain/params.yaml").read_text())["pretrain"]["mask_ratio"] == 0.45
+    run = _last_pretrain_params(repo)
+    assert float(run["mask_ratio"]) == 0.45 and run["data"] == "views"
+    assert (repo / "params.yaml").read_bytes() == ws_params
+    assert _git(repo, "status", "--porcelain", "--", *GENERATED) == ""
 
 
 def test_unreachable_tracking_server_stops_stage_before_work(repo_copy):
@@ -152,3 +211,53 @@ def test_unreachable_tracking_server_stops_stage_before_work(repo_copy):
 def test_committed_dag_is_current():
     p = run_cli("dag", "--check")
     assert p.returncode == 0, p.stderr
+
+
+def test_snakemake_report_holds_metrics_plots_and_params(repo, tmp_path):
+    import zipfile
+
+    _smk(repo, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        names = z.namelist()
+        html = z.read(next(n for n in names if n.endswith("report.html"))).decode()
+    assert {"metrics.png", "metrics.tsv", "finetune.json", "pretrain.json"} <= {Path(n).name for n in names}
+    png = next(n for n in names if n.endswith("metrics.png"))
+    assert zipfile.ZipFile(tmp_path / "report.zip").read(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "'mask_ratio': " in html  # the rules' params
+
+
+def _sbatch_calls(state: Path) -> dict[str, list[str]]:
+    """Rule name -> the sbatch arguments the stand-in recorded for its job."""
+    calls = {}
+    for f in sorted(state.glob("*.args")):
+        args = f.read_text().splitlines()
+        calls[args[args.index("--comment") + 1].removeprefix("rule_")] = args
+    return calls
+
+
+def test_slurm_profile_submits_training_jobs_with_their_gpus(repo, tmp_path):
+    """The SLURM profile with stand-in sbatch/squeue/sacct/scancel/srun on PATH: every job is submitted with
+    the resources from params, training jobs ask for <stage>.nproc_per_node GPUs on the GPU partition, data jobs
+    none on the CPU partition, and torchrun runs inside the job on the GPUs it was given."""
+    state = tmp_path / "slurm"
+    env = cli_env(SLURM_STANDIN=str(state))
+    env["PATH"] = f"{Path(__file__).parent / 'slurm_standin'}:{env['PATH']}"
+    cmd = [str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm",
+           "--slurm-init-seconds-before-status-checks", "1",
+           "--config", "cluster={gpu_partition: gpu, cpu_partition: cpu}",
+           "--forcerun", "targets", "pretrain", "--", "data/finetune"]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    calls = _sbatch_calls(state)
+    assert set(calls) == {"targets", "pretrain", "finetune"}
+    tree = yaml.safe_load((repo / "params.yaml").read_text())
+    for rule, args in calls.items():
+        section = "finetune" if rule == "finetune" else "pretrain"
+        gpus = tree[section]["nproc_per_node"] if rule in ("pretrain", "finetune") else 0
+        assert (f"--gpus={gpus}" in args) == (gpus > 0) and any(a.startswith("--gpus") for a in args) == (gpus > 0)
+        assert args[args.index("-p") + 1] == ("gpu" if gpus else "cpu")
+        res = {**tree["cluster"]["default"], **tree["cluster"]["rules"].get(rule, {})}
+        assert args[args.index("--mem") + 1] == str(res["mem_mb"]) and args[args.index("-t") + 1] == str(res["runtime"])
+        assert f"--cpus-per-task={res['cpus']}" in args
+    assert all((state / f"{f.stem}.rc").read_text().strip() == "0" for f in state.glob("*.args"))
+    assert "[default0]:localmim pretrain: loss" in (repo / "logs" / "pretrain.log").read_text()

@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-_INFRA = {"base", "tracking", "dag"}
+_INFRA = {"base", "tracking", "dag", "dag_render", "dvc_sync", "results"}
 
 
 def load_all():

@@ -33,6 +33,8 @@ def _log(msg: str) -> None:
         flag("--seed", key="seed", type=int, metavar="N", help="seed of the views"),
         flag("--dtype", key="dtype", choices=["fp16", "fp32"], help="storage dtype of the HOG histograms"),
         flag("--workers", key="workers", type=int, metavar="N", help="processes computing views"),
+        flag("--placeholder-unless-views", action="store_true",
+             help="the DAG's node: unless pretrain.data is views, only write a constant placeholder to OUT"),
     ],
 )
 def run(cfg: TargetsConfig, ctx: StageContext) -> dict[str, float]:
@@ -41,6 +43,8 @@ def run(cfg: TargetsConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.views import spec_from_model, write_views
     from localmim.models import create
 
+    if ctx.args.placeholder_unless_views and (ctx.params_tree.get("pretrain") or {}).get("data") != "views":
+        return _placeholder(Path(ctx.args.out), ctx)
     kw = {"img_size": cfg.input_size} | ({"hog_nbins": cfg.hog_nbins} if cfg.hog_nbins else {})
     try:
         with torch.device("meta"):  # only the geometry is needed, not the weights
@@ -62,3 +66,26 @@ def run(cfg: TargetsConfig, ctx: StageContext) -> dict[str, float]:
     _log(f"targets: {n} images x {spec.views} views, {man['total_bytes'] / 2**20:.1f} MiB in {seconds:.1f}s -> {out}")
     return {"num_samples": n, "views": spec.views, "total_bytes": man["total_bytes"], "seconds": seconds,
             "images_per_s": n * spec.views / max(seconds, 1e-9)}
+
+
+PLACEHOLDER = {"view_shards": False,
+               "reason": "pretrain.data is online: pretraining reads data/shards/train; set pretrain.data: views "
+                         "to build view shards here (the DAG's targets node always exists, see localmim/stages/dag.py)"}
+
+
+def _placeholder(out: Path, ctx: StageContext) -> dict[str, float]:
+    """Replace ``out`` by a directory holding only a constant file (same bytes every time, so DVC sees the same
+    output hash and does not rerun pretraining); no targets params are dumped into it for the same reason."""
+    import json
+    import shutil
+
+    from localmim.utils.io import atomic_write_text
+
+    stage = out.with_name(f".{out.name}.placeholder-tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    atomic_write_text(stage / "PLACEHOLDER.json", json.dumps(PLACEHOLDER, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    stage.rename(out)
+    ctx.tracker.set_tags({"placeholder": "pretrain.data is online"})
+    _log(f"targets: pretrain.data is online: no view shards, placeholder -> {out}")
+    return {"num_samples": 0, "views": 0}

@@ -1,0 +1,29 @@
+"""Params of the cluster launch (``snakemake --profile workflow/profiles/slurm``): SLURM resources per rule.
+
+Read only by the generated Snakemake rules (``resources:``), never by a stage and never a DVC param, so changing
+it never reruns anything. GPUs are not set here: a training rule asks for ``<stage>.nproc_per_node`` GPUs (none
+when its ``device`` is ``cpu``) and goes to ``gpu_partition``; every other rule goes to ``cpu_partition``.
+"""
+
+from typing import Annotated
+
+from pydantic import Field
+
+from localmim.config import register_section
+from localmim.config.base import Section
+
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class RuleResources(Section):
+    cpus: PosInt = 2  # CPUs of the job (--cpus-per-task; one task, torchrun starts the ranks inside it)
+    mem_mb: PosInt = 4000  # memory of the job in MiB (--mem)
+    runtime: PosInt = 60  # wall time in minutes (-t)
+
+
+@register_section("cluster")
+class ClusterConfig(Section):
+    cpu_partition: str = ""  # SLURM partition of the data rules; "" = the cluster's default partition
+    gpu_partition: str = ""  # SLURM partition of the training rules (GPU nodes); "" = the default partition
+    default: RuleResources = RuleResources()
+    rules: dict[str, RuleResources] = {}  # per rule name (e.g. pretrain); missing rules use ``default``

@@ -1,0 +1,67 @@
+"""``localmim report [--out DIR]``: one results table from every stage's ``metrics/<stage>.json``.
+
+Prints the table; with ``--out`` also writes ``DIR/metrics.tsv`` (stage, metric, value) and ``DIR/metrics.png``
+(top-1 of every evaluation stage, and pretraining's final loss per tap). The DAG's ``summary`` node writes them
+to ``reports/`` for the Snakemake report (``snakemake --report report.html``) and ``dvc plots show``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def collect(metrics_dir: Path) -> list[tuple[str, str, float]]:
+    """(stage, metric, value) for every numeric value of every ``*.json`` in ``metrics_dir``, sorted by stage."""
+    rows = []
+    for f in sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []:
+        for k, v in json.loads(f.read_text()).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                rows.append((f.stem, k, float(v)))
+    return rows
+
+
+def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from localmim.utils.io import atomic_open, atomic_write_text
+
+    lines = [f"{s}\t{k}\t{v:.6g}\n" for s, k, v in rows]
+    atomic_write_text(out / "metrics.tsv", "stage\tmetric\tvalue\n" + "".join(lines))
+    top1 = [(s, v) for s, k, v in rows if k == "top1"]
+    taps = sorted((k.removeprefix("final_loss_"), v) for s, k, v in rows if s == "pretrain" and
+                  k.startswith("final_loss_tap"))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, data, title, xlabel, ylabel in ((axes[0], top1, "evaluation", "stage", "top-1 accuracy (%)"),
+                                            (axes[1], taps, "pretraining", "decoder tap", "final loss")):
+        names = [n for n, _ in data]
+        ax.bar(names, [v for _, v in data], color=[f"C{i}" for i in range(len(data))])
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if not data:
+            ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    with atomic_open(out / "metrics.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> int:
+    mdir = Path(args.metrics_dir)
+    rows = collect(mdir)
+    if not rows:
+        print(f"no metrics under {mdir}/ yet (run `make demo` or `snakemake`)")
+        return 1
+    print(f"| {'stage':<12} | {'metric':<28} | {'value':>12} |")
+    print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|")
+    for stage, k, v in rows:
+        print(f"| {stage:<12} | {k:<28} | {v:>12.4g} |")
+    if getattr(args, "out", None):
+        write_outputs(rows, Path(args.out))
+        print(f"wrote {args.out}/metrics.tsv and {args.out}/metrics.png")
+    return 0

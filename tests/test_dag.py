@@ -1,0 +1,115 @@
+"""The generated DAG files and their helpers: one node set for every params file, the conda env mirrors the
+pins, Snakemake lint, the torchrun launcher's last line, the targets placeholder, and what DVC records."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import BIN, ROOT, cli_env, run_cli
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def test_dag_has_the_targets_node_and_pretrain_reads_through_it():
+    stages = _dvc_yaml()["stages"]
+    assert {"synth", "shard_train", "shard_val", "targets", "pretrain", "finetune", "linprobe"} <= set(stages)
+    assert "data/views" in stages["pretrain"]["deps"] and "data/views" in stages["targets"]["outs"]
+    assert "pretrain.data" in stages["targets"]["params"]
+    # metrics are git-tracked (an experiment commit carries them) and not git-ignored
+    for st in stages.values():
+        for m in st.get("metrics", []):
+            (path, opts), = m.items()
+            assert opts == {"cache": False}
+            ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+            assert not ignored, f"{path} is git-ignored: experiments would lose it"
+
+
+def test_conda_env_mirrors_the_pinned_stack():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "workflow/envs/localmim.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(deps) and all("==" in p for p in pip)
+    assert "python=3.11" in env["dependencies"]
+    smk = (ROOT / "workflow/rules/stages.smk").read_text()
+    assert smk.count('conda: "../envs/localmim.yaml"') == smk.count("\nrule ") == len(_dvc_yaml()["stages"])
+    assert smk.count("    log: ") == smk.count("\nrule ")
+
+
+def test_snakemake_lint_is_clean():
+    p = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Congratulations, your workflow is in a good condition" in p.stdout + p.stderr
+
+
+def test_failing_stage_under_the_dags_torchrun_prints_its_error_last(tmp_path):
+    """The pretrain command of dvc.yaml (torchrun launch) with missing shards: the stage's line ends stderr."""
+    cmd = _dvc_yaml()["stages"]["pretrain"]["cmd"].replace("${pretrain.nproc_per_node}", "1")
+    cmd = cmd.replace("${pretrain.device}", "cpu") + f" --shards {tmp_path / 'missing'} --device cpu --no-progress"
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    p = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=cli_env(LOCALMIM_TRACKING="0", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("localmim pretrain: error: ") and "missing" in last, p.stderr[-3000:]
+    assert "ChildFailedError" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_launcher_refuses_more_processes_than_given_gpus():
+    p = subprocess.run([sys.executable, "-m", "localmim.utils.launch", "--nproc-per-node", "4", "pretrain"],
+                       cwd=ROOT, env=cli_env(CUDA_VISIBLE_DEVICES="0,1"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "4 processes" in p.stderr and "2 GPU(s)" in p.stderr
+
+
+def test_targets_placeholder_is_constant_while_pretraining_is_online(tmp_path):
+    """In online mode the targets node writes the same bytes whatever its params: DVC does not rerun pretrain."""
+    contents = []
+    for views in (2, 5):
+        out = tmp_path / f"views{views}"
+        run_cli("targets", str(tmp_path / "no-shards"), str(out), "--placeholder-unless-views", "--views", str(views),
+                cwd=ROOT, check=True, LOCALMIM_TRACKING="0")
+        contents.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert contents[0] == contents[1] and list(contents[0]) == ["PLACEHOLDER.json"]
+
+
+def test_dvc_sync_records_only_stages_whose_params_match(tmp_path, monkeypatch):
+    from localmim.stages.dvc_sync import plan
+
+    monkeypatch.chdir(tmp_path)
+    Path("out_a").mkdir()
+    Path("out_b").mkdir()
+    stages = {"a": {"params": ["pretrain"], "outs": ["out_a"]},
+              "b": {"params": ["finetune"], "outs": ["out_b"]},
+              "c": {"params": ["linprobe"], "outs": ["out_c"]}}
+    ws = {"pretrain": {"mask_ratio": 0.75}}
+    smk = {"pretrain": {"mask_ratio": 0.6}, "finetune": {"epochs": 10}}  # finetune.epochs 10 is the default
+    record, skipped = plan(stages, ["a", "b", "c", "all"], smk, ws)
+    assert record == ["b"]
+    assert "pretrain" in skipped["a"] and "out_c" in skipped["c"]
+
+
+def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
+    """`--workflow-profile workflow/profiles/slurm -n`: the SLURM executor plugin loads and training rules ask for
+    GPUs (<stage>.nproc_per_node) while the data rules ask for none."""
+    p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", "-F"],
+                       cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    resources = dict(re.findall(r"rule (\w+):.*?\n\s+resources: ([^\n]*)", out, flags=re.S))
+    assert {"synth", "shard_train", "pretrain", "finetune"} <= set(resources)
+    tree = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    for rule, res in resources.items():
+        gpu = re.search(r"\bgpu=(\d+)", res)
+        if rule in ("pretrain", "finetune"):
+            assert gpu and int(gpu.group(1)) == tree[rule]["nproc_per_node"], res
+        else:
+            assert gpu is None, res
