@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-_INFRA = {"base", "tracking", "dag"}
+_INFRA = {"base", "tracking", "dag", "lineage", "compare", "compare_plots"}
 
 
 def load_all():
