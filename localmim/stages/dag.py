@@ -51,7 +51,7 @@ class Node:
 
     @property
     def dir_outs(self) -> list[str]:
-        return [o for o in self.outs if not Path(o).suffix]
+        return [o for o in self.outs + self.plots if not Path(o).suffix]
 
 
 def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
@@ -92,7 +92,8 @@ def pretrain_nodes(tree: dict[str, Any]) -> list[Node]:
                           deps=["data/shards/train"], outs=["data/views"], threads=2))
     cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
     nodes.append(Node("pretrain", cmd, params=["pretrain"], deps=["data/views" if views else "data/shards/train"],
-                      outs=["data/pretrain"], metrics=["metrics/pretrain.json"], threads=2, launcher="torchrun",
+                      outs=["data/pretrain"], metrics=["metrics/pretrain.json"], plots=["metrics/curves/pretrain"],
+                      threads=2, launcher="torchrun",
                       resources={"gpu": 'config["pretrain"]["nproc_per_node"] if config["pretrain"]["device"] != "cpu"'
                                         ' else 0'}))
     return nodes
@@ -103,10 +104,12 @@ def evaluation_nodes() -> list[Node]:
     deps = ["data/pretrain", "data/shards/train", "data/shards/val"]
     return [
         Node("finetune", "localmim finetune --encoder data/pretrain --out data/finetune", params=["finetune"],
-             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], threads=2, launcher="torchrun",
+             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], plots=["metrics/curves/finetune"],
+             threads=2, launcher="torchrun",
              resources={"gpu": 'config["finetune"]["nproc_per_node"] if config["finetune"]["device"] != "cpu" else 0'}),
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
-             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
+             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
+             threads=2),
     ]
 
 
@@ -121,7 +124,8 @@ def render_dvc(nodes: list[Node]) -> str:
         if n.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in n.metrics]
         if n.plots:
-            st["plots"] = [{p: {"cache": False}} for p in n.plots]
+            # a directory of <metric>.tsv curves (step, value) written by the stage runner: one plot per file
+            st["plots"] = [{p: {"cache": False, "x": "step"}} for p in n.plots]
         stages[n.name] = st
     return f"# {HEADER}\n" + yaml.safe_dump({"stages": stages}, sort_keys=False)
 

@@ -241,7 +241,7 @@ class StageRun:
     def finish(self, metrics: dict[str, float]) -> None:
         """After a successful stage: write the curves, register exported encoders, tag upstream encoders with
         this stage's headline metrics and leave a lineage file in every output directory."""
-        if self.main and self.curves_dir is not None and self.curves:
+        if self.main and self.curves_dir is not None:  # an empty directory when nothing was stepped
             write_curves(self.curves_dir, self.curves)
         if self._mlflow is None:
             return
