@@ -207,7 +207,7 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
             ctx = StageContext(sd.name, sd.section, args, Path(args.params), overrides, tracker, tree)
             metrics = sd.run(cfg, ctx) or {}
             numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-            tracker.log_metrics(numeric)
+            tracker.log_metrics(numeric, step=tracker.last_step, curve=False)
             tracker.finish(numeric)
     except (StageError, TrackingError, ParamsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

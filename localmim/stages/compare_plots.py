@@ -50,6 +50,7 @@ def _pretrain_loss(client: Any, groups: list[Any], diff: list[str], colors: list
 
 def _eval_curves(client: Any, groups: list[Any], diff: list[str], colors: list[Any], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(s, k) for s in EVAL_STAGES for k in EVAL_KEYS
               if any(s in g.runs and k in g.runs[s].data.metrics for g in groups)]
@@ -62,6 +63,7 @@ def _eval_curves(client: Any, groups: list[Any], diff: list[str], colors: list[A
                 steps, values = _history(client, g.runs[stage], key)
                 if steps:
                     ax.plot(steps, values, color=color, marker="o", markersize=3, label=group_label(g, diff))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{key} (%)" if key == "top1" else key)
         ax.set_title(f"{stage}: {key} per epoch")

@@ -118,6 +118,7 @@ class StageRun:
         self.inputs, self.outputs = dict(inputs or {}), [str(o) for o in outputs or []]
         self.curves_dir = Path(curves_dir) if curves_dir else None
         self.curves: dict[str, dict[int, float]] = {}
+        self.last_step: int | None = None
         self.run_id: str | None = None
         self.group: str | None = None
         self.upstream: Upstream | None = None
@@ -211,10 +212,14 @@ class StageRun:
             except Exception:  # noqa: BLE001 (a locked store here changes nothing that matters)
                 pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log host numbers; with ``step`` they are also kept as curves (``epoch`` is not: it is the x axis)."""
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, *, curve: bool = True) -> None:
+        """Log host numbers; with ``step`` they are also kept as curves (``epoch`` is not: it is the x axis).
+        The stage's final metrics are logged at the last step seen (``curve=False``), so that a metric that
+        is also a curve (``top1``) ends where its curve ends instead of adding a point at step 0."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        if step is not None and self.main:
+        if step is not None and curve:
+            self.last_step = max(self.last_step or 0, int(step))
+        if step is not None and curve and self.main:
             for k, v in clean.items():
                 if k != "epoch":
                     self.curves.setdefault(k, {})[int(step)] = v
