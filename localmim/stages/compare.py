@@ -163,14 +163,15 @@ def main(args: argparse.Namespace) -> int:
     import mlflow
 
     from localmim.stages.compare_plots import write_plots
-    from localmim.stages.tracking import DEFAULT_EXPERIMENT, tracking_uri
+    from localmim.stages.tracking import DEFAULT_EXPERIMENT, store_lock, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"localmim compare: nothing to compare: no MLflow store at {uri} (run the pipeline first, or set "
               "MLFLOW_TRACKING_URI / --tracking-uri)", file=sys.stderr)
         return 1
-    client = mlflow.MlflowClient(uri)
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
     default = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     experiment = args.experiment or default
     names = list(args.names)

@@ -7,6 +7,8 @@ so an unreachable server fails the stage at once with a message naming the URI.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -15,7 +17,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,21 @@ def retry(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             delay = min(delay * 2, 2.0)
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<db>.lock`` next to a sqlite store (nothing for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
@@ -133,9 +150,10 @@ class StageRun:
         check_reachable(uri)
         import mlflow
 
-        self._mlflow, self._client = mlflow, mlflow.MlflowClient(uri)
         mlflow.set_tracking_uri(uri)
-        exp = retry(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        with store_lock(uri):  # MLflow creates / migrates a new sqlite schema non-atomically: one process at a time
+            self._mlflow, self._client = mlflow, retry(mlflow.MlflowClient, uri)
+            exp = retry(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
         self.experiment_id = exp.experiment_id
         self.upstream = collect_upstream(self.inputs)
         self.group, how = pipeline_group()
