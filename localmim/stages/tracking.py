@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from localmim.stages.lineage import Upstream, collect_upstream, pipeline_group, write_lineage
+from localmim.stages.lineage import Upstream, collect_upstream, lineage_path, pipeline_group, write_lineage
 from localmim.utils.gitinfo import git_commit
 from localmim.utils.io import atomic_write_text
 
@@ -144,6 +144,9 @@ class StageRun:
         self.t0 = time.time()
 
     def __enter__(self) -> StageRun:
+        if self.main:  # outputs being rewritten no longer belong to the run that wrote them before
+            for d in self.outputs:
+                lineage_path(d, self.stage).unlink(missing_ok=True)
         if not self.enabled:
             return self
         uri = tracking_uri()
