@@ -166,11 +166,15 @@ class StageRun:
                     log_system_metrics=self.system_metrics)
         self.run_id = run.info.run_id
         self.artifact_uri = run.info.artifact_uri
-        if self.group is None:  # run by hand: a group of its own
-            self.group = self.run_id
-            self.set_tags({"localmim.group": self.group})
-        self._log_params()
-        self._log_inputs()
+        try:
+            if self.group is None:  # run by hand: a group of its own
+                self.group = self.run_id
+                self.set_tags({"localmim.group": self.group})
+            self._log_params()
+            self._log_inputs()
+        except BaseException as e:  # __exit__ will not run: end the run here
+            self.__exit__(type(e), e, None)
+            raise
         return self
 
     def _tags(self, how: str, out_key: str) -> dict[str, str]:
