@@ -233,3 +233,27 @@ def test_dataset_digest_follows_content_not_lineage(tmp_path):
     assert dataset_digest(d) == base
     (d / "train.json").write_text('{"shards": [{"name": "train-000000.tar", "sha256": "ab"}]}')
     assert dataset_digest(d) != base
+
+
+_FORKED = """
+import multiprocessing, os, signal, time
+from localmim.stages import base
+base._HANDLER_PID.append(os.getpid())
+signal.signal(signal.SIGTERM, base._sigterm_to_exit)  # as `execute` installs it
+p = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+p.start()
+time.sleep(0.5)
+p.terminate()
+p.join(60)
+with multiprocessing.get_context("fork").Pool(2) as pool:  # __exit__ terminates the workers with SIGTERM
+    assert pool.map(abs, range(-8, 0)) == list(range(8, 0, -1))
+print(p.exitcode)
+"""
+
+
+def test_forked_workers_keep_the_default_sigterm():
+    """`Pool.terminate()` stops workers with SIGTERM and expects them to die at once: the stage's handler, which
+    forked workers inherit, must act as the default action there (else a worker may hang the stage)."""
+    out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(-signal.SIGTERM)

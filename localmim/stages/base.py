@@ -185,8 +185,18 @@ def lineage_paths(
     return inputs, outputs, curves
 
 
+_HANDLER_PID: list[int] = []
+
+
 def _sigterm_to_exit(signum, frame) -> None:  # noqa: ARG001
-    raise SystemExit(128 + signum)  # unwinds through StageRun.__exit__: the run ends KILLED, not RUNNING
+    """In the stage process: unwind through StageRun.__exit__ (the run ends KILLED, not RUNNING). In a forked
+    child that inherited the handler (a multiprocessing / DataLoader worker: ``Pool.terminate`` stops them with
+    SIGTERM and expects them to die at once) it does what the default action does."""
+    if _HANDLER_PID and os.getpid() != _HANDLER_PID[-1]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
 
 
 def execute(sd: StageDef, args: argparse.Namespace) -> int:
@@ -200,6 +210,7 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
     run_name = sd.run_name(args) if sd.run_name else sd.name
     is_main = int(os.environ.get("RANK", "0")) == 0
     inputs, outputs, curves = lineage_paths(sd, cfg, args)
+    _HANDLER_PID.append(os.getpid())
     previous = signal.signal(signal.SIGTERM, _sigterm_to_exit) if is_main else None
     try:
         with StageRun(run_name, sd.section, cfg, enabled=is_main, system_metrics=sd.system_metrics,
