@@ -1,4 +1,4 @@
-"""``localmim`` command line: one subcommand per pipeline stage, plus ``params``, ``dag`` and ``report``."""
+"""``localmim`` command line: one subcommand per pipeline stage, plus ``params``, ``dag``, ``report``, ``compare``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return dag.report(args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from localmim.stages import compare
+
+    return compare.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from localmim import __version__
     from localmim.stages import base, load_all
@@ -68,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", default="metrics")
     p.add_argument("--out", metavar="DIR", help="also write DIR/metrics.tsv and DIR/metrics.png")
     p.set_defaults(_run=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare pipeline runs (groups) from MLflow: differing params, headline "
+                                       "metrics, plots")
+    from localmim.stages import compare
+
+    compare.add_args(p)
+    p.set_defaults(_run=_cmd_compare)
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import yaml
 
 from localmim.config.shard import ShardConfig
 from localmim.stages.tracking import StageRun, TrackingError, check_reachable
+from tests.conftest import ROOT
 
 
 def _free_port() -> int:
@@ -117,3 +120,146 @@ def test_real_mlflow_server(tmp_path, monkeypatch):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# --- lineage, grouping, reliability -------------------------------------------------------------------------------
+
+_WRITER = """
+import sys
+from localmim.config.shard import ShardConfig
+from localmim.stages.tracking import StageRun
+tag, n_runs, n_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n_runs):
+    with StageRun(f"{tag}_{i}", "shard", ShardConfig(seed=i), outputs=[f"out/{tag}/{i}"]) as run:
+        for step in range(n_steps):
+            run.log_metrics({"loss": step + i / 100, "lr": 0.5}, step=step)
+        run.log_metrics({"done": 1.0})
+"""
+
+
+def test_two_pipelines_share_one_sqlite_store_without_losing_anything(tmp_path):
+    """Two processes start on a fresh store at once (schema creation race) and log runs and stepped metrics
+    concurrently; every run and every metric point must be there."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "concurrent", "OMP_NUM_THREADS": "1"}
+    n_runs, n_steps = 4, 20
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, tag, str(n_runs), str(n_steps)], cwd=tmp_path, env=env,
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["concurrent"])
+    assert sorted(runs["tags.stage"]) == sorted(f"{t}_{i}" for t in "ab" for i in range(n_runs))
+    assert set(runs["status"]) == {"FINISHED"} and (runs["metrics.done"] == 1.0).all()
+    client = mlflow.MlflowClient()
+    for _, row in runs.iterrows():
+        i = int(row["tags.stage"].split("_")[1])
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], "loss"))
+        assert hist == [(s, s + i / 100) for s in range(n_steps)]
+
+
+_KILLABLE = """
+import sys, time
+from localmim.config.shard import ShardConfig
+from localmim.stages.tracking import StageRun
+with StageRun("shard_train", "shard", ShardConfig(), outputs=["out"]) as run:
+    print(run.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_killed_stage_is_not_left_running(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "localmim-test")
+    p = subprocess.Popen([sys.executable, "-c", _KILLABLE], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    killed_id = p.stdout.readline().strip()
+    p.kill()  # SIGKILL: no chance to end the run
+    p.wait(timeout=60)
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(killed_id).info.status == "RUNNING"
+    monkeypatch.chdir(tmp_path)
+    with StageRun("shard_train", "shard", ShardConfig(), outputs=["out"]) as run:  # the next start cleans up
+        pass
+    assert mlflow.get_run(killed_id).info.status == "KILLED"
+    assert mlflow.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    """A stage stopped with SIGTERM (scancel, snakemake on Ctrl-C) marks its own run KILLED on the way out."""
+    import mlflow
+
+    (tmp_path / "params.yaml").write_text("synth: {num_classes: 2}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = ("import time, localmim.stages.synth as s, localmim.data.synth as d\n"
+              "d.generate_all = lambda *a, **k: (print('started', flush=True), time.sleep(600))\n"
+              "from localmim.cli import main; main(['synth', 'out'])\n")
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert p.stdout.readline().strip() == "started"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["localmim"])
+    assert list(runs["status"]) == ["KILLED"]
+
+
+def test_group_is_the_launching_pipeline_process(tmp_path, monkeypatch):
+    """Every stage launched by one `snakemake` (or `dvc`) process gets the same group id, another launch another."""
+    monkeypatch.delenv("LOCALMIM_GROUP", raising=False)
+    fake = tmp_path / "snakemake"
+    probe = f"{sys.executable} -c 'from localmim.stages.lineage import pipeline_group as g; print(*g())'"
+    fake.write_text(f"#!/bin/bash\n{probe}\nbash -c \"{probe}\"\n")  # a stage and a stage under a sub-shell
+    fake.chmod(0o755)
+    first = subprocess.run([str(fake)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split("\n")
+    second = subprocess.run([str(fake)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split("\n")
+    assert first[0] == first[1] and first[0].startswith("snakemake-") and first[0].endswith(" snakemake")
+    assert second[0] != first[0]
+    alone = subprocess.run(probe, shell=True, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    assert alone == "None none"
+    with_env = subprocess.run(probe, shell=True, capture_output=True, text=True, check=True, cwd=ROOT,
+                              env={**os.environ, "LOCALMIM_GROUP": "g7"}).stdout.strip()
+    assert with_env == "g7 env"
+
+
+def test_dataset_digest_follows_content_not_lineage(tmp_path):
+    from localmim.stages.lineage import dataset_digest, write_lineage
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "train.json").write_text('{"shards": [{"name": "train-000000.tar", "sha256": "aa"}]}')
+    (d / "train-000000.tar").write_bytes(b"x" * 100)
+    base = dataset_digest(d)
+    write_lineage(d, {"stage": "shard_train", "run_id": "r1"})
+    assert dataset_digest(d) == base
+    (d / "train.json").write_text('{"shards": [{"name": "train-000000.tar", "sha256": "ab"}]}')
+    assert dataset_digest(d) != base
+
+
+_FORKED = """
+import multiprocessing, os, signal, time
+from localmim.stages import base
+base._HANDLER_PID.append(os.getpid())
+signal.signal(signal.SIGTERM, base._sigterm_to_exit)  # as `execute` installs it
+p = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+p.start()
+time.sleep(0.5)
+p.terminate()
+p.join(60)
+with multiprocessing.get_context("fork").Pool(2) as pool:  # __exit__ terminates the workers with SIGTERM
+    assert pool.map(abs, range(-8, 0)) == list(range(8, 0, -1))
+print(p.exitcode)
+"""
+
+
+def test_forked_workers_keep_the_default_sigterm():
+    """`Pool.terminate()` stops workers with SIGTERM and expects them to die at once: the stage's handler, which
+    forked workers inherit, must act as the default action there (else a worker may hang the stage)."""
+    out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(-signal.SIGTERM)

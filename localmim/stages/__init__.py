@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-_INFRA = {"base", "tracking", "dag", "dag_render", "dvc_sync", "results"}
+_INFRA = {"base", "tracking", "dag", "dag_render", "dvc_sync", "results", "lineage", "compare", "compare_plots"}
 
 
 def load_all():

@@ -7,8 +7,10 @@ A stage is one function ``run(cfg, ctx) -> metrics`` registered with :func:`stag
    stage's own flags (each flag is just sugar for a ``--set`` on its section);
 2. validate the stage's section (unknown key / bad value -> one line naming the key, exit 2);
 3. check the MLflow store is reachable (fail fast, before any work);
-4. run the stage inside one MLflow run (params logged, tags: stage, git commit, params hash);
-5. log the returned metrics.
+4. run the stage inside one MLflow run (params logged, tags: stage, git commit, params hash, pipeline group,
+   the upstream runs found in the inputs' lineage files, input datasets; see ``lineage.py``);
+5. log the returned metrics; write the curves, register an exported encoder, leave a lineage file in every
+   output directory.
 
 Stages write their outputs atomically (``localmim.utils.io``) and dump the resolved params next to them
 with :meth:`StageContext.dump_params`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +60,13 @@ class StageDef:
     flags: list[Flag]
     run_name: Callable[[argparse.Namespace], str] | None = None
     system_metrics: bool = False
+    # Input paths for lineage, ``inputs(cfg, args) -> {context: path}``; default: the args named in INPUT_ARGS.
+    inputs: Callable[[Any, argparse.Namespace], dict[str, str]] | None = None
 
+
+# Conventional arg names (argparse dests) of stage inputs and output directories, for lineage.
+INPUT_ARGS = ("src", "encoder", "train", "val", "shards", "data_dir", "coco", "ade20k")
+OUTPUT_ARGS = ("out",)
 
 STAGES: dict[str, StageDef] = {}
 
@@ -71,11 +80,15 @@ def stage(
     flags: list[Flag] | None = None,
     run_name: Callable[[argparse.Namespace], str] | None = None,
     system_metrics: bool = False,
+    inputs: Callable[[Any, argparse.Namespace], dict[str, str]] | None = None,
 ) -> Callable:
-    """Register ``run(cfg, ctx)`` as the stage command ``localmim <name>``."""
+    """Register ``run(cfg, ctx)`` as the stage command ``localmim <name>``.
+
+    ``inputs(cfg, args)`` names the input paths (``{context: path}``) when the conventional arg names
+    (:data:`INPUT_ARGS`) do not say it (e.g. an input chosen by a param)."""
 
     def deco(fn: Callable) -> Callable:
-        STAGES[name] = StageDef(name, section, config, fn, help, flags or [], run_name, system_metrics)
+        STAGES[name] = StageDef(name, section, config, fn, help, flags or [], run_name, system_metrics, inputs)
         return fn
 
     return deco
@@ -154,6 +167,38 @@ def resolve(sd: StageDef, args: argparse.Namespace) -> tuple[Section, dict[str, 
     return cfg, tree, overrides
 
 
+def lineage_paths(
+    sd: StageDef, cfg: Section, args: argparse.Namespace
+) -> tuple[dict[str, str], list[str], Path | None]:
+    """(inputs ``{context: path}``, output directories, curves directory) of one stage invocation.
+
+    Curves go to ``<metrics dir>/curves/<metrics stem>/`` for stages with a ``--metrics`` file (DVC ``plots:``).
+    """
+    ns = vars(args)
+    if sd.inputs is not None:
+        inputs = {k: str(v) for k, v in sd.inputs(cfg, args).items() if v}
+    else:
+        inputs = {k: str(ns[k]) for k in INPUT_ARGS if isinstance(ns.get(k), str | Path)}
+    outputs = [str(ns[k]) for k in OUTPUT_ARGS if isinstance(ns.get(k), str | Path)]
+    metrics = ns.get("metrics")
+    curves = Path(metrics).parent / "curves" / Path(metrics).stem if isinstance(metrics, str | Path) else None
+    return inputs, outputs, curves
+
+
+_HANDLER_PID: list[int] = []
+
+
+def _sigterm_to_exit(signum, frame) -> None:  # noqa: ARG001
+    """In the stage process: unwind through StageRun.__exit__ (the run ends KILLED, not RUNNING). In a forked
+    child that inherited the handler (a multiprocessing / DataLoader worker: ``Pool.terminate`` stops them with
+    SIGTERM and expects them to die at once) it does what the default action does."""
+    if _HANDLER_PID and os.getpid() != _HANDLER_PID[-1]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
+
+
 def execute(sd: StageDef, args: argparse.Namespace) -> int:
     """Run one stage end to end (see module docstring); returns the process exit code."""
     prog = f"localmim {sd.name}"
@@ -164,12 +209,21 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
         return 2
     run_name = sd.run_name(args) if sd.run_name else sd.name
     is_main = int(os.environ.get("RANK", "0")) == 0
+    inputs, outputs, curves = lineage_paths(sd, cfg, args)
+    _HANDLER_PID.append(os.getpid())
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_exit) if is_main else None
     try:
-        with StageRun(run_name, sd.section, cfg, enabled=is_main, system_metrics=sd.system_metrics) as tracker:
+        with StageRun(run_name, sd.section, cfg, enabled=is_main, system_metrics=sd.system_metrics,
+                      inputs=inputs, outputs=outputs, curves_dir=curves) as tracker:
             ctx = StageContext(sd.name, sd.section, args, Path(args.params), overrides, tracker, tree)
             metrics = sd.run(cfg, ctx) or {}
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            tracker.log_metrics(numeric, step=tracker.last_step, curve=False)
+            tracker.finish(numeric)
     except (StageError, TrackingError, ParamsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -80,7 +80,7 @@ class Node:
 
     @property
     def dir_outs(self) -> list[str]:
-        return [o for o in self.outs if not Path(o).suffix]
+        return [o for o in self.outs + self.plots if isinstance(o, str) and not Path(o).suffix]
 
 
 def pipeline() -> list[Node]:
@@ -134,7 +134,8 @@ def pretrain_nodes() -> list[Node]:
                    smk_params={"targets": views_only, "pretrain.data": 'config["pretrain"]["data"]'})
     cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
     pretrain = Node("pretrain", cmd, params=["pretrain"], deps=["data/shards/train", "data/views"],
-                    outs=["data/pretrain"], metrics=["metrics/pretrain.json"], threads=2, launcher=TORCHRUN)
+                    outs=["data/pretrain"], metrics=["metrics/pretrain.json"], plots=["metrics/curves/pretrain"],
+                    threads=2, launcher=TORCHRUN)
     return [targets, pretrain]
 
 
@@ -143,9 +144,11 @@ def evaluation_nodes() -> list[Node]:
     deps = ["data/pretrain", "data/shards/train", "data/shards/val"]
     return [
         Node("finetune", "localmim finetune --encoder data/pretrain --out data/finetune", params=["finetune"],
-             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], threads=2, launcher=TORCHRUN),
+             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], plots=["metrics/curves/finetune"],
+             threads=2, launcher=TORCHRUN),
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
-             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
+             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
+             threads=2),
     ]
 
 

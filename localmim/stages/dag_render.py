@@ -45,7 +45,9 @@ def render_dvc(nodes: list[Node]) -> str:
         if n.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in n.metrics]
         if n.plots:
-            st["plots"] = [{p: {"cache": False}} if isinstance(p, str) else p for p in n.plots]
+            # a directory plot holds <metric>.tsv curves (step, value), written by the stage runner: one plot per file
+            st["plots"] = [p if not isinstance(p, str) else {p: {"cache": False, "x": "step"} if not Path(p).suffix
+                                                              else {"cache": False}} for p in n.plots]
         stages[n.name] = st
     return f"# {HEADER}\n" + yaml.safe_dump({"stages": stages}, sort_keys=False)
 

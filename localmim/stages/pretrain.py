@@ -38,6 +38,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
         flag("--no-progress", action="store_true", help="no progress bar"),
     ],
     system_metrics=True,
+    inputs=lambda cfg, a: {"train": a.views_dir if cfg.data == "views" else a.shards},
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import write_encoder

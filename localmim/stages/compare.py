@@ -1,0 +1,212 @@
+"""``localmim compare``: pipeline groups side by side, from any MLflow tracking store.
+
+A *group* is one pipeline invocation (the ``localmim.group`` tag every stage run carries, see ``lineage.py``).
+Its stages are its own runs plus the upstream runs it reused (found through ``localmim.upstream.<stage>`` tags:
+a stage that did not rerun is referenced, not duplicated). The table has one row per group with only the params
+that differ between groups and the headline metric of every stage; the plots go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HEADLINE = ("top1", "mIoU", "bbox_AP", "segm_AP")  # + pretrain final_loss / final_loss_<tap>
+UPSTREAM_TAG = "localmim.upstream."
+
+
+@dataclass
+class Group:
+    """One pipeline invocation: its runs by stage name (own and reused)."""
+
+    id: str
+    label: str
+    start: int
+    runs: dict[str, Any] = field(default_factory=dict)  # stage -> mlflow Run
+    reused: dict[str, str] = field(default_factory=dict)  # stage -> group the reused run belongs to
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class NothingToCompare(RuntimeError):
+    """No run/group matches; the message says what was looked for where."""
+
+
+def headline_metrics(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``{<stage>.<metric>: value}``: the pretraining loss (total and per tap), top-1, mIoU, box/mask AP."""
+    out = {}
+    for k, v in sorted(metrics.items()):
+        if k in HEADLINE or (stage == "pretrain" and (k == "final_loss" or k.startswith("final_loss_tap")
+                                                      or k == "final_loss_top")):
+            out[f"{stage}.{k}"] = v
+    return out
+
+
+def _run_params(run: Any, sections: set[str]) -> dict[str, str]:
+    """Own params prefixed by the run's section; params carried from upstream already are (``pretrain.*``)."""
+    section = run.data.tags.get("section", run.data.tags.get("stage", "?"))
+    return {k if k.split(".", 1)[0] in sections else f"{section}.{k}": v for k, v in run.data.params.items()}
+
+
+def load_groups(client: Any, experiment: str, *, names: list[str] | None = None, run_ids: list[str] | None = None,
+                last: int | None = None) -> list[Group]:
+    """The pipeline groups of MLflow experiment ``experiment`` (oldest first), filtered by group id / DVC
+    experiment name (``names``), by member run ids, then the ``last`` N."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise NothingToCompare(f"no MLflow experiment {experiment!r} in this tracking store")
+    runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise NothingToCompare(f"MLflow experiment {experiment!r} has no runs yet (run the pipeline first)")
+    by_id = {r.info.run_id: r for r in runs}
+    sections = {r.data.tags.get("section") for r in runs} - {None}
+    groups: dict[str, Group] = {}
+    for r in runs:  # oldest first: the latest run of a stage in a group wins
+        gid = r.data.tags.get("localmim.group") or r.info.run_id
+        g = groups.setdefault(gid, Group(gid, r.data.tags.get("localmim.dvc_exp") or gid, r.info.start_time))
+        stage = r.data.tags.get("stage", r.info.run_name)
+        if r.info.status == "FINISHED" or stage not in g.runs:
+            g.runs[stage] = r
+    for g in groups.values():
+        _add_reused(g, by_id, client)
+        for stage, r in g.runs.items():
+            for k, v in _run_params(r, sections).items():
+                g.params.setdefault(k, v)
+            g.metrics.update(headline_metrics(stage, r.data.metrics))
+    selected = [g for g in groups.values() if g.metrics]  # groups with only data-prep stages: nothing to show
+    if names:
+        selected = [g for g in groups.values() if g.id in names or g.label in names]
+        missing = set(names) - {g.id for g in selected} - {g.label for g in selected}
+        if missing:
+            raise NothingToCompare(f"no group or DVC experiment named {', '.join(sorted(missing))} in {experiment!r}")
+    if run_ids:
+        selected = [g for g in selected if {r.info.run_id for r in g.runs.values()} & set(run_ids)]
+    selected.sort(key=lambda g: g.start)
+    if last:
+        selected = selected[-last:]
+    if not selected:
+        raise NothingToCompare(f"no pipeline group with results in MLflow experiment {experiment!r}")
+    return selected
+
+
+def _add_reused(g: Group, by_id: dict[str, Any], client: Any) -> None:
+    """Follow the upstream tags of the group's own runs to the runs of stages it did not rerun."""
+    for r in list(g.runs.values()):
+        for tag, run_id in r.data.tags.items():
+            stage = tag.removeprefix(UPSTREAM_TAG)
+            if not tag.startswith(UPSTREAM_TAG) or stage in g.runs:
+                continue
+            up = by_id.get(run_id)
+            if up is None:
+                try:
+                    up = client.get_run(run_id)
+                except Exception:  # noqa: BLE001 (deleted or in another store: leave it out)
+                    continue
+            g.runs[stage] = up
+            g.reused[stage] = up.data.tags.get("localmim.group", run_id)
+
+
+def differing_params(groups: list[Group]) -> list[str]:
+    """Params every group has, with at least two distinct values."""
+    if len(groups) < 2:
+        return []
+    common = set.intersection(*(set(g.params) for g in groups))
+    return sorted(k for k in common if len({g.params[k] for g in groups}) > 1)
+
+
+def table_rows(groups: list[Group], diff: list[str]) -> tuple[list[str], list[list[str]]]:
+    metric_cols = sorted({k for g in groups for k in g.metrics}, key=_metric_order)
+    header = ["group", *diff, *metric_cols, "reused"]
+    rows = []
+    for g in groups:
+        reused = ", ".join(f"{s} ({o[:24]})" for s, o in sorted(g.reused.items()) if o != g.id)
+        rows.append([g.label, *(g.params[k] for k in diff),
+                     *(_fmt(g.metrics.get(c)) for c in metric_cols), reused or "-"])
+    return header, rows
+
+
+def _metric_order(col: str) -> tuple[int, str]:
+    order = ("pretrain", "finetune", "linprobe", "segment", "detect")
+    stage = col.split(".", 1)[0]
+    return (order.index(stage) if stage in order else len(order), col)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def render(groups: list[Group], diff: list[str], fmt: str) -> str:
+    header, rows = table_rows(groups, diff)
+    if fmt == "json":
+        return json.dumps([{"group": g.id, "label": g.label, "params": {k: g.params[k] for k in diff},
+                            "metrics": g.metrics, "runs": {s: r.info.run_id for s, r in g.runs.items()},
+                            "reused": g.reused} for g in groups], indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *rows])
+        return buf.getvalue()
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)]) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    import mlflow
+
+    from localmim.stages.compare_plots import write_plots
+    from localmim.stages.tracking import DEFAULT_EXPERIMENT, store_lock, tracking_uri
+
+    uri = args.tracking_uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"localmim compare: nothing to compare: no MLflow store at {uri} (run the pipeline first, or set "
+              "MLFLOW_TRACKING_URI / --tracking-uri)", file=sys.stderr)
+        return 1
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+    default = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    experiment = args.experiment or default
+    names = list(args.names)
+    if args.experiment and client.get_experiment_by_name(args.experiment) is None:
+        experiment, names = default, [*names, args.experiment]  # a DVC experiment name
+    try:
+        groups = load_groups(client, experiment, names=names, run_ids=args.runs, last=args.last)
+    except NothingToCompare as e:
+        print(f"localmim compare: nothing to compare: {e} (tracking URI {uri})", file=sys.stderr)
+        return 1
+    diff = differing_params(groups)
+    text = render(groups, diff, args.format)
+    print(text, end="")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"compare.{args.format}").write_text(text)
+    if len(groups) < 2:
+        print(f"localmim compare: only one pipeline group in {experiment!r}; run another (e.g. `dvc exp run -S "
+              "pretrain.mask_ratio=0.6`) to compare", file=sys.stderr)
+    elif not diff:
+        print("localmim compare: the groups have the same params (reruns of one configuration)", file=sys.stderr)
+    paths = write_plots(client, groups, diff, out)
+    print(f"localmim compare: {len(groups)} groups; plots: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="GROUP",
+                   help="group ids (tag localmim.group) or DVC experiment names to compare (default: all groups)")
+    p.add_argument("--experiment", metavar="NAME",
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or localmim); a name that is not one "
+                        "is taken as a DVC experiment name")
+    p.add_argument("--runs", nargs="+", metavar="ID", help="only the groups holding these MLflow run ids")
+    p.add_argument("--last", type=int, metavar="N", help="only the N most recent groups")
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="table format (default: md)")
+    p.add_argument("--out", default="outputs/compare", help="directory for the table and the PNG plots")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                                          "sqlite:///./mlflow.db)")

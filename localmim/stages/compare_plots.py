@@ -1,0 +1,123 @@
+"""PNG plots of ``localmim compare``: one colour per group everywhere, legends name the differing params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+EVAL_STAGES = ("finetune", "linprobe", "segment", "detect")
+EVAL_KEYS = ("top1", "mIoU", "bbox_AP", "segm_AP")
+TAP_STYLES = ("-", "--", "-.", ":", (0, (1, 1)), (0, (5, 1, 1, 1)))
+
+
+def group_label(g: Any, diff: list[str]) -> str:
+    """``<group>: pretrain.mask_ratio=0.6, ...`` (only the params that differ between groups)."""
+    params = ", ".join(f"{k}={g.params[k]}" for k in diff)
+    return f"{g.label[:28]}: {params}" if params else g.label[:40]
+
+
+def _history(client: Any, run: Any, key: str) -> tuple[list[float], list[float]]:
+    pts = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [m.step for m in pts], [m.value for m in pts]
+
+
+def _pretrain_loss(client: Any, groups: list[Any], diff: list[str], colors: list[Any], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    runs = [(g, c, g.runs["pretrain"]) for g, c in zip(groups, colors, strict=True) if "pretrain" in g.runs]
+    taps = sorted({k for _, _, r in runs for k in r.data.metrics if k.startswith("loss_")})
+    if not runs or not taps:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for _, color, run in runs:
+        for tap, style in zip(taps, TAP_STYLES * 4, strict=False):
+            steps, values = _history(client, run, tap)
+            if steps:
+                ax.plot([s / 1000 for s in steps], values, color=color, linestyle=style, linewidth=1.6)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction loss per tap")
+    ax.set_title("Pre-training loss per tap (colour: group, line style: tap)")
+    groups_legend = [Line2D([], [], color=c, label=group_label(g, diff)) for g, c, _ in runs]
+    taps_legend = [Line2D([], [], color="0.3", linestyle=s, label=t.removeprefix("loss_"))
+                   for t, s in zip(taps, TAP_STYLES * 4, strict=False)]
+    first = ax.legend(handles=groups_legend, loc="upper right", fontsize=8, title="group")
+    ax.add_artist(first)
+    ax.legend(handles=taps_legend, loc="lower left", fontsize=8, title="tap")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _eval_curves(client: Any, groups: list[Any], diff: list[str], colors: list[Any], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(s, k) for s in EVAL_STAGES for k in EVAL_KEYS
+              if any(s in g.runs and k in g.runs[s].data.metrics for g in groups)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (stage, key) in zip(axes[0], panels, strict=True):
+        for g, color in zip(groups, colors, strict=True):
+            if stage in g.runs:
+                steps, values = _history(client, g.runs[stage], key)
+                if steps:
+                    ax.plot(steps, values, color=color, marker="o", markersize=3, label=group_label(g, diff))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{key} (%)" if key == "top1" else key)
+        ax.set_title(f"{stage}: {key} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _headline_bars(groups: list[Any], diff: list[str], colors: list[Any], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from localmim.stages.compare import _metric_order
+
+    cols = sorted({k for g in groups for k in g.metrics}, key=_metric_order)
+    if not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(2.2 * len(cols), 6), 4), squeeze=False)
+    for ax, col in zip(axes[0], cols, strict=True):
+        vals = [g.metrics.get(col, float("nan")) for g in groups]
+        ax.bar(range(len(groups)), vals, color=colors)
+        ax.set_xticks([])
+        ax.set_title(col, fontsize=9)
+        ax.set_ylabel("top-1 (%)" if col.endswith("top1") else col.rsplit(".", 1)[-1])
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(handles=[Patch(color=c, label=group_label(g, diff)) for g, c in zip(groups, colors, strict=True)],
+               loc="lower center", ncol=min(len(groups), 3), fontsize=8)
+    fig.suptitle("Headline metrics per group")
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    return _save(fig, path, tight=False)
+
+
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_plots(client: Any, groups: list[Any], diff: list[str], out: Path) -> list[Path]:
+    """``pretrain_loss.png``, ``eval_curves.png``, ``headline.png`` under ``out`` (those with data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    colors = [cmap(i % 10) for i in range(len(groups))]
+    made = [_pretrain_loss(client, groups, diff, colors, out / "pretrain_loss.png"),
+            _eval_curves(client, groups, diff, colors, out / "eval_curves.png"),
+            _headline_bars(groups, diff, colors, out / "headline.png")]
+    return [p for p in made if p is not None]
