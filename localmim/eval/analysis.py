@@ -124,13 +124,6 @@ def layer_outputs(model: nn.Module, images: Tensor, *, attention: bool = True) -
     return out
 
 
-def concat_outputs(parts: list[LayerOutputs]) -> LayerOutputs:
-    """Join the per-batch outputs of :func:`layer_outputs` along the image axis."""
-    cat = lambda lists: [torch.cat(xs) for xs in zip(*lists, strict=True)]
-    return LayerOutputs(cat([p.feats for p in parts]), cat([p.nmi for p in parts]) if parts[0].nmi else [],
-                        cat([p.dist for p in parts]) if parts[0].dist else [])
-
-
 def probe_top1(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int, *,
                steps: int = 100, weight_decay: float = 1e-3) -> float:
     """Linear probe: multinomial logistic regression on standardised features (train statistics), trained full

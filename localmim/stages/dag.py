@@ -79,6 +79,7 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
     nodes += pretrain_nodes(tree or {})
     if any(n.name == "pretrain" for n in nodes):
         nodes += evaluation_nodes()
+        nodes.append(analyze_node())
     return nodes
 
 
@@ -91,7 +92,8 @@ def pretrain_nodes(tree: dict[str, Any]) -> list[Node]:
         nodes.append(Node("targets", "localmim targets data/shards/train data/views", params=["targets"],
                           deps=["data/shards/train"], outs=["data/views"], threads=2))
     cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
-    nodes.append(Node("pretrain", cmd, params=["pretrain"], deps=["data/views" if views else "data/shards/train"],
+    knn = ["data/shards/val"] if (tree.get("pretrain") or {}).get("knn_every") else []  # kNN monitor's queries
+    nodes.append(Node("pretrain", cmd, params=["pretrain"], deps=["data/views" if views else "data/shards/train", *knn],
                       outs=["data/pretrain"], metrics=["metrics/pretrain.json"], threads=2, launcher="torchrun",
                       resources={"gpu": 'config["pretrain"]["nproc_per_node"] if config["pretrain"]["device"] != "cpu"'
                                         ' else 0'}))
@@ -108,6 +110,14 @@ def evaluation_nodes() -> list[Node]:
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
     ]
+
+
+def analyze_node() -> Node:
+    """Per-layer probe/kNN, attention NMI/distance and tap reconstructions of ``data/pretrain`` (the decoders come
+    from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
+    return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
+                deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
+                metrics=["metrics/analyze.json"], threads=2)
 
 
 def render_dvc(nodes: list[Node]) -> str:
