@@ -138,3 +138,17 @@ def test_layer_outputs_recompute_timm_attention():
         np.testing.assert_allclose(out.nmi[0].numpy(), want, rtol=1e-5)
         y = blk(t)
         torch.testing.assert_close(out.feats[0], y[:, 1:].mean(1))
+
+
+def test_layer_outputs_swin_gives_per_block_features_and_no_attention_measures():
+    import timm
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, embed_dim=16, depths=(2, 1),
+                             num_heads=(1, 2), window_size=4, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = layer_outputs(swin, x)
+    assert [f.shape for f in out.feats] == [(2, 16), (2, 16), (2, 32)] and out.nmi == [] and out.dist == []
+    with torch.no_grad():
+        y = swin.layers[1](swin.layers[0](swin.patch_embed(x)))  # [B, H, W, C] output of the last block
+    torch.testing.assert_close(out.feats[-1], y.mean((1, 2)))
