@@ -42,8 +42,8 @@ PRESETS = {
     "smoke": dict(size="micro_patch8", input_size=32, classes=4, pool_per_class=24, label_train=48, val_per_class=8,
                   epochs=2, eval_every=1, seeds=3, batch_size=16, num_workers=0, device="cpu", min_side=32,
                   max_side=40),
-    "gpu": dict(size="tiny_patch8", input_size=64, classes=10, pool_per_class=3000, label_train=2000, val_per_class=100,
-                epochs=30, eval_every=3, seeds=3, batch_size=256, num_workers=12, device="cuda", min_side=64,
+    "gpu": dict(size="tiny_patch8", input_size=64, classes=10, pool_per_class=2000, label_train=2000, val_per_class=100,
+                epochs=20, eval_every=2, seeds=3, batch_size=256, num_workers=14, device="cuda", min_side=64,
                 max_side=96),
 }
 
