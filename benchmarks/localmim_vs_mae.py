@@ -5,8 +5,9 @@
 1. data: the embedded shapes task (``localmim.data.synth``) with the class-hue prior OFF (colour carries no class
    information: only shape does), a large unlabelled pre-training pool, and few labels: the first
    ``--label-train`` train samples (kNN bank / probe training set) and every val sample;
-2. pre-trains ``localmim_vit_<size>`` and ``mae_vit_<size>`` (identical encoder and init, the params.yaml ``pretrain``
-   recipe, same epochs, batch, lr) for every seed; random init is epoch 0 of every curve;
+2. pre-trains ``localmim_vit_<size>`` and ``mae_vit_<size>`` (the same encoder architecture and seed, the params.yaml
+   ``pretrain`` recipe, same epochs, batch, lr) for every seed; epoch 0 of every curve is that run's random init
+   (not bit-identical between the methods: their decoders are built between encoder parts in the init order);
 3. every ``--eval-every`` epochs: weighted kNN top-1 (cosine, k 20, T 0.07) and linear-probe top-1 (logistic
    regression on standardised features) of the top block's pooled features; pre-training seconds per epoch are
    measured without the evaluation time;
