@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from classify_data import make_shards
 from conftest import ROOT, run_cli
 from PIL import Image
@@ -26,18 +27,21 @@ def test_analyze_stage_end_to_end(tmp_path):
     assert json.loads((tmp_path / "m" / "pre.json").read_text())["knn_top1"] == knn[0]["knn_top1"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     p = run_cli("analyze", "--encoder", "pre", "--train", "shards/train", "--val", "shards/val", "--out", "an",
-                "--metrics", "m/an.json", "--set", "analyze.attn_images=6", "--set", "analyze.batch_size=4",
-                "--set", "analyze.num_workers=0", "--set", "analyze.recon_images=2", cwd=tmp_path,
-                MLFLOW_TRACKING_URI=uri)  # fmt: skip
+                "--metrics", "m/an.json", "--plots", "m/an.csv", "--set", "analyze.attn_images=6",
+                "--set", "analyze.batch_size=4", "--set", "analyze.num_workers=0", "--set", "analyze.recon_images=2",
+                cwd=tmp_path, MLFLOW_TRACKING_URI=uri)  # fmt: skip
     assert p.returncode == 0, p.stderr
     m = json.loads((tmp_path / "m" / "an.json").read_text())
-    per = m["per_layer"]
+    doc = json.loads((tmp_path / "an" / "analyze.json").read_text())
+    per = doc["per_layer"]
     assert {len(v) for v in per.values()} == {4}  # micro ViT: 4 blocks
-    assert m["taps"] == [0, 1, 2, 3]
+    assert doc["taps"] == [0, 1, 2, 3]
+    csv = (tmp_path / "m" / "an.csv").read_text().splitlines()
+    assert csv[0] == "block,probe_top1,knn_top1,attn_nmi,attn_distance_px" and len(csv) == 5
+    assert [float(r.split(",")[3]) for r in csv[1:]] == pytest.approx(per["attn_nmi"], rel=1e-5)
     assert all(0.0 <= v <= 100.0 for v in per["probe_top1"] + per["knn_top1"])
     assert all(0.0 <= v <= 1.0 for v in per["attn_nmi"]) and all(v > 0 for v in per["attn_distance_px"])
     assert m["probe_top1_last"] == per["probe_top1"][-1] and m["chance_top1"] == 25.0
-    doc = json.loads((tmp_path / "an" / "analyze.json").read_text())
     assert doc["num_train"] == 32 and doc["num_val"] == 16 and doc["num_attn_images"] == 6
     assert doc["reconstructions"].startswith("2 images, taps tap1, tap2, tap3, tap4")
     for name in ("layers.png", "reconstructions.png"):

@@ -9,7 +9,8 @@ For the exported encoder (ViT; Swin: per-block probe and kNN only, see :mod:`loc
   pre-training checkpoint, which holds the decoders: ``--checkpoint`` or the one recorded in ``encoder.json``).
 
 Outputs: ``OUT/layers.png`` (curves per block, taps marked), ``OUT/reconstructions.png``, ``OUT/analyze.json``
-(everything per block), ``OUT/params.yaml``; ``metrics/analyze.json`` (summary + per-block lists). MLflow: the
+(everything per block), ``OUT/params.yaml``; ``metrics/analyze.json`` (summary) and ``metrics/analyze_layers.csv``
+(one row per block: the DVC plot). MLflow: the
 per-block values as metrics with step = block (1-based), the summary, and the PNGs and JSON as artifacts.
 """
 
@@ -38,6 +39,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
         flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
         flag("--out", default="data/analyze", help="output directory (default: %(default)s)"),
         flag("--metrics", default="metrics/analyze.json", help="metrics file (default: %(default)s)"),
+        flag("--plots", default="metrics/analyze_layers.csv", help="per-block CSV (DVC plot; default: %(default)s)"),
         flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
     ],
 )
@@ -47,7 +49,7 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import create_encoder, read_encoder
     from localmim.stages._analyze_plots import plot_layers
     from localmim.utils.distributed import resolve_device
-    from localmim.utils.io import atomic_write_json
+    from localmim.utils.io import atomic_write_json, atomic_write_text
 
     args, t0 = ctx.args, time.time()
     try:
@@ -82,7 +84,8 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
            "num_attn_images": int(val.nmi[0].shape[0]) if val.nmi else 0, "seconds": time.time() - t0}
     ctx.dump_params(cfg, out)
     atomic_write_json(out / "analyze.json", doc)
-    atomic_write_json(args.metrics, {**summary, "per_layer": per_layer, "taps": taps, "seconds": doc["seconds"]})
+    atomic_write_json(args.metrics, {**summary, "seconds": doc["seconds"]})
+    atomic_write_text(args.plots, _layers_csv(per_layer))
     for i in range(len(per_layer["probe_top1"])):
         ctx.tracker.log_metrics({f"layer_{k}": v[i] for k, v in per_layer.items() if v}, step=i + 1)
     for name in ("layers.png", "reconstructions.png", "analyze.json"):
@@ -157,6 +160,13 @@ def _reconstructions(model, val_dir, cfg: AnalyzeConfig, dev, path: Path) -> str
     mask, taps = reconstruct(model, x.to(dev), cfg.mask_ratio, gen)
     plot_reconstructions(x, mask.cpu(), taps, model.patch_size, model.target, model.hog_nbins, path)
     return f"{len(x)} images, taps {', '.join(t.name for t in taps)}, target {model.target}"
+
+
+def _layers_csv(per_layer: dict[str, list[float]]) -> str:
+    keys = [k for k, v in per_layer.items() if v]
+    rows = [",".join(["block", *keys])]
+    rows += [",".join([str(i + 1), *(f"{per_layer[k][i]:.6g}" for k in keys)]) for i in range(len(per_layer[keys[0]]))]
+    return "\n".join(rows) + "\n"
 
 
 def _summary(per_layer: dict[str, list[float]], taps: list[int], num_classes: int) -> dict[str, float]:

@@ -117,7 +117,7 @@ def analyze_node() -> Node:
     from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
     return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
                 deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
-                metrics=["metrics/analyze.json"], threads=2)
+                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
 
 
 def render_dvc(nodes: list[Node]) -> str:
