@@ -37,7 +37,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", nargs="*", help="run only these scripts")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--with-mae", action="store_true", help="also rerun localmim_vs_mae.py (~10 min on 2 cores)")
+    ap.add_argument("--with-mae", action="store_true",
+                    help="also rerun localmim_vs_mae.py (about an hour on 2 free cores)")
     args = ap.parse_args()
     scripts = [s for s in ORDER if (HERE / s).is_file() and (not args.only or s in args.only)]
     (HERE / "results").mkdir(exist_ok=True)

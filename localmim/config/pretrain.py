@@ -18,7 +18,7 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 # Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
 RUNTIME_KEYS = frozenset(
     {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
-     "fused_attn"}
+     "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature"}
 )
 
 
@@ -57,6 +57,13 @@ class PretrainConfig(Section):
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     log_every: PosInt = 1  # steps between synced loss/throughput logs (the hot loop never syncs otherwise)
+    # kNN monitor (rank 0, after every knn_every-th epoch and the last; 0 = off): weighted kNN top-1 of the top tap's
+    # pooled features, bank = first knn_train train samples, queries = first knn_val val samples (fixed subsets)
+    knn_every: Annotated[int, Field(ge=0)] = 0
+    knn_train: PosInt = 1000
+    knn_val: PosInt = 500
+    knn_k: PosInt = 20
+    knn_temperature: Annotated[float, Field(gt=0)] = 0.07
 
     @model_validator(mode="after")
     def _check(self):

@@ -107,7 +107,8 @@ def pipeline() -> list[Node]:
         )
     nodes += pretrain_nodes()
     nodes += evaluation_nodes()
-    nodes.append(summary_node(nodes))
+    nodes.append(analyze_node())
+    nodes.append(summary_node(nodes))  # last: it reads every metrics file above
     return nodes
 
 
@@ -133,7 +134,8 @@ def pretrain_nodes() -> list[Node]:
                    params=["targets", "pretrain.data"], deps=["data/shards/train"], outs=["data/views"], threads=2,
                    smk_params={"targets": views_only, "pretrain.data": 'config["pretrain"]["data"]'})
     cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
-    pretrain = Node("pretrain", cmd, params=["pretrain"], deps=["data/shards/train", "data/views"],
+    # data/shards/val: the kNN monitor's queries (pretrain.knn_every)
+    pretrain = Node("pretrain", cmd, params=["pretrain"], deps=["data/shards/train", "data/views", "data/shards/val"],
                     outs=["data/pretrain"], metrics=["metrics/pretrain.json"], plots=["metrics/curves/pretrain"],
                     threads=2, launcher=TORCHRUN)
     return [targets, pretrain]
@@ -150,6 +152,14 @@ def evaluation_nodes() -> list[Node]:
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
              threads=2),
     ]
+
+
+def analyze_node() -> Node:
+    """Per-layer probe/kNN, attention NMI/distance and tap reconstructions of ``data/pretrain`` (the decoders come
+    from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
+    return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
+                deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
+                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
 
 
 # The default experiments table (`make exps`): these params and the headline metrics of every stage.

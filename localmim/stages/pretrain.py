@@ -31,6 +31,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
         flag("--views-dir", default="data/views", help="view shards of `localmim targets` (data: views)"),
         flag("--ckpt-dir", default="data/checkpoints/pretrain", help="resumable checkpoints (not a DAG output)"),
         flag("--metrics", default="metrics/pretrain.json", help="metrics JSON"),
+        flag("--knn-val", default=None, help="val shards of the kNN monitor (default: val/ next to --shards)"),
         flag("--epochs", key="epochs", type=int, metavar="N", help="pre-training epochs"),
         flag("--data", key="data", choices=["online", "views"], help="input: raw shards or view shards"),
         flag("--model", key="model", metavar="NAME", help="localmim.models registry name"),
@@ -42,6 +43,7 @@ from localmim.stages.base import StageContext, StageError, flag, stage
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import write_encoder
+    from localmim.stages._knn_monitor import build_knn_hook
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
     from localmim.utils.distributed import barrier, cleanup
     from localmim.utils.gitinfo import git_commit
@@ -51,10 +53,12 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
     try:
-        result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, progress=not args.no_progress)
+        knn_hook, knn_history = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
+        result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, on_epoch_end=knn_hook, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
         raise StageError(f"pretrain: {e}") from None
-    metrics = {k: float(v) for k, v in result.metrics.items()}
+    metrics = {k: float(v) for k, v in result.metrics.items()} | (knn_history[-1] if knn_history else {})
+    metrics.pop("epoch", None)
     if ctx.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +67,8 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
         write_encoder(result.model, out, extra)
         ctx.dump_params(cfg, out)
         atomic_write_json(args.metrics, metrics)
+        if knn_history:
+            atomic_write_json(out / "knn.json", knn_history)  # kNN top-1 per monitored epoch
         ctx.tracker.log_artifact(out, artifact_path="encoder")
         print(f"localmim pretrain: loss {metrics.get('final_loss', float('nan')):.4f} after "
               f"{int(metrics.get('epochs_done', 0))} epochs -> {out}", file=sys.stderr)
