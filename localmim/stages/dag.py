@@ -79,6 +79,7 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
     nodes += pretrain_nodes(tree or {})
     if any(n.name == "pretrain" for n in nodes):
         nodes += evaluation_nodes()
+        nodes.append(segment_node())
     return nodes
 
 
@@ -108,6 +109,14 @@ def evaluation_nodes() -> list[Node]:
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
     ]
+
+
+def segment_node() -> Node:
+    """ADE20K semantic segmentation (method §9.1) on the exported encoder, under torchrun like fine-tuning."""
+    return Node("segment", "localmim segment --encoder data/pretrain --data data/raw/ade20k --out data/segment",
+                params=["segment"], deps=["data/pretrain", "data/raw/ade20k"], outs=["data/segment"],
+                metrics=["metrics/segment.json"], threads=2, launcher="torchrun",
+                resources={"gpu": 'config["segment"]["nproc_per_node"] if config["segment"]["device"] != "cpu" else 0'})
 
 
 def render_dvc(nodes: list[Node]) -> str:
