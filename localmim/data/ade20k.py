@@ -220,7 +220,7 @@ def _mask_of(flat_inputs: list) -> torch.Tensor:
 
 
 def train_transform(crop_size: int, scale: tuple[int, int], ratio_range: tuple[float, float],
-                    cat_max_ratio: float) -> v2.Compose:
+                    cat_max_ratio: float, photometric: bool = True) -> v2.Compose:
     """Method §9.1 training augmentation on ``(Image uint8, Mask uint8)``; normalisation happens on the device.
 
     Photometric distortion is torchvision's ``ColorJitter`` (brightness/contrast/saturation factors 0.5-1.5 around
@@ -230,7 +230,7 @@ def train_transform(crop_size: int, scale: tuple[int, int], ratio_range: tuple[f
         RandomRescale(scale, ratio_range),
         CatMaxRatioCrop(crop_size, cat_max_ratio),
         v2.RandomHorizontalFlip(0.5),
-        v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=18 / 360),
+        *([v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=18 / 360)] if photometric else []),
         PadTo(crop_size),
     ])
 
