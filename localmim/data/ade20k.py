@@ -12,7 +12,7 @@ decode, sizes agree, labels are in ``0..C`` or 255. With ``on_bad: skip`` a bad 
 Augmentation (torchvision.transforms.v2, image as ``tv_tensors.Image`` and label map as ``tv_tensors.Mask`` so the
 geometric ops use nearest interpolation on the mask): random rescale of the base scale by a ratio in
 ``ratio_range``, random crop whose largest class covers at most ``cat_max_ratio`` of the labelled pixels (10
-tries), horizontal flip, photometric distortion, padding to the crop size (image 0, mask 255). Every sample's
+tries), horizontal flip, photometric distortion, padding to the crop size (image: the mean colour, mask 255). Every sample's
 randomness comes from its own seed (``(seed, step, slot)``), so the data stream is a pure function of the step:
 resume is exact whatever the number of workers.
 """
@@ -196,8 +196,12 @@ class CatMaxRatioCrop(v2.Transform):
         return F.crop(inpt, **params)
 
 
+PAD_RGB = (124, 116, 104)  # the ImageNet mean: 0 after normalisation, like MMSeg's padding of normalised images
+
+
 class PadTo(v2.Transform):
-    """Pad bottom/right to ``size × size``: images with 0, masks with the ignore label."""
+    """Pad bottom/right to ``size × size``: images with the mean colour (:data:`PAD_RGB`), masks with the ignore
+    label."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -208,7 +212,7 @@ class PadTo(v2.Transform):
         return {"padding": [0, 0, max(0, self.size - w), max(0, self.size - h)]}
 
     def transform(self, inpt, params: dict):
-        fill = IGNORE if isinstance(inpt, tv_tensors.Mask) else 0
+        fill = IGNORE if isinstance(inpt, tv_tensors.Mask) else list(PAD_RGB)
         return F.pad(inpt, params["padding"], fill=fill)
 
 

@@ -97,21 +97,29 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.ade20k import scan_split
     from localmim.models.encoder_io import read_encoder
     from localmim.train.segment import run_segment
-    from localmim.utils.distributed import barrier, cleanup, init_distributed
+    from localmim.utils.distributed import barrier, broadcast_object, cleanup, init_distributed
 
     args = ctx.args
+    init_distributed(cfg.device)  # the process group, before the first collective
     try:
         enc = read_encoder(args.encoder)
-        scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad) for s in ("train", "val")}
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
+    scans: dict | str = {}
+    if ctx.is_main:  # validated once (every annotation is decoded), shared with the other ranks
+        try:
+            scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad) for s in ("train", "val")}
+        except (ValueError, FileNotFoundError) as e:
+            scans = str(e)
+    scans = broadcast_object(scans)
+    if isinstance(scans, str):
+        raise StageError(scans)
     for s, sc in scans.items():
         if sc.skipped and ctx.is_main:
             print(f"localmim segment: {s}: skipped {len(sc.skipped)} of {sc.found} (see the metrics file)",
                   file=sys.stderr)
     out = Path(args.out)
     staging = out.with_name(f".{out.name}.staging")
-    init_distributed(cfg.device)  # the process group, before the first barrier
     val_pairs = scans["val"].pairs
     if ctx.is_main:
         shutil.rmtree(staging, ignore_errors=True)

@@ -131,6 +131,12 @@ def _evaluate(cfg, model, val, dist, dtype, on_pred=None) -> dict:
                     stride=cfg.slide_stride, amp_dtype=dtype, on_pred=on_pred)
 
 
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled pixels (``!= 255``); 0, not NaN, when a batch has none."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
+
+
 def _read(sums: torch.Tensor, n: int, world: int) -> list[float]:
     """One host sync: the interval's mean losses (over ranks); raises on a non-finite loss."""
     if world > 1:
@@ -177,8 +183,8 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
         labels = labels.to(dist.device, non_blocking=True).long()  # [B, S, S], 255 = ignore
         with torch.autocast(dist.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits, aux = net(imgs)
-            loss_main = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
-            loss_aux = F.cross_entropy(aux.float(), labels, ignore_index=IGNORE) if aux is not None else 0 * loss_main
+            loss_main = seg_loss(logits, labels)
+            loss_aux = seg_loss(aux, labels) if aux is not None else 0 * loss_main
             loss = loss_main + cfg.aux_weight * loss_aux
         scaler.scale(loss).backward()
         scaler.step(opt)
