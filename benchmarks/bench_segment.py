@@ -26,9 +26,10 @@ BIN = Path(sys.executable).parent
 
 def ensure_inputs(work: Path) -> tuple[Path, Path]:
     """(ADE20K folder, exported encoder folder): the demo's outputs, or fresh ones under ``work``."""
-    ade, enc = ROOT / "data" / "raw" / "ade20k", ROOT / "data" / "pretrain"
-    if (enc / "encoder.json").is_file() and ade.is_dir():
-        return ade, enc
+    for root in (ROOT / "data", work):  # the demo's outputs, or a previous run's
+        ade, enc = root / "raw" / "ade20k", root / "pretrain"
+        if (enc / "encoder.json").is_file() and ade.is_dir():
+            return ade, enc
     env = dict(os.environ, LOCALMIM_TRACKING="0")
     params = str(ROOT / "params.yaml")
     cmds = [["synth", str(work / "raw")],
