@@ -122,6 +122,9 @@ class Segmenter(nn.Module):
                  aux_level: int = 2):
         super().__init__()
         self.backbone = backbone
+        # drop what the taps never reach (final norm, head, blocks after the last tap): DDP needs every
+        # parameter to get a gradient
+        backbone.encoder.prune_intermediate_layers(backbone.indices, prune_norm=True, prune_head=True)
         if backbone.swin:
             self.neck = SwinNeck(backbone.out_channels)
             levels = list(backbone.out_channels)
