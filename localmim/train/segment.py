@@ -167,7 +167,11 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
     step, history, last = 0, [], ckpt.find_latest(run_dir)
     if last is not None:
         payload = ckpt.load(last, map_location=dist.device)
-        ckpt.restore(payload, model, opt, scaler, dist.rank, dist.world_size)
+        try:
+            ckpt.restore(payload, model, opt, scaler, dist.rank, dist.world_size)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{last}: this checkpoint does not fit the model built now ({str(e)[:300]}); "
+                             f"remove {run_dir} to start afresh") from None
         step, history = payload["step"], list(payload["extra"].get("history", []))
         if dist.is_main:
             print(f"segment: resumed {last} (step {step})", flush=True)
