@@ -150,6 +150,36 @@ def _read(sums: torch.Tensor, n: int, world: int) -> list[float]:
     return vals
 
 
+def _resume(run_dir: Path, model, opt, scaler, dist: DistInfo) -> tuple[int, list[dict], Path | None]:
+    """Restore the newest checkpoint of this run, if any: (step, eval history, its path)."""
+    last = ckpt.find_latest(run_dir)
+    if last is None:
+        return 0, [], None
+    payload = ckpt.load(last, map_location=dist.device)
+    try:
+        ckpt.restore(payload, model, opt, scaler, dist.rank, dist.world_size)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{last}: this checkpoint does not fit the model built now ({str(e)[:300]}); "
+                         f"remove {run_dir} to start afresh") from None
+    if dist.is_main:
+        print(f"segment: resumed {last} (step {payload['step']})", flush=True)
+    return payload["step"], list(payload["extra"].get("history", [])), last
+
+
+def _train_step(net, opt, scaler, imgs: torch.Tensor, labels: torch.Tensor, dtype, aux_weight: float) -> torch.Tensor:
+    """One optimisation step; returns the detached ``[decode loss, aux loss]`` (no host sync)."""
+    with torch.autocast(imgs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits, aux = net(imgs)  # [B, K, S, S] each
+        loss_main = seg_loss(logits, labels)
+        loss_aux = seg_loss(aux, labels) if aux is not None else 0 * loss_main
+        loss = loss_main + aux_weight * loss_aux
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return torch.stack([loss_main.detach(), loss_aux.detach()])
+
+
 def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[Pair], ckpt_dir: str | Path, *,
                 log_fn: LogFn | None = None, on_pred: Callable[[int, torch.Tensor], None] | None = None,
                 progress: bool = True) -> SegmentResult:
@@ -164,20 +194,11 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
     key = json.dumps({**cfg.run_key(), "world": dist.world_size, "data": fingerprint(enc, train_pairs)},
                      sort_keys=True)
     run_dir = Path(ckpt_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
-    step, history, last = 0, [], ckpt.find_latest(run_dir)
-    if last is not None:
-        payload = ckpt.load(last, map_location=dist.device)
-        try:
-            ckpt.restore(payload, model, opt, scaler, dist.rank, dist.world_size)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"{last}: this checkpoint does not fit the model built now ({str(e)[:300]}); "
-                             f"remove {run_dir} to start afresh") from None
-        step, history = payload["step"], list(payload["extra"].get("history", []))
-        if dist.is_main:
-            print(f"segment: resumed {last} (step {step})", flush=True)
+    step, history, last = _resume(run_dir, model, opt, scaler, dist)
     train, val = _loaders(cfg, train_pairs, val_pairs, dist, step)
     sched = PolyWarmup(cfg.lr, cfg.iters, cfg.power, cfg.min_lr, cfg.warmup_iters, cfg.warmup_ratio)
-    sums, n, t0, images, summary = torch.zeros(2, device=dist.device), 0, time.perf_counter(), 0, {}
+    sums, n, images, summary, eval_s = torch.zeros(2, device=dist.device), 0, 0, {}, 0.0
+    t0 = time.perf_counter()
     bar = tqdm(total=cfg.iters, initial=step, desc="segment", disable=not (progress and dist.is_main),
                dynamic_ncols=True)
     net.train()
@@ -185,36 +206,29 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
         lr = sched.apply(opt, step)
         imgs = imgs.to(dist.device, non_blocking=True)  # uint8 [B, 3, S, S]
         labels = labels.to(dist.device, non_blocking=True).long()  # [B, S, S], 255 = ignore
-        with torch.autocast(dist.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, aux = net(imgs)
-            loss_main = seg_loss(logits, labels)
-            loss_aux = seg_loss(aux, labels) if aux is not None else 0 * loss_main
-            loss = loss_main + cfg.aux_weight * loss_aux
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sums += torch.stack([loss_main.detach(), loss_aux.detach()])
+        sums += _train_step(net, opt, scaler, imgs, labels, dtype, cfg.aux_weight)
         n, images, step = n + 1, images + imgs.shape[0] * dist.world_size, step + 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.iters:
             main, aux_l = _read(sums, n, dist.world_size)
             summary = {"loss": main + cfg.aux_weight * aux_l, "loss_decode": main, "loss_aux": aux_l, "lr": lr,
-                       "images_per_s": images / max(time.perf_counter() - t0, 1e-9)}
+                       "images_per_s": images / max(time.perf_counter() - t0 - eval_s, 1e-9)}
             sums.zero_()
             n = 0
             bar.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{lr:.2e}")
             if dist.is_main and log_fn is not None:
                 log_fn(summary, step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
+            te = time.perf_counter()
             ev = _evaluate(cfg, model, val, dist, dtype)
+            eval_s += time.perf_counter() - te
             history.append({"step": step, "mIoU": ev["mIoU"], "mAcc": ev["mAcc"], "aAcc": ev["aAcc"]})
             if dist.is_main and log_fn is not None:
                 log_fn({k: v for k, v in history[-1].items() if k != "step"}, step)
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             last = _save(cfg, run_dir, model, opt, scaler, step, dist, history) or last
     bar.close()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - eval_s
     ev = _evaluate(cfg, model, val, dist, dtype, on_pred)
     history.append({"step": step, "mIoU": ev["mIoU"], "mAcc": ev["mAcc"], "aAcc": ev["aAcc"]})
     if dist.is_main and log_fn is not None:
