@@ -98,7 +98,9 @@ def main() -> int:
     rows.append({"encoder": f"most frequent class ({trivial['class']})", "seed": "-", "mIoU": trivial["mIoU"],
                  "mAcc": trivial["mAcc"], "aAcc": trivial["aAcc"], "images_per_s": float("nan"), "seconds": 0.0})
     info = json.loads((enc_dir / "encoder.json").read_text())
-    print(f"UperNet on the `{info['timm_name']}` encoder of the params.yaml pretrain recipe, the params.yaml `segment` "
+    patch = info["timm_kwargs"].get("patch_size", "?")
+    print(f"UperNet on the `{info['timm_name']}` (patch {patch}) encoder of the params.yaml pretrain recipe, the "
+          f"params.yaml `segment` "
           f"recipe ({base.iters} iterations, batch {base.batch_size}, crop {base.crop_size}, lr {base.lr}, layer "
           f"decay {base.layer_decay}, {base.num_classes} classes), {len(train)} train / {len(val)} val images, CPU "
           f"(fp32, {torch.get_num_threads()} threads). mIoU/mAcc/aAcc in % on val; images/s = training throughput.\n")
