@@ -26,6 +26,7 @@ TINY = {
     "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
     "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
+    "segment": {"iters": 4, "warmup_iters": 1, "batch_size": 2, "eval_every": 0, "ckpt_every": 4, "num_workers": 1},
 }  # fmt: skip
 
 
@@ -130,7 +131,7 @@ def test_snakemake_and_dvc_build_the_same_shards(tmp_path):
         _set_param(dvc, "pretrain", "mask_ratio", 0.6)
         out = _run([str(BIN / "dvc"), "repro"], dvc)
         assert _ran(out) == _downstream(dvc_yaml, {"pretrain"})
-        assert {"finetune", "linprobe"} <= _ran(out)
+        assert {"finetune", "linprobe", "segment"} <= _ran(out)
         assert not {"synth", "shard_train", "shard_val"} & _ran(out)
 
     # Every stage run is in MLflow (sqlite store in the repo).
