@@ -30,6 +30,7 @@ TINY = {
     "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
     "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
+    "segment": {"iters": 4, "warmup_iters": 1, "batch_size": 2, "eval_every": 0, "ckpt_every": 4, "num_workers": 1},
 }  # fmt: skip
 GENERATED = ["dvc.yaml", "Snakefile", "workflow"]
 
@@ -144,7 +145,7 @@ def test_snakemake_run_leaves_dvc_clean(repo):
 def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     out = _dvc(repo, "exp", "run", "-n", "mask06", "-S", "pretrain.mask_ratio=0.6")
-    downstream = {"pretrain", "finetune", "linprobe", "analyze", "summary"}
+    downstream = {"pretrain", "finetune", "linprobe", "analyze", "segment", "summary"}
     assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == downstream
 
     show = json.loads(_dvc(repo, "exp", "show", "--json"))

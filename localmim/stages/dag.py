@@ -108,6 +108,7 @@ def pipeline() -> list[Node]:
     nodes += pretrain_nodes()
     nodes += evaluation_nodes()
     nodes.append(analyze_node())
+    nodes.append(segment_node())
     nodes.append(summary_node(nodes))  # last: it reads every metrics file above
     return nodes
 
@@ -160,6 +161,13 @@ def analyze_node() -> Node:
     return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
                 deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
                 metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
+
+
+def segment_node() -> Node:
+    """ADE20K semantic segmentation (method §9.1) on the exported encoder, under torchrun like fine-tuning."""
+    return Node("segment", "localmim segment --encoder data/pretrain --data data/raw/ade20k --out data/segment",
+                params=["segment"], deps=["data/pretrain", "data/raw/ade20k"], outs=["data/segment"],
+                metrics=["metrics/segment.json"], threads=2, launcher=TORCHRUN)
 
 
 # The default experiments table (`make exps`): these params and the headline metrics of every stage.

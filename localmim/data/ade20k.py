@@ -1,0 +1,307 @@
+"""ADE20K (SceneParsing release layout) for semantic segmentation, method §9.1.
+
+Layout, read directly: ``ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg`` and
+``.../annotations/{training,validation}/*.png`` (``ROOT`` may also be the ``ADEChallengeData2016`` folder itself).
+Annotations are 8-bit label maps: 0 = other/ignore, ``k`` = class ``k - 1``. Reduce-zero-label (method §9.1):
+0 -> 255 (ignored), ``k`` -> ``k - 1``, 255 stays ignored.
+
+:func:`scan_split` validates a split before any training: every image has its annotation and the reverse, both
+decode, sizes agree, labels are in ``0..C`` or 255. With ``on_bad: skip`` a bad pair is left out with its reason
+(``found = used + skipped``); with ``fail`` the first one stops the run naming the file. An empty split always fails.
+
+Augmentation (torchvision.transforms.v2, image as ``tv_tensors.Image`` and label map as ``tv_tensors.Mask`` so the
+geometric ops use nearest interpolation on the mask): random rescale of the base scale by a ratio in
+``ratio_range``, random crop whose largest class covers at most ``cat_max_ratio`` of the labelled pixels (10
+tries), horizontal flip, photometric distortion, padding to the crop size (image: the mean colour, mask 255). Every sample's
+randomness comes from its own seed (``(seed, step, slot)``), so the data stream is a pure function of the step:
+resume is exact whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IGNORE = 255
+SPLIT_DIRS = {"train": "training", "val": "validation"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image and its annotation (``stem``: the shared file name without extension)."""
+
+    stem: str
+    image: Path
+    annotation: Path
+
+
+@dataclass
+class SplitScan:
+    """The result of validating one split: usable pairs and every skipped file with its reason."""
+
+    split: str
+    pairs: list[Pair]
+    skipped: list[dict[str, str]]
+    found: int
+
+    def summary(self) -> dict:
+        return {"found": self.found, "used": len(self.pairs), "skipped": len(self.skipped),
+                "skipped_items": self.skipped}
+
+
+def dataset_root(path: str | Path) -> Path:
+    """The ``ADEChallengeData2016`` folder under (or at) ``path``."""
+    path = Path(path)
+    for cand in (path / "ADEChallengeData2016", path):
+        if (cand / "images").is_dir() and (cand / "annotations").is_dir():
+            return cand
+    raise ValueError(f"{path}: not an ADE20K release (expected ADEChallengeData2016/images and /annotations)")
+
+
+def _check_pair(pair: Pair, num_classes: int) -> str | None:
+    """The reason ``pair`` is unusable, or None."""
+    try:
+        with Image.open(pair.image) as im:
+            im.verify()  # header + structure without a full decode
+        with Image.open(pair.image) as im:
+            size = im.size
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"unreadable image ({type(e).__name__})"
+    try:
+        with Image.open(pair.annotation) as an:
+            ann = np.asarray(an)
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable annotation ({type(e).__name__})"
+    if ann.ndim != 2:
+        return f"annotation is not a single-channel label map (shape {ann.shape})"
+    if (ann.shape[1], ann.shape[0]) != size:
+        return f"image {size[0]}x{size[1]} vs annotation {ann.shape[1]}x{ann.shape[0]}"
+    bad = np.unique(ann[(ann > num_classes) & (ann != IGNORE)])
+    if bad.size:
+        return f"label values {bad[:5].tolist()} above num_classes={num_classes} (only 0..{num_classes} and 255)"
+    return None
+
+
+def scan_split(root: str | Path, split: str, num_classes: int, on_bad: str = "skip", workers: int = 4) -> SplitScan:
+    """Validate ``split`` (``train``/``val``) of the ADE20K release at ``root`` (see the module docstring).
+
+    Raises:
+        ValueError: missing folders, an empty split, or (``on_bad='fail'``) the first bad file, named.
+    """
+    base = dataset_root(root)
+    img_dir, ann_dir = base / "images" / SPLIT_DIRS[split], base / "annotations" / SPLIT_DIRS[split]
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise ValueError(f"{d}: missing ADE20K {split} folder")
+    images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+    anns = {p.stem: p for p in sorted(ann_dir.iterdir()) if p.suffix.lower() == ".png"}
+    others = [p for p in sorted(img_dir.iterdir()) if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
+    skipped = [{"file": str(p), "reason": "not an image file (extension)"} for p in others]
+    skipped += [{"file": str(p), "reason": "image without annotation"} for s, p in images.items() if s not in anns]
+    skipped += [{"file": str(p), "reason": "annotation without image"} for s, p in anns.items() if s not in images]
+    candidates = [Pair(s, images[s], anns[s]) for s in sorted(images.keys() & anns.keys())]
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        reasons = list(ex.map(lambda p: _check_pair(p, num_classes), candidates))
+    pairs = [p for p, r in zip(candidates, reasons, strict=True) if r is None]
+    skipped += [{"file": str(p.image), "reason": r} for p, r in zip(candidates, reasons, strict=True) if r]
+    found = len(others) + len(images.keys() | anns.keys())
+    if skipped and on_bad == "fail":
+        first = skipped[0]
+        raise ValueError(f"{first['file']}: {first['reason']} (ADE20K {split}; on_bad=fail, {len(skipped)} bad)")
+    if not pairs:
+        raise ValueError(f"{img_dir}: empty ADE20K {split} split ({found} files found, {len(skipped)} skipped)")
+    return SplitScan(split, pairs, skipped, found)
+
+
+def reduce_zero_label(ann: np.ndarray) -> np.ndarray:
+    """ADE20K label map -> training labels: 0 -> 255, k -> k - 1 (1..254), 255 -> 255. uint8 in, uint8 out."""
+    lut = np.arange(256, dtype=np.int16) - 1
+    lut[0] = IGNORE
+    lut[IGNORE] = IGNORE
+    return lut.astype(np.uint8)[ann]
+
+
+def load_pair(pair: Pair) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """uint8 image ``[3, H, W]`` and reduced label map ``[H, W]`` (uint8, 255 = ignore)."""
+    with Image.open(pair.image) as im:
+        img = np.asarray(im.convert("RGB"))
+    with Image.open(pair.annotation) as an:
+        ann = reduce_zero_label(np.asarray(an))
+    return tv_tensors.Image(torch.from_numpy(img.copy()).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(ann))
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """Keep-ratio rescale into ``scale = (long, short)`` (MMSeg ``Resize(keep_ratio=True)``): the factor is
+    ``min(long / max(h, w), short / min(h, w))``."""
+    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
+
+
+class RandomRescale(v2.Transform):
+    """Rescale to ``scale × r`` (keep ratio), ``r ~ U(ratio_range)``; nearest interpolation for masks."""
+
+    def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float]):
+        super().__init__()
+        self.scale, self.ratio_range = scale, ratio_range
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = _mask_of(flat_inputs).shape[-2:]
+        r = float(torch.empty(1).uniform_(*self.ratio_range))
+        return {"size": list(rescale_size(h, w, (int(self.scale[0] * r), int(self.scale[1] * r))))}
+
+    def transform(self, inpt, params: dict):
+        return F.resize(inpt, params["size"], antialias=True)
+
+
+class CatMaxRatioCrop(v2.Transform):
+    """Random ``size`` crop (smaller where the image is); up to 10 draws until no class covers more than
+    ``cat_max_ratio`` of the crop's labelled pixels (and at least two classes are present), MMSeg's rule."""
+
+    def __init__(self, size: int, cat_max_ratio: float = 0.75, tries: int = 10):
+        super().__init__()
+        self.size, self.cat_max_ratio, self.tries = size, cat_max_ratio, tries
+
+    def _draw(self, h: int, w: int) -> tuple[int, int, int, int]:
+        ch, cw = min(self.size, h), min(self.size, w)
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return top, left, ch, cw
+
+    def make_params(self, flat_inputs: list) -> dict:
+        mask = _mask_of(flat_inputs)
+        h, w = mask.shape[-2:]
+        box = self._draw(h, w)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(self.tries):
+                t, le, ch, cw = box
+                crop = mask[..., t:t + ch, le:le + cw]
+                counts = torch.bincount(crop[crop != IGNORE].flatten().long())
+                counts = counts[counts > 0]
+                if counts.numel() > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                box = self._draw(h, w)
+        return dict(zip(("top", "left", "height", "width"), box, strict=True))
+
+    def transform(self, inpt, params: dict):
+        return F.crop(inpt, **params)
+
+
+PAD_RGB = (124, 116, 104)  # the ImageNet mean: 0 after normalisation, like MMSeg's padding of normalised images
+
+
+class PadTo(v2.Transform):
+    """Pad bottom/right to ``size × size``: images with the mean colour (:data:`PAD_RGB`), masks with the ignore
+    label."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = _mask_of(flat_inputs).shape[-2:]
+        return {"padding": [0, 0, max(0, self.size - w), max(0, self.size - h)]}
+
+    def transform(self, inpt, params: dict):
+        fill = IGNORE if isinstance(inpt, tv_tensors.Mask) else list(PAD_RGB)
+        return F.pad(inpt, params["padding"], fill=fill)
+
+
+def _mask_of(flat_inputs: list) -> torch.Tensor:
+    for x in flat_inputs:
+        if isinstance(x, tv_tensors.Mask):
+            return x
+    raise TypeError("segmentation transforms need a tv_tensors.Mask among the inputs")
+
+
+def train_transform(crop_size: int, scale: tuple[int, int], ratio_range: tuple[float, float],
+                    cat_max_ratio: float, photometric: bool = True) -> v2.Compose:
+    """Method §9.1 training augmentation on ``(Image uint8, Mask uint8)``; normalisation happens on the device.
+
+    Photometric distortion is torchvision's ``ColorJitter`` (brightness/contrast/saturation factors 0.5-1.5 around
+    MMSeg's ranges, hue ±18/360, random order), not MMSeg's additive-brightness variant.
+    """
+    return v2.Compose([
+        RandomRescale(scale, ratio_range),
+        CatMaxRatioCrop(crop_size, cat_max_ratio),
+        v2.RandomHorizontalFlip(0.5),
+        *([v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=18 / 360)] if photometric else []),
+        PadTo(crop_size),
+    ])
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Training pairs; ``ds[(index, seed)]`` -> augmented ``(uint8 [3, S, S], uint8 [S, S])`` drawn from ``seed``."""
+
+    def __init__(self, pairs: list[Pair], transform: v2.Compose):
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key
+        img, mask = load_pair(self.pairs[index])
+        with torch.random.fork_rng(devices=[]):  # never disturbs the caller's RNG (num_workers=0)
+            torch.manual_seed(seed)
+            img, mask = self.transform(img, mask)
+        return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler for an iteration-based run: the batch of global step ``s`` is a pure function of
+    ``(seed, s, rank)`` (epoch permutation ``s // steps_per_epoch``, this rank's slice, and a per-sample
+    augmentation seed), so a run resumed at step ``s`` sees exactly the data an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, iters: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0):
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch < 1:
+            raise ValueError(f"{n} training images are fewer than batch_size x world = {batch_size * world}")
+        self.n, self.bs, self.iters, self.seed, self.rank, self.world, self.start = (n, batch_size, iters, seed,
+                                                                                     rank, world, start)
+
+    def __len__(self) -> int:
+        return max(0, self.iters - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.iters):
+            epoch, k = divmod(step, self.per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            mine = perm[self.rank::self.world]
+            base = ((self.seed * 1_000_003 + step) * self.world + self.rank) * self.bs
+            yield [(mine[k * self.bs + j], base + j) for j in range(self.bs)]
+
+
+class ValSet(torch.utils.data.Dataset):
+    """Validation pairs for this rank (``rank::world``): the image at the test scale (keep ratio) and the
+    reduced label map at its original size, plus the index into ``pairs``."""
+
+    def __init__(self, pairs: list[Pair], test_scale: tuple[int, int], rank: int = 0, world: int = 1):
+        self.pairs, self.test_scale = pairs, test_scale
+        self.indices = list(range(rank, len(pairs), world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        idx = self.indices[i]
+        img, mask = load_pair(self.pairs[idx])
+        img = F.resize(img, list(rescale_size(*img.shape[-2:], self.test_scale)), antialias=True)
+        return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), idx
+
+
+__all__ = ["IGNORE", "Pair", "SplitScan", "StepBatches", "TrainSet", "ValSet", "dataset_root", "load_pair",
+           "reduce_zero_label", "rescale_size", "scan_split", "train_transform"]

@@ -1,0 +1,117 @@
+"""Semantic-segmentation evaluation (method §9.1): inference modes and mIoU / mAcc / aAcc.
+
+- A confusion matrix ``[K, K]`` (rows: ground truth, columns: prediction) is accumulated on the device over the
+  pixels whose label is not the ignore value, summed across ranks once at the end.
+- IoU_k = TP / (TP + FP + FN), Acc_k = TP / (TP + FN); mIoU averages over the classes present in the ground truth
+  or the prediction (union > 0), mAcc over the classes present in the ground truth, aAcc = ΣTP / #labelled pixels.
+- Inference: ``whole`` (the image at the test scale in one pass) or ``slide`` (``crop × crop`` windows every
+  ``stride`` pixels, logits averaged where windows overlap, MMSeg's grid); logits are resized (bilinear) to the
+  annotation's size before the argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from localmim.utils.distributed import get_world_size
+
+IGNORE = 255
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore: int = IGNORE) -> Tensor:
+    """``[K, K]`` int64 counts of (target, pred) pairs over the labelled pixels (``target != ignore``)."""
+    t, p = target.reshape(-1).long(), pred.reshape(-1).long()
+    keep = t != ignore
+    idx = t[keep] * num_classes + p[keep]
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(cm: Tensor) -> dict:
+    """mIoU, mAcc, aAcc (percent) and per-class IoU / Acc (NaN where the class is left out) from ``cm``."""
+    cm = cm.double().cpu()
+    tp = cm.diag()
+    gt, pr = cm.sum(1), cm.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, math.nan))
+    return {"mIoU": 100 * float(iou.nanmean()), "mAcc": 100 * float(acc.nanmean()),
+            "aAcc": 100 * float(tp.sum() / cm.sum().clamp(min=1)),
+            "per_class_iou": [100 * float(v) for v in iou], "per_class_acc": [100 * float(v) for v in acc]}
+
+
+def _logits(model, images: Tensor) -> Tensor:
+    return model(images)[0].float()
+
+
+@torch.no_grad()
+def slide_logits(model, images: Tensor, num_classes: int, crop: int, stride: int) -> Tensor:
+    """``[B, K, H, W]`` logits averaged over ``crop`` windows placed every ``stride`` px (the last one flush with
+    the border; one window when the image is no larger than ``crop``)."""
+    b, _, h, w = images.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    out = images.new_zeros((b, num_classes, h, w), dtype=torch.float32)
+    count = images.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = r * stride, c * stride
+            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out[..., y1:y2, x1:x2] += _logits(model, images[..., y1:y2, x1:x2])
+            count[..., y1:y2, x1:x2] += 1
+    return out / count
+
+
+@torch.no_grad()
+def predict(model, images: Tensor, out_size, *, mode: str, num_classes: int, crop: int = 512,
+            stride: int = 341) -> Tensor:
+    """Label map ``[B, H_out, W_out]`` (int64): logits by ``mode`` (``whole`` | ``slide``), resized to ``out_size``."""
+    if mode == "slide":
+        logits = slide_logits(model, images, num_classes, crop, stride)
+    elif mode == "whole":
+        logits = _logits(model, images)
+    else:
+        raise ValueError(f"inference mode must be whole|slide, got {mode!r}")
+    logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, num_classes: int, *, mode: str, crop: int, stride: int,
+             amp_dtype: torch.dtype | None = None,
+             on_pred: Callable[[int, Tensor], None] | None = None) -> dict:
+    """Score ``model`` on ``loader`` (batches of one ``(image, label, index)``; each rank its own share).
+
+    ``on_pred(index, pred)`` receives every prediction (``[H, W]`` int64, on the device), e.g. to write it.
+    Returns :func:`scores` plus ``images`` (over all ranks) and ``confusion`` (the summed matrix as lists).
+    """
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    for images, labels, idx in loader:
+        images = images.to(device, non_blocking=True)  # uint8 [1, 3, h, w]
+        labels = labels.to(device, non_blocking=True)  # uint8 [1, H, W]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            pred = predict(model, images, labels.shape[-2:], mode=mode, num_classes=num_classes, crop=crop,
+                           stride=stride)
+        cm += confusion_matrix(pred, labels, num_classes)
+        n += images.shape[0]
+        if on_pred is not None:
+            for i in range(pred.shape[0]):
+                on_pred(int(idx[i]), pred[i])
+    if get_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(cm)
+        dist.all_reduce(n)
+    model.train(was_training)
+    return {**scores(cm), "images": int(n), "confusion": cm.cpu().tolist()}
+
+
+__all__ = ["confusion_matrix", "evaluate", "predict", "scores", "slide_logits"]
