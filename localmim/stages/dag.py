@@ -79,6 +79,7 @@ def pipeline(tree: dict[str, Any] | None = None) -> list[Node]:
     nodes += pretrain_nodes(tree or {})
     if any(n.name == "pretrain" for n in nodes):
         nodes += evaluation_nodes()
+        nodes.append(detect_node())
     return nodes
 
 
@@ -108,6 +109,16 @@ def evaluation_nodes() -> list[Node]:
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], threads=2),
     ]
+
+
+def detect_node() -> Node:
+    """COCO detection / instance segmentation with Mask R-CNN on the exported encoder (torchrun, one process per
+    GPU); its checkpoints (data/checkpoints/detect) are not declared."""
+    return Node("detect", "localmim detect --encoder data/pretrain --data data/raw/coco --out data/detect "
+                "--ckpt-dir data/checkpoints/detect --metrics metrics/detect.json", params=["detect"],
+                deps=["data/pretrain", "data/raw/coco"], outs=["data/detect"], metrics=["metrics/detect.json"],
+                threads=2, launcher="torchrun",
+                resources={"gpu": 'config["detect"]["nproc_per_node"] if config["detect"]["device"] != "cpu" else 0'})
 
 
 def render_dvc(nodes: list[Node]) -> str:
