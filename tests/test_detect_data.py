@@ -148,7 +148,7 @@ def test_eval_samples_keep_the_original_size_and_polygon_masks(tmp_path):
 def _gt_outputs(split) -> list[tuple[int, dict]]:
     """Ground truth of every val image as detector outputs (score 1, masks as probabilities)."""
     out = []
-    for image, t in coco_dataset(split, eval_transforms(split)):
+    for _image, t in coco_dataset(split, eval_transforms(split)):
         out.append((t["image_id"], {"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"],
                                     "scores": torch.ones(len(t["labels"])),
                                     "masks": t["masks"].as_subclass(torch.Tensor)[:, None].float()}))
