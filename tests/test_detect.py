@@ -206,3 +206,25 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
     assert (out / "val_predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["images_used"] == 6 and report["val"]["skipped"] == []
+
+
+@pytest.mark.parametrize("preset", ["coco_vit_base.yaml", "coco_swin_base.yaml"])
+def test_coco_presets_validate_and_build_the_detector(preset):
+    """The published recipe each preset names, and the detector it builds (ViT-B/16 or Swin-B, on meta)."""
+    import yaml
+
+    from localmim.config.detect import DetectConfig
+
+    tree = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / preset).read_text())
+    cfg = DetectConfig(**tree["detect"])
+    vit = "vit" in preset
+    assert (cfg.image_size, cfg.augment, cfg.epochs) == ((1024, "lsj", 100) if vit else (800, "multiscale", 36))
+    assert cfg.batch_size * cfg.nproc_per_node == (64 if vit else 16)
+    assert cfg.layer_decay == (0.7 if vit else 1.0)
+    enc = (EncoderSpec("vit_base_patch16_224", {"img_size": 224, "patch_size": 16}, {}) if vit else
+           EncoderSpec("swin_base_patch4_window7_224", {"img_size": 224}, {}))
+    with torch.device("meta"):
+        model = build_mask_rcnn(enc, 80, pretrained=False, image_size=cfg.image_size, max_size=cfg.max_size,
+                                train_scales=cfg.train_scales)
+    assert model.transform.min_size[-1] == cfg.image_size and model.transform.max_size == (cfg.max_size or 1024)
+    assert model.backbone.out_channels == 256

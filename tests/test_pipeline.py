@@ -26,6 +26,7 @@ TINY = {
     "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
     "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
+    "detect": {"epochs": 1, "image_size": 32, "num_workers": 0, "vis_images": 2},
 }  # fmt: skip
 
 
