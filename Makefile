@@ -40,4 +40,4 @@ dag: $(STAMP)
 	$(BIN)/localmim dag --write
 
 clean-data:
-	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/checkpoints metrics .snakemake
+	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/detect data/checkpoints metrics .snakemake
