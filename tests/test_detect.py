@@ -228,3 +228,34 @@ def test_coco_presets_validate_and_build_the_detector(preset):
                                 train_scales=cfg.train_scales)
     assert model.transform.min_size[-1] == cfg.image_size and model.transform.max_size == (cfg.max_size or 1024)
     assert model.backbone.out_channels == 256
+
+
+@pytest.mark.slow
+def test_stage_under_torchrun_two_ranks(tmp_path):
+    """2 CPU processes (gloo): each rank predicts its share of the val images, rank 0 scores all of them; the
+    written results cover every val image and re-score to the reported metrics."""
+    import yaml
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = synth_coco(tmp_path / "coco", train=4, val=3)
+    enc = micro_encoder(tmp_path / "enc")
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["detect"]
+    params |= {"epochs": 1, "num_workers": 0, "image_size": 32, "batch_size": 2, "device": "cpu"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"detect": params}))
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
+           "detect", "--encoder", str(enc), "--data", str(root), "--out", str(out), "--ckpt-dir", str(tmp_path / "ck"),
+           "--metrics", str(metrics), "--params", str(tmp_path / "params.yaml")]
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads(metrics.read_text())
+    results = json.loads((out / "detections_val.json").read_text())
+    gt = COCO(str(root / "annotations" / "instances_val2017.json"))
+    assert {r["image_id"] for r in results} == set(gt.imgs)
+    ev = COCOeval(gt, gt.loadRes(str(out / "detections_val.json")), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert m["segm_AP"] == ev.stats[0] and m["val_images"] == 3
