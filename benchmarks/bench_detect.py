@@ -34,12 +34,14 @@ def _cli(work: Path, *args: str) -> float:
     return time.perf_counter() - t
 
 
-def run(work: Path, detect_sets: list[str]) -> dict:
-    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
-    _cli(work, "synth", "data/raw")
-    _cli(work, "shard", "data/raw/imagenet/train", "data/shards/train", "--split", "train")
-    pre_s = _cli(work, "pretrain", "--out", "data/pretrain", "--ckpt-dir", "data/ck/pretrain",
-                 "--metrics", "metrics/pretrain.json")
+def run(work: Path, detect_sets: list[str], reuse: bool = False) -> dict:
+    pre_s = None
+    if not (reuse and (work / "data" / "pretrain" / "encoder.pt").is_file()):
+        shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+        _cli(work, "synth", "data/raw")
+        _cli(work, "shard", "data/raw/imagenet/train", "data/shards/train", "--split", "train")
+        pre_s = _cli(work, "pretrain", "--out", "data/pretrain", "--ckpt-dir", "data/ck/pretrain",
+                     "--metrics", "metrics/pretrain.json")
     out = {"pretrain_seconds": pre_s, "detect_overrides": detect_sets, "runs": {}}
     for pretrained in (True, False):
         name = "pretrained" if pretrained else "random_init"
@@ -65,8 +67,8 @@ def markdown(res: dict) -> str:
         "",
         *rows,
         "",
-        f"Pretraining the encoder took {res['pretrain_seconds']:.0f} s. Train images/s is the stage's training loop "
-        "(data loading included, evaluation excluded) on CPU.",
+        (f"Pretraining the encoder took {res['pretrain_seconds']:.0f} s. " if res["pretrain_seconds"] else "")
+        + "Train images/s is the stage's training loop (data loading included, evaluation excluded) on CPU.",
     ])
 
 
@@ -76,11 +78,12 @@ def main() -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra detect overrides, e.g. detect.epochs=6 (repeatable)")
     ap.add_argument("--work", help="keep the run here instead of a temp directory")
+    ap.add_argument("--reuse", action="store_true", help="with --work: reuse its data/pretrain (skip synth/pretrain)")
     args = ap.parse_args()
     if args.work:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        res = run(work, args.sets)
+        res = run(work, args.sets, args.reuse)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_detect_") as d:
             res = run(Path(d), args.sets)
