@@ -217,3 +217,19 @@ def test_box_at_iou_062_counts_at_three_of_ten_thresholds(tmp_path):
 def test_no_detections_scores_zero(tmp_path):
     hand_coco(tmp_path)
     assert set(coco_eval(load_coco(tmp_path, "val").coco, []).values()) == {0.0}
+
+
+def test_picture_draws_masks_and_boxes_above_the_threshold():
+    from localmim.eval.detection import render
+
+    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    masks = torch.zeros(2, 1, 40, 80)
+    masks[0, 0, 10:20, 10:30] = 1
+    masks[1, 0, 10:20, 50:70] = 1
+    out = {"boxes": torch.tensor([[10.0, 10, 30, 20], [50, 10, 70, 20]]), "labels": torch.tensor([1, 2]),
+           "scores": torch.tensor([0.9, 0.1]), "masks": masks}
+    grid = render([(image, out)], {1: "a", 2: "b"}, {1: 1, 2: 2}, score_threshold=0.3, size=80)
+    assert grid.dtype == torch.uint8 and grid.shape[0] == 3
+    tile = grid[:, 2:42, 2:82]  # make_grid pads by 2
+    assert tile[:, 12:18, 12:28].float().mean() > 20  # the kept detection's mask is painted
+    assert tile[:, 12:18, 52:68].max() == 0  # the one below the threshold is not
