@@ -43,4 +43,4 @@ exps: $(STAMP)  ## DVC experiments with the params that matter and the headline 
 	$(BIN)/python -m localmim.stages.dag exps $(ARGS)
 
 clean-data:
-	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/checkpoints metrics logs .snakemake
+	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/analyze data/segment data/detect data/checkpoints metrics/*.json metrics/*.csv metrics/curves logs reports/metrics.tsv .snakemake

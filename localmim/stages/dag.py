@@ -109,6 +109,7 @@ def pipeline() -> list[Node]:
     nodes += evaluation_nodes()
     nodes.append(analyze_node())
     nodes.append(segment_node())
+    nodes.append(detect_node())
     nodes.append(summary_node(nodes))  # last: it reads every metrics file above
     return nodes
 
@@ -161,6 +162,15 @@ def analyze_node() -> Node:
     return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
                 deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
                 metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
+
+
+def detect_node() -> Node:
+    """COCO detection / instance segmentation with Mask R-CNN on the exported encoder (torchrun, one process per
+    GPU); its checkpoints (data/checkpoints/detect) are not declared."""
+    return Node("detect", "localmim detect --encoder data/pretrain --data data/raw/coco --out data/detect "
+                "--ckpt-dir data/checkpoints/detect --metrics metrics/detect.json", params=["detect"],
+                deps=["data/pretrain", "data/raw/coco"], outs=["data/detect"], metrics=["metrics/detect.json"],
+                threads=2, launcher=TORCHRUN)
 
 
 def segment_node() -> Node:

@@ -1,0 +1,311 @@
+"""COCO detection / instance-segmentation data (method §9.2): annotation checks, datasets and LSJ augmentation.
+
+Layout: ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{split}2017.json``. Files are read
+through pycocotools and torchvision's ``CocoDetection`` + ``wrap_dataset_for_transforms_v2`` (boxes, masks and
+labels as tv_tensors); augmentation is torchvision.transforms.v2.
+
+Every annotation file is checked first (:func:`load_coco`): an annotation whose image is not listed, an image
+file that is missing or not an image (or whose size differs from the JSON), a box with non-positive width or
+height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either an error
+naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
+``found = used + skipped`` for images and annotations alike. Crowd annotations are kept for evaluation (COCOeval
+treats them as ignore regions) and dropped from training (listed as skipped with their reason). Images without
+annotations stay: they are negative samples.
+
+Labels: model labels are ``1..K`` in sorted category-id order (0 is the background of torchvision's detectors);
+:attr:`CocoSplit.label_to_cat` maps them back for the results file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_BOX_TOL = 1.0  # pixels a box may stick out of the image (rounding in real annotation files)
+
+
+class CocoError(ValueError):
+    """Bad COCO input under ``on_bad='fail'``; the message names the file and the image/annotation id."""
+
+
+@dataclass
+class CocoReport:
+    """What :func:`load_coco` found, used and skipped (``kind`` is ``image`` or ``annotation``)."""
+
+    images_found: int = 0
+    images_used: int = 0
+    annotations_found: int = 0
+    annotations_used: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def skip(self, kind: str, id_: Any, reason: str) -> None:
+        self.skipped.append({"kind": kind, "id": id_, "reason": reason})
+
+    def reconciles(self) -> bool:
+        n_img = sum(s["kind"] == "image" for s in self.skipped)
+        n_ann = sum(s["kind"] == "annotation" for s in self.skipped)
+        return (self.images_found == self.images_used + n_img
+                and self.annotations_found == self.annotations_used + n_ann)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images_found": self.images_found, "images_used": self.images_used,
+                "annotations_found": self.annotations_found, "annotations_used": self.annotations_used,
+                "skipped": self.skipped}
+
+
+@dataclass
+class CocoSplit:
+    """A checked split: the pycocotools index of the kept images/annotations, the image folder and the report."""
+
+    coco: Any  # pycocotools.coco.COCO
+    image_dir: Path
+    report: CocoReport
+
+    @property
+    def cat_ids(self) -> list[int]:
+        return sorted(self.coco.cats)
+
+    @property
+    def label_to_cat(self) -> dict[int, int]:
+        return {i + 1: c for i, c in enumerate(self.cat_ids)}
+
+
+def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image_dir, annotation_file)`` of ``split`` (``train`` / ``val``) in the COCO layout."""
+    root = Path(root)
+    return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
+
+
+def _bad_segmentation(seg: Any, h: int, w: int) -> str | None:
+    """Why ``seg`` is not a usable polygon list / RLE of an ``h x w`` image, or None."""
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, list | tuple) or list(size) != [h, w]:
+            return f"RLE segmentation needs 'counts' and size [{h}, {w}], got size {size!r}"
+        return None
+    if not isinstance(seg, list) or not seg:
+        return f"segmentation must be a non-empty list of polygons or an RLE dict, got {type(seg).__name__}"
+    for poly in seg:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            n = len(poly) if isinstance(poly, list) else type(poly).__name__
+            return f"malformed polygon (need an even number >= 6 of coordinates, got {n})"
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in poly):
+            return "malformed polygon (non-numeric or non-finite coordinate)"
+    return None
+
+
+def _bad_annotation(ann: dict, img: dict | None, cats: set[int]) -> str | None:
+    """Why annotation ``ann`` cannot be used, or None (``img``: its image entry, None when not listed)."""
+    if img is None:
+        return f"image {ann.get('image_id')!r} is not in 'images'"
+    if ann.get("category_id") not in cats:
+        return f"category_id {ann.get('category_id')!r} is not in 'categories'"
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) and math.isfinite(v)
+                                                             for v in box)):
+        return f"bbox must be 4 finite numbers [x, y, w, h], got {box!r}"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return f"bbox {box} has non-positive width or height"
+    if x < -_BOX_TOL or y < -_BOX_TOL or x + w > img["width"] + _BOX_TOL or y + h > img["height"] + _BOX_TOL:
+        return f"bbox {box} lies outside the {img['width']}x{img['height']} image"
+    return _bad_segmentation(ann.get("segmentation"), img["height"], img["width"])
+
+
+def _bad_image(img: dict, image_dir: Path) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    path = image_dir / str(img.get("file_name", ""))
+    if not path.is_file():
+        return f"image file {path} is missing"
+    try:
+        with Image.open(path) as im:  # header only: cheap on 118k files
+            size = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        return f"{path} is not an image ({e.__class__.__name__})"
+    if size != (img.get("width"), img.get("height")):
+        return f"{path} is {size[0]}x{size[1]}, the annotation file says {img.get('width')}x{img.get('height')}"
+    return None
+
+
+def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = False) -> CocoSplit:
+    """Read and check ``split`` of the COCO layout at ``root`` (see the module docstring).
+
+    Args:
+        on_bad: ``skip`` (record the reason, go on) or ``fail`` (raise :class:`CocoError` at the first problem).
+        train: drop crowd annotations (skipped with their reason; never an error).
+
+    Raises:
+        FileNotFoundError: the annotation file or image folder is missing.
+        CocoError: malformed JSON, or a bad image/annotation under ``on_bad='fail'``.
+    """
+    import json
+
+    from pycocotools.coco import COCO
+
+    if on_bad not in ("skip", "fail"):
+        raise ValueError(f"on_bad must be skip|fail, got {on_bad!r}")
+    image_dir, ann_file = split_paths(root, split)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file}: COCO annotation file not found (expected {Path(root)}/annotations/"
+                                f"instances_{split}2017.json)")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: COCO image folder not found")
+    try:
+        doc = json.loads(ann_file.read_text())
+        images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
+        cat_ids = {int(c["id"]) for c in cats}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CocoError(f"{ann_file}: not a COCO instances file ({e.__class__.__name__}: {e})") from None
+    rep = CocoReport(images_found=len(images), annotations_found=len(anns))
+
+    def bad(kind: str, id_: Any, reason: str) -> None:
+        if on_bad == "fail":
+            raise CocoError(f"{ann_file}: {kind} id {id_!r}: {reason}")
+        rep.skip(kind, id_, reason)
+
+    kept_images: dict[Any, dict] = {}
+    for img in images:
+        why = _bad_image(img, image_dir)
+        if why is None and img.get("id") in kept_images:
+            why = "duplicate image id"
+        if why is None:
+            kept_images[img["id"]] = img
+        else:
+            bad("image", img.get("id"), why)
+    listed = {img.get("id") for img in images}
+    kept_anns, seen = [], set()
+    for ann in anns:
+        aid, iid = ann.get("id"), ann.get("image_id")
+        why = "duplicate annotation id" if aid in seen else None
+        if why is None and iid in listed and iid not in kept_images:
+            rep.skip("annotation", aid, f"its image {iid!r} was skipped")
+            continue
+        why = why or _bad_annotation(ann, kept_images.get(iid), cat_ids)
+        seen.add(aid)
+        if why is not None:
+            bad("annotation", aid, why)
+        elif train and ann.get("iscrowd", 0):
+            rep.skip("annotation", aid, "crowd annotation (ignored in training)")
+        else:
+            kept_anns.append({**ann, "iscrowd": int(ann.get("iscrowd", 0)),
+                              "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))})
+    rep.images_used, rep.annotations_used = len(kept_images), len(kept_anns)
+    coco = COCO()
+    coco.dataset = {"images": list(kept_images.values()), "annotations": kept_anns, "categories": cats,
+                    **{k: doc[k] for k in ("info", "licenses") if k in doc}}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return CocoSplit(coco, image_dir, rep)
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+def _coco_dataset_class():
+    from torchvision.datasets import CocoDetection, VisionDataset
+
+    class _CheckedCoco(CocoDetection):
+        """torchvision's CocoDetection over an already-built (checked) pycocotools index."""
+
+        def __init__(self, image_dir: Path, coco: Any, transforms=None):
+            VisionDataset.__init__(self, str(image_dir), transforms=transforms)
+            self.coco = coco
+            self.ids = sorted(coco.imgs)
+
+    return _CheckedCoco
+
+
+def coco_dataset(split: CocoSplit, transforms=None) -> torch.utils.data.Dataset:
+    """``(image, target)`` samples of a checked split, targets as tv_tensors (``image_id``, ``boxes`` XYXY,
+    ``masks``, ``labels`` = category ids); ``transforms(image, target)`` runs after the tv_tensor wrapping."""
+    from torchvision.datasets import wrap_dataset_for_transforms_v2
+
+    ds = _coco_dataset_class()(split.image_dir, split.coco, transforms=transforms)
+    return wrap_dataset_for_transforms_v2(ds, target_keys={"image_id", "boxes", "masks", "labels"})
+
+
+class _Prepare:
+    """Image -> tv_tensors.Image; an image without annotations gets empty ``boxes/masks/labels`` (the wrapper
+    returns only ``image_id`` then); category ids -> contiguous labels ``1..K``."""
+
+    def __init__(self, label_of_cat: dict[int, int]):
+        self.label_of_cat = label_of_cat
+
+    def __call__(self, image, target: dict) -> tuple[Any, dict]:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
+        image = F.to_image(image)  # uint8 [3, H, W]
+        h, w = image.shape[-2:]
+        if "boxes" not in target:
+            target = {"image_id": target["image_id"],
+                      "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
+                      "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
+                      "labels": torch.zeros(0, dtype=torch.int64)}
+        else:
+            labels = [self.label_of_cat[int(c)] for c in target["labels"].tolist()]
+            target = {**target, "labels": torch.tensor(labels, dtype=torch.int64)}
+        return image, target
+
+
+class _BoxesFromMasks:
+    """Recompute every box as its mask's extent (after a crop, the clamped polygon box and the visible mask
+    differ; ViTDet's LSJ recomputes them too). Empty masks get an empty box, removed by SanitizeBoundingBoxes."""
+
+    def __call__(self, image, target: dict) -> tuple[Any, dict]:
+        from torchvision import tv_tensors
+        from torchvision.ops import masks_to_boxes
+
+        masks = target["masks"].as_subclass(torch.Tensor)  # [N, H, W]
+        boxes = torch.zeros(masks.shape[0], 4)
+        keep = masks.flatten(1).any(1).bool()  # [N]
+        if keep.any():
+            boxes[keep] = masks_to_boxes(masks[keep]).float()
+            boxes[keep, 2:] += 1  # inclusive last pixel -> box edge
+        target = {**target, "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=masks.shape[-2:])}
+        return image, target
+
+
+def train_transforms(split: CocoSplit, augment: str, image_size: int, scale_range: tuple[float, float]):
+    """Training augmentation (method §9.2), a ``(image, target)`` callable.
+
+    ``lsj``: flip, large-scale jitter (resize to ``image_size * r``, r in ``scale_range``, keeping the aspect),
+    crop / pad to ``image_size`` square, boxes recomputed from the masks, empty instances dropped.
+    ``multiscale``: flip only; the detector's own transform picks the random short side (Mask R-CNN FPN 3x).
+    """
+    from torchvision.transforms import v2
+
+    steps: list[Any] = [_Prepare({c: lab for lab, c in split.label_to_cat.items()}), v2.RandomHorizontalFlip()]
+    if augment == "lsj":
+        steps += [v2.ScaleJitter((image_size, image_size), scale_range=tuple(scale_range)),
+                  v2.RandomCrop(image_size, pad_if_needed=True), _BoxesFromMasks(), v2.SanitizeBoundingBoxes(min_size=1)]
+    elif augment != "multiscale":
+        raise ValueError(f"augment must be lsj|multiscale, got {augment!r}")
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def eval_transforms(split: CocoSplit):
+    """Evaluation: the image at its original size (the detector resizes it and maps results back)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([_Prepare({c: lab for lab, c in split.label_to_cat.items()}),
+                       v2.ToDtype(torch.float32, scale=True)])
+
+
+def collate(batch: list[tuple[Any, dict]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Lists of plain tensors as torchvision's detectors take them (``masks`` uint8, ``labels`` int64)."""
+    images, targets = [], []
+    for image, t in batch:
+        images.append(image.as_subclass(torch.Tensor))
+        targets.append({"image_id": int(t["image_id"]), "boxes": t["boxes"].as_subclass(torch.Tensor).float(),
+                        "labels": t["labels"].as_subclass(torch.Tensor).long(),
+                        "masks": t["masks"].as_subclass(torch.Tensor).to(torch.uint8)})
+    return images, targets

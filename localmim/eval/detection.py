@@ -1,0 +1,115 @@
+"""COCO box / mask evaluation (method §9.2): detector outputs -> COCO results -> pycocotools ``COCOeval``.
+
+Results follow the standard COCO results format, so anyone can re-score the written file with pycocotools:
+``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation": RLE}``, boxes and masks at the
+original image size (torchvision's detectors map their outputs back to it), masks thresholded at 0.5 and
+encoded with ``pycocotools.mask.encode`` (``counts`` as a UTF-8 string). Metrics are COCOeval's ``stats[:6]``
+unchanged (0..1 scale; -1 where COCOeval has no ground truth in an area range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+
+
+def to_coco_results(image_id: int, output: dict[str, torch.Tensor], label_to_cat: dict[int, int],
+                    mask_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """One image's detector output (``boxes`` XYXY ``[N, 4]``, ``scores [N]``, ``labels [N]``, ``masks
+    [N, 1, H, W]`` probabilities) -> COCO result dicts."""
+    from pycocotools import mask as mask_util
+
+    boxes = output["boxes"].detach().float().cpu().numpy().astype(np.float64)  # [N, 4]
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    masks = None
+    if "masks" in output:
+        binary = (output["masks"].detach()[:, 0] > mask_threshold).cpu().numpy()  # [N, H, W] bool
+        masks = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))  # N RLEs
+    out = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        r = {"image_id": int(image_id), "category_id": int(label_to_cat[int(labels[i])]),
+             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(scores[i], 5)}
+        if masks is not None:
+            r["segmentation"] = {"size": [int(v) for v in masks[i]["size"]], "counts": masks[i]["counts"].decode()}
+        out.append(r)
+    return out
+
+
+def coco_eval(gt, results: list[dict[str, Any]], iou_types=IOU_TYPES) -> dict[str, float]:
+    """COCOeval of ``results`` against the pycocotools index ``gt``: ``{"bbox_AP": .., "segm_APl": ..}``.
+
+    With no detections at all pycocotools' ``loadRes`` cannot build an index; every AP is then 0 (what COCOeval
+    reports for categories with ground truth and no detections). ``gt`` is left untouched (COCOeval rewrites the
+    ground-truth segmentations as RLE in place, so it scores a copy).
+    """
+    import copy
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {f"{t}_{m}": 0.0 for t in iou_types for m in METRIC_NAMES}
+    metrics = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary table
+        gt_copy = COCO()
+        gt_copy.dataset = copy.deepcopy(gt.dataset)
+        gt_copy.createIndex()
+        gt = gt_copy
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place: keep ours clean
+        for t in iou_types:
+            ev = COCOeval(gt, dt, t)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            metrics.update({f"{t}_{m}": float(v) for m, v in zip(METRIC_NAMES, ev.stats[:6], strict=True)})
+    return metrics
+
+
+@torch.no_grad()
+def predict(model, loader, device: torch.device, label_to_cat: dict[int, int],
+            amp_dtype: torch.dtype | None = None, keep_images: int = 0):
+    """COCO results of ``model`` on ``loader`` (batches of ``(images, targets)``), and the first
+    ``keep_images`` ``(image uint8 [3, H, W], output)`` pairs for a picture."""
+    model.eval()
+    results, kept = [], []
+    for images, targets in loader:
+        images = [im.to(device, non_blocking=True) for im in images]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+        for im, t, o in zip(images, targets, outputs, strict=True):
+            results += to_coco_results(t["image_id"], o, label_to_cat)
+            if len(kept) < keep_images:
+                kept.append(((im * 255).round().to(torch.uint8).cpu(), {k: v.float().cpu() for k, v in o.items()}))
+    return results, kept
+
+
+def render(kept, cat_names: dict[int, str], label_to_cat: dict[int, int], score_threshold: float = 0.3,
+           size: int = 256) -> torch.Tensor:
+    """A ``uint8 [3, H, W]`` grid of images with their predicted masks and boxes (score >= threshold)."""
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+    tiles = []
+    for image, out in kept:
+        keep = out["scores"] >= score_threshold
+        canvas = image
+        if keep.any():
+            canvas = draw_segmentation_masks(canvas, out["masks"][keep, 0] > 0.5, alpha=0.45)
+            names = [f"{cat_names[label_to_cat[int(lab)]]} {s:.2f}" for lab, s in
+                     zip(out["labels"][keep].tolist(), out["scores"][keep].tolist(), strict=True)]
+            canvas = draw_bounding_boxes(canvas, out["boxes"][keep], labels=names, colors="yellow")
+        h, w = canvas.shape[-2:]
+        scale = size / max(h, w)
+        canvas = F.resize(canvas, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+        tiles.append(F.pad(canvas, [0, 0, size - canvas.shape[-1], size - canvas.shape[-2]]))
+    if not tiles:
+        return torch.zeros(3, size, size, dtype=torch.uint8)
+    return make_grid(tiles, nrow=min(4, len(tiles)), padding=2)
