@@ -125,6 +125,11 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256,
             for result in pool.imap(fn, throttled(), chunksize=chunksize):
                 slots.release()
                 yield result
+            # Done: the workers leave on their end sentinels. Pool.__exit__'s terminate() (SIGTERM to each worker)
+            # is then a no-op; it stays the path only when the consumer stopped early. Terminating workers that
+            # wait on the task queue's lock hung a run once (a worker that never left its lock wait).
+            pool.close()
+            pool.join()
         finally:
             # The consumer stopped (done, error, or generator closed): unblock the feeder so that the pool's
             # shutdown, which joins the feeder thread, cannot wait forever.
