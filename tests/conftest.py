@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+_TRACKING_URI_AT_START = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -48,6 +49,19 @@ def copy_repo(dst: Path) -> Path:
             (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f.decode())
     return dst
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_in_its_test():
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` (so that subprocesses inherit it). Without
+    this, a test that opened one store in-process sent every later test's CLI runs (``cli_env`` copies the
+    environment) to that store instead of their own working copy's ``mlflow.db``. Restored to the value the
+    session started with (a module fixture may have set it before a test's own setup)."""
+    yield
+    if _TRACKING_URI_AT_START is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = _TRACKING_URI_AT_START
 
 
 @pytest.fixture

@@ -105,11 +105,12 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     resources = dict(re.findall(r"rule (\w+):.*?\n\s+resources: ([^\n]*)", out, flags=re.S))
-    assert {"synth", "shard_train", "pretrain", "finetune"} <= set(resources)
+    torchrun_rules = {"pretrain", "finetune", "segment", "detect"}
+    assert {"synth", "shard_train"} | torchrun_rules <= set(resources)
     tree = yaml.safe_load((repo_copy / "params.yaml").read_text())
     for rule, res in resources.items():
         gpu = re.search(r"\bgpu=(\d+)", res)
-        if rule in ("pretrain", "finetune"):
+        if rule in torchrun_rules:
             assert gpu and int(gpu.group(1)) == tree[rule]["nproc_per_node"], res
         else:
             assert gpu is None, res

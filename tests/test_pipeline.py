@@ -146,7 +146,7 @@ def test_snakemake_run_leaves_dvc_clean(repo):
 def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     out = _dvc(repo, "exp", "run", "-n", "mask06", "-S", "pretrain.mask_ratio=0.6")
-    downstream = {"pretrain", "finetune", "linprobe", "analyze", "segment", "summary"}
+    downstream = {"pretrain", "finetune", "linprobe", "analyze", "segment", "detect", "summary"}
     assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == downstream
 
     show = json.loads(_dvc(repo, "exp", "show", "--json"))
