@@ -263,3 +263,25 @@ def test_forked_workers_keep_the_default_sigterm():
     out = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(-signal.SIGTERM)
+
+
+def test_upstream_encoder_missing_from_the_store_warns_and_finishes(tmp_path, monkeypatch, capsys):
+    """The input's lineage names a registered encoder version this store does not hold (made with another
+    MLFLOW_TRACKING_URI, or mlflow.db deleted since): the stage finishes and says so; it used to crash at the end."""
+    import mlflow
+
+    from localmim.stages.lineage import write_lineage
+
+    enc = tmp_path / "pretrain"
+    enc.mkdir()
+    write_lineage(enc, {"run_id": "0" * 32, "stage": "pretrain", "params": {"pretrain.mask_ratio": 0.6},
+                        "registered_model": {"name": "encoder-localmim_vit_tiny_patch8", "version": "3"}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "localmim-test")
+    with StageRun("linprobe", "linprobe", ShardConfig(), inputs={"encoder": str(enc)}) as run:
+        run.finish({"top1": 42.0})
+    assert "encoder encoder-localmim_vit_tiny_patch8 version 3 is not in" in capsys.readouterr().err
+    mlflow.set_tracking_uri(uri)
+    (row,) = mlflow.search_runs(experiment_names=["localmim-test"], output_format="list")
+    assert row.info.status == "FINISHED" and row.data.params["pretrain.mask_ratio"] == "0.6"

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -277,10 +278,7 @@ class StageRun:
             return
         registered = [m for d in self.outputs if (m := self._register_encoder(Path(d), metrics))]
         for m in self.upstream.models:
-            for k in HEADLINE_KEYS:
-                if k in metrics:
-                    retry(self._client.set_model_version_tag, m["name"], m["version"], f"{self.stage}.{k}",
-                          str(metrics[k]))
+            self._tag_upstream_model(m, {k: metrics[k] for k in HEADLINE_KEYS if k in metrics})
         record = {"run_id": self.run_id, "stage": self.stage, "section": self.section,
                   "experiment_id": self.experiment_id, "tracking_uri": tracking_uri(), "group": self.group,
                   "params": {f"{self.section}.{k}": v for k, v in _flatten(self.cfg.to_dict()).items()}
@@ -290,6 +288,19 @@ class StageRun:
         for d in self.outputs:
             if Path(d).is_dir():
                 write_lineage(d, record)
+
+    def _tag_upstream_model(self, model: dict[str, str], metrics: dict[str, float]) -> None:
+        """Copy this stage's headline metrics onto the registered encoder version it used. The version may not be
+        in this store (the encoder was made with another ``MLFLOW_TRACKING_URI``, or ``mlflow.db`` was deleted
+        since): then say so and go on; the stage's results do not depend on it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            for k, v in metrics.items():
+                retry(self._client.set_model_version_tag, model["name"], model["version"], f"{self.stage}.{k}", str(v))
+        except MlflowException as e:
+            print(f"localmim {self.stage}: warning: encoder {model['name']} version {model['version']} is not in "
+                  f"{tracking_uri()} ({str(e).splitlines()[0]}); its registry entry is not tagged", file=sys.stderr)
 
     def _register_encoder(self, out: Path, metrics: dict[str, float]) -> dict[str, Any] | None:
         """Register ``out/encoder.{pt,json}`` (an exported encoder) as a version of model ``encoder-<model>``."""
