@@ -227,8 +227,9 @@ def train_transform(crop_size: int, scale: tuple[int, int], ratio_range: tuple[f
                     cat_max_ratio: float, photometric: bool = True) -> v2.Compose:
     """Method §9.1 training augmentation on ``(Image uint8, Mask uint8)``; normalisation happens on the device.
 
-    Photometric distortion is torchvision's ``ColorJitter`` (brightness/contrast/saturation factors 0.5-1.5 around
-    MMSeg's ranges, hue ±18/360, random order), not MMSeg's additive-brightness variant.
+    Photometric distortion is torchvision's ``ColorJitter`` (brightness factor 0.875-1.125, contrast/saturation
+    0.5-1.5, hue ±18/360, all four in random order on every image), not MMSeg's per-op coin flips with additive
+    brightness ±32 (method §17, row 22).
     """
     return v2.Compose([
         RandomRescale(scale, ratio_range),

@@ -134,6 +134,26 @@ def _bad_image(img: dict, image_dir: Path) -> str | None:
     return None
 
 
+def _read_instances(root: str | Path, split: str) -> tuple[Path, Path, dict, set[int]]:
+    """The split's image folder, annotation file, parsed JSON and category ids; clear errors when missing/malformed."""
+    import json
+
+    image_dir, ann_file = split_paths(root, split)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file}: COCO annotation file not found (expected {Path(root)}/annotations/"
+                                f"instances_{split}2017.json)")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: COCO image folder not found")
+    try:
+        doc = json.loads(ann_file.read_text())
+        _, cats = doc["images"], doc["categories"]  # KeyError/TypeError: not an instances file
+        doc = {**doc, "annotations": doc.get("annotations", [])}
+        cat_ids = {int(c["id"]) for c in cats}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CocoError(f"{ann_file}: not a COCO instances file ({e.__class__.__name__}: {e})") from None
+    return image_dir, ann_file, doc, cat_ids
+
+
 def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = False) -> CocoSplit:
     """Read and check ``split`` of the COCO layout at ``root`` (see the module docstring).
 
@@ -145,24 +165,12 @@ def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = 
         FileNotFoundError: the annotation file or image folder is missing.
         CocoError: malformed JSON, or a bad image/annotation under ``on_bad='fail'``.
     """
-    import json
-
     from pycocotools.coco import COCO
 
     if on_bad not in ("skip", "fail"):
         raise ValueError(f"on_bad must be skip|fail, got {on_bad!r}")
-    image_dir, ann_file = split_paths(root, split)
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"{ann_file}: COCO annotation file not found (expected {Path(root)}/annotations/"
-                                f"instances_{split}2017.json)")
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: COCO image folder not found")
-    try:
-        doc = json.loads(ann_file.read_text())
-        images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
-        cat_ids = {int(c["id"]) for c in cats}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CocoError(f"{ann_file}: not a COCO instances file ({e.__class__.__name__}: {e})") from None
+    image_dir, ann_file, doc, cat_ids = _read_instances(root, split)
+    images, anns = doc["images"], doc["annotations"]
     rep = CocoReport(images_found=len(images), annotations_found=len(anns))
 
     def bad(kind: str, id_: Any, reason: str) -> None:
@@ -170,17 +178,35 @@ def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = 
             raise CocoError(f"{ann_file}: {kind} id {id_!r}: {reason}")
         rep.skip(kind, id_, reason)
 
-    kept_images: dict[Any, dict] = {}
+    kept_images = _keep_images(images, image_dir, bad)
+    kept_anns = _keep_annotations(anns, {img.get("id") for img in images}, kept_images, cat_ids, train, bad, rep)
+    rep.images_used, rep.annotations_used = len(kept_images), len(kept_anns)
+    coco = COCO()
+    coco.dataset = {"images": list(kept_images.values()), "annotations": kept_anns, "categories": doc["categories"],
+                    **{k: doc[k] for k in ("info", "licenses") if k in doc}}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return CocoSplit(coco, image_dir, rep)
+
+
+def _keep_images(images: list[dict], image_dir: Path, bad: Any) -> dict[Any, dict]:
+    """The readable images with unique ids, by id; ``bad`` records (or raises for) the others."""
+    kept: dict[Any, dict] = {}
     for img in images:
         why = _bad_image(img, image_dir)
-        if why is None and img.get("id") in kept_images:
+        if why is None and img.get("id") in kept:
             why = "duplicate image id"
         if why is None:
-            kept_images[img["id"]] = img
+            kept[img["id"]] = img
         else:
             bad("image", img.get("id"), why)
-    listed = {img.get("id") for img in images}
-    kept_anns, seen = [], set()
+    return kept
+
+
+def _keep_annotations(anns: list[dict], listed: set, kept_images: dict[Any, dict], cat_ids: set[int], train: bool,
+                      bad: Any, rep: CocoReport) -> list[dict]:
+    """The valid annotations (crowd ones dropped in training); those of skipped images are skipped, not errors."""
+    kept, seen = [], set()
     for ann in anns:
         aid, iid = ann.get("id"), ann.get("image_id")
         why = "duplicate annotation id" if aid in seen else None
@@ -194,15 +220,9 @@ def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = 
         elif train and ann.get("iscrowd", 0):
             rep.skip("annotation", aid, "crowd annotation (ignored in training)")
         else:
-            kept_anns.append({**ann, "iscrowd": int(ann.get("iscrowd", 0)),
-                              "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))})
-    rep.images_used, rep.annotations_used = len(kept_images), len(kept_anns)
-    coco = COCO()
-    coco.dataset = {"images": list(kept_images.values()), "annotations": kept_anns, "categories": cats,
-                    **{k: doc[k] for k in ("info", "licenses") if k in doc}}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return CocoSplit(coco, image_dir, rep)
+            kept.append({**ann, "iscrowd": int(ann.get("iscrowd", 0)),
+                         "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))})
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -285,7 +305,8 @@ def train_transforms(split: CocoSplit, augment: str, image_size: int, scale_rang
     steps: list[Any] = [_Prepare({c: lab for lab, c in split.label_to_cat.items()}), v2.RandomHorizontalFlip()]
     if augment == "lsj":
         steps += [v2.ScaleJitter((image_size, image_size), scale_range=tuple(scale_range)),
-                  v2.RandomCrop(image_size, pad_if_needed=True), _BoxesFromMasks(), v2.SanitizeBoundingBoxes(min_size=1)]
+                  v2.RandomCrop(image_size, pad_if_needed=True), _BoxesFromMasks(),
+                  v2.SanitizeBoundingBoxes(min_size=1)]
     elif augment != "multiscale":
         raise ValueError(f"augment must be lsj|multiscale, got {augment!r}")
     steps.append(v2.ToDtype(torch.float32, scale=True))
