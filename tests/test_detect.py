@@ -40,6 +40,23 @@ def test_backbone_maps_have_strides_4_to_32_and_256_channels(enc):
     assert bb.out_channels == 256
 
 
+def test_windowed_vit_backbone_same_maps_other_values_swin_refused():
+    """``window_size`` (ViTDet windowed attention) keeps the pyramid's shapes and the parameter names; with a window
+    smaller than the grid the block-1 features change (block 0 windowed, block 1 global: ViTDet's default for
+    depth 2 keeps both global, so the test names its global block)."""
+    torch.manual_seed(0)
+    plain = DetectionBackbone(VIT8, 64, pretrained=False)
+    torch.manual_seed(0)
+    win = DetectionBackbone(VIT8, 64, pretrained=False, window_size=4, global_blocks=[1])
+    assert [n for n, _ in win.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    x = torch.randn(1, 3, 64, 96)  # grid 8 x 12: 2 x 3 windows
+    a, b = plain(x), win(x)
+    assert [f.shape for f in a.values()] == [f.shape for f in b.values()]
+    assert not torch.allclose(a["0"], b["0"])
+    with pytest.raises(ValueError, match="Swin"):
+        DetectionBackbone(SWIN4, 64, pretrained=False, window_size=4)
+
+
 def test_vitdet_pyramid_for_patch_16():
     """ViTDet: stride 4 by two 2x2 transposed convs (norm + GELU between), 8 by one, 16 identity, 32 by 2x2
     max-pool; every level ends with 1x1 and 3x3 convs to 256 channels, each followed by a norm."""
@@ -225,7 +242,10 @@ def test_coco_presets_validate_and_build_the_detector(preset):
            EncoderSpec("swin_base_patch4_window7_224", {"img_size": 224}, {}))
     with torch.device("meta"):
         model = build_mask_rcnn(enc, 80, pretrained=False, image_size=cfg.image_size, max_size=cfg.max_size,
-                                train_scales=cfg.train_scales)
+                                train_scales=cfg.train_scales, window_size=cfg.window_size,
+                                global_blocks=cfg.global_blocks)
+    blocks = model.backbone.body.encoder.blocks if vit else []
+    assert [type(b).__name__ == "WindowedBlock" for b in blocks] == [i not in (2, 5, 8, 11) for i in range(len(blocks))]
     assert model.transform.min_size[-1] == cfg.image_size and model.transform.max_size == (cfg.max_size or 1024)
     assert model.backbone.out_channels == 256
 

@@ -35,6 +35,8 @@ class DetectConfig(Section):
     weight_decay: NonNeg = 0.1
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.7
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    window_size: Annotated[int, Field(ge=0)] = 0  # ViT: ViTDet windowed attention (patches per side); 0 = all global
+    global_blocks: list[Annotated[int, Field(ge=0)]] = []  # ViT blocks kept global (0-based); [] = ViTDet's
     anchor_size: Annotated[int, Field(ge=0)] = 0  # smallest anchor; 0 = 32 * image_size / 1024 (>= 4)
     rpn_batch_size_per_image: PosInt = 256
     box_batch_size_per_image: PosInt = 512

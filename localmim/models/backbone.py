@@ -41,10 +41,12 @@ class EncoderFeatures(nn.Module):
         indices: ViT block indices (0-based) to return; default: the pre-training taps. Ignored for Swin.
         drop_path: stochastic depth rate of the encoder.
         pretrained: load the encoder weights (False: the same architecture randomly initialised, the baseline).
+        window_size: ViT only: ViTDet windowed attention (``window_size`` patches per side) in every block but
+            ``global_blocks`` (None: ViTDet's choice); 0 keeps every block global.
     """
 
     def __init__(self, enc: EncoderSpec, img_size: int, indices: list[int] | None = None, drop_path: float = 0.0,
-                 pretrained: bool = True):
+                 pretrained: bool = True, window_size: int = 0, global_blocks: list[int] | None = None):
         super().__init__()
         self.swin = is_swin(enc)
         extra = dict(strict_img_size=False, dynamic_img_size=True) if self.swin else dict(dynamic_img_size=True)
@@ -59,11 +61,21 @@ class EncoderFeatures(nn.Module):
             dim = int(self.encoder.embed_dim)
             self.out_channels = [dim] * len(self.indices)
             self.strides = [int(self.encoder.patch_embed.patch_size[0])] * len(self.indices)
+            if window_size:
+                from localmim.models.window_attention import window_blocks
+
+                window_blocks(self.encoder, window_size, global_blocks)
+        self.windowed = bool(window_size) and not self.swin
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``images [B, 3, H, W]`` -> one ``[B, C_i, H/s_i, W/s_i]`` map per index."""
         if self.swin:
             return self.encoder.forward_intermediates(images, norm=False, intermediates_only=True)
+        if self.windowed:
+            from localmim.models.window_attention import set_grid
+
+            p = self.strides[0]
+            set_grid(self.encoder, (images.shape[-2] // p, images.shape[-1] // p))
         return self.encoder.forward_intermediates(images, indices=self.indices, norm=False, output_fmt="NCHW",
                                                   intermediates_only=True)
 

@@ -4,8 +4,9 @@
   by 2x2 transposed convs (LayerNorm + GELU between two of them) for upsampling and 2x2 max-pools for
   downsampling (p = 16: x4, x2, identity, /2 as in ViTDet), each level then a 1x1 and a 3x3 conv to 256 channels,
   each conv followed by a channel LayerNorm; P6 by stride-2 subsampling of the last level (``LastLevelMaxPool``).
-  The position embedding is resampled to every input size (timm ``dynamic_img_size``). ViTDet's windowed
-  attention is not implemented (every block keeps global attention).
+  The position embedding is resampled to every input size (timm ``dynamic_img_size``). ``window_size`` > 0 turns
+  on ViTDet's windowed attention in all blocks but ``global_blocks`` (:mod:`localmim.models.window_attention`;
+  no relative position biases); off by default (the embedded 64-px grids are smaller than a window).
 - Swin: the four stage outputs, each through a fresh LayerNorm, into torchvision's ``FeaturePyramidNetwork``
   (256 channels, ``LastLevelMaxPool``) as in Mask R-CNN FPN.
 
@@ -88,16 +89,21 @@ class DetectionBackbone(nn.Module):
     """``images [B, 3, H, W]`` -> ``{"0".."3", "pool"}``: 256-channel maps at strides 4, 8, 16, 32, 64 (Swin: its
     stage strides, 4..32 for patch 4, then 64). The encoder sits at ``body.encoder``."""
 
-    def __init__(self, enc: EncoderSpec, img_size: int, drop_path: float = 0.0, pretrained: bool = True):
+    def __init__(self, enc: EncoderSpec, img_size: int, drop_path: float = 0.0, pretrained: bool = True,
+                 window_size: int = 0, global_blocks: list[int] | None = None):
         super().__init__()
         from localmim.models.backbone import is_swin
 
         if is_swin(enc):
+            if window_size:
+                raise ValueError(f"window_size={window_size}: ViTDet windowed attention is for ViT encoders; "
+                                 f"{enc.timm_name} is a Swin (its attention is windowed already)")
             self.body = EncoderFeatures(enc, img_size, drop_path=drop_path, pretrained=pretrained)
             self.neck = StageFPN(self.body.out_channels)
         else:
             depth = int(enc.timm_kwargs.get("depth", 12))
-            self.body = EncoderFeatures(enc, img_size, indices=[depth - 1], drop_path=drop_path, pretrained=pretrained)
+            self.body = EncoderFeatures(enc, img_size, indices=[depth - 1], drop_path=drop_path, pretrained=pretrained,
+                                        window_size=window_size, global_blocks=global_blocks)
             self.neck = SimpleFeaturePyramid(self.body.out_channels[0], self.body.strides[0])
         _drop_unused_head(self.body.encoder)
         self.out_channels = FPN_CHANNELS
@@ -132,6 +138,8 @@ def build_mask_rcnn(
     drop_path: float = 0.0,
     pretrained: bool = True,
     anchor_size: int = 0,
+    window_size: int = 0,
+    global_blocks: list[int] | None = None,
     rpn_batch_size_per_image: int = 256,
     box_batch_size_per_image: int = 512,
     detections_per_img: int = 100,
@@ -144,13 +152,16 @@ def build_mask_rcnn(
     otherwise), testing to ``image_size``; the long side is capped at ``max_size`` (0: ``image_size``, i.e.
     LSJ's square input). Heads: torchvision's two-MLP box head (``box_head_dim``, 1024 in torchvision) and
     four-conv mask head (``mask_head_channels``, 256 in torchvision); smaller only to fit CPU budgets.
+    ``window_size``/``global_blocks``: ViTDet windowed attention for a ViT encoder (0: every block global;
+    ``global_blocks`` None: ViTDet's last block of each quarter).
     """
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-    backbone = DetectionBackbone(enc, image_size, drop_path=drop_path, pretrained=pretrained)
+    backbone = DetectionBackbone(enc, image_size, drop_path=drop_path, pretrained=pretrained,
+                                 window_size=window_size, global_blocks=global_blocks or None)
     scales = tuple(sorted(set(train_scales or ()) - {image_size})) + (image_size,)  # eval uses the last one
     anchors = AnchorGenerator(anchor_sizes(image_size, anchor_size), ((0.5, 1.0, 2.0),) * 5)
     c, k = FPN_CHANNELS, num_classes + 1

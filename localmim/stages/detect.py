@@ -95,6 +95,7 @@ def _train(cfg: DetectConfig, ctx: StageContext, enc, train, val, dist):
 def _model_kwargs(cfg: DetectConfig) -> dict:
     return dict(image_size=cfg.image_size, max_size=cfg.max_size, train_scales=list(cfg.train_scales),
                 drop_path=cfg.drop_path, pretrained=cfg.pretrained, anchor_size=cfg.anchor_size,
+                window_size=cfg.window_size, global_blocks=list(cfg.global_blocks),
                 rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
                 box_batch_size_per_image=cfg.box_batch_size_per_image, detections_per_img=cfg.detections_per_img,
                 box_head_dim=cfg.box_head_dim, mask_head_channels=cfg.mask_head_channels)
