@@ -110,6 +110,7 @@ def test_dvc_plots_show_writes_html(ws, tmp_path):
     here, and a declared plot without its file is a "failed to load" warning, so they are left out)."""
     env, repo = cli_env(), tmp_path / "plots"
     shutil.copytree(ws / "metrics", repo / "metrics")
+    shutil.copy(ws / "params.yaml", repo / "params.yaml")  # dvc.yaml's ${section.key} commands resolve from it
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     ran = {k: v for k, v in stages.items() if k in ("pretrain", "finetune", "linprobe")}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": ran}))
