@@ -64,7 +64,7 @@ def main() -> int:
     tail = ""
     if mae.is_file():
         body = mae.read_text().strip()
-        tail = f"\n## localmim_vs_mae.py\n\n{body}\n\n![LocalMIM vs MAE](localmim_vs_mae.png)\n"
+        tail = f"\n## localmim_vs_mae.py\n\n{body}\n"  # the .md ends with its plot
     Path(args.out).write_text(head + "\n".join(sections) + tail)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
