@@ -285,3 +285,30 @@ def test_upstream_encoder_missing_from_the_store_warns_and_finishes(tmp_path, mo
     mlflow.set_tracking_uri(uri)
     (row,) = mlflow.search_runs(experiment_names=["localmim-test"], output_format="list")
     assert row.info.status == "FINISHED" and row.data.params["pretrain.mask_ratio"] == "0.6"
+
+
+def test_retry_gives_up_at_once_on_a_final_error_code():
+    """Creating a registered model that exists says "already exists", a message `retry` waits out (up to 2 min)
+    when two pipelines race; with the error code marked final the caller gets the answer on the first call."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    from localmim.stages.tracking import retry
+
+    calls = []
+
+    def exists(name):
+        calls.append(name)
+        raise MlflowException(f"Registered Model (name={name}) already exists.", error_code=RESOURCE_ALREADY_EXISTS)
+
+    with pytest.raises(MlflowException):
+        retry(exists, "encoder-x", final_codes=("RESOURCE_ALREADY_EXISTS",))
+    assert calls == ["encoder-x"]
+    flaky = iter([MlflowException("database is locked"), None])
+
+    def locked_once():
+        if (e := next(flaky)) is not None:
+            raise e
+        return "ok"
+
+    assert retry(locked_once, final_codes=("RESOURCE_ALREADY_EXISTS",)) == "ok"

@@ -81,16 +81,19 @@ _TRANSIENT = ("database is locked", "database table is locked", "already exists"
 HEADLINE_KEYS = ("top1", "best_top1", "mIoU", "bbox_AP", "segm_AP")  # copied onto the upstream encoder's version
 
 
-def retry(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def retry(fn: Callable[..., Any], *args: Any, final_codes: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """Call an MLflow function, retrying (with jittered back-off, up to 2 min) while a sqlite store shared by
-    several pipelines is locked, or while two of them race to create the same experiment / table / version."""
+    several pipelines is locked, or while two of them race to create the same experiment / table / version.
+    An ``MlflowException`` whose ``error_code`` is in ``final_codes`` is raised at once (e.g. creating a registered
+    model that exists: the caller's answer, not a race to wait out; waiting cost 2 min per pretraining run)."""
     delay, deadline = 0.05, time.monotonic() + RETRY_SECONDS
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # MlflowException wrapping sqlalchemy's OperationalError / IntegrityError
             msg = str(e).lower()
-            if not any(t in msg for t in _TRANSIENT) or time.monotonic() > deadline:
+            final = getattr(e, "error_code", None) in final_codes
+            if final or not any(t in msg for t in _TRANSIENT) or time.monotonic() > deadline:
                 raise
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
@@ -315,7 +318,7 @@ class StageRun:
             for f in ("encoder.pt", "encoder.json"):
                 self.log_artifact(out / f, artifact_path="encoder")
         try:
-            retry(self._client.create_registered_model, name,
+            retry(self._client.create_registered_model, name, final_codes=("RESOURCE_ALREADY_EXISTS",),
                   description="Exported pre-trained encoders (timm state dict + encoder.json); one version per run.")
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
