@@ -24,6 +24,14 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores 2
 	@echo
 	@$(BIN)/localmim report
+	@echo
+	@echo "Where to look next:"
+	@echo "  data/analyze/layers.png, data/analyze/reconstructions.png, data/segment/grid.png,"
+	@echo "  data/detect/val_predictions.png, reports/metrics.png                     (pictures of the results)"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db              (every run, curves, lineage, registered encoders)"
+	@echo "  $(BIN)/localmim compare --out outputs/compare                        (pipeline runs side by side, with plots)"
+	@echo "  $(BIN)/dvc plots show   then open dvc_plots/index.html               (training curves)"
+	@echo "  $(BIN)/snakemake --report report.html                                (metrics table and plot with each rule's params)"
 
 test: $(STAMP)
 	$(BIN)/ruff check localmim tests benchmarks
