@@ -8,14 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block
 
-from localmim.models.window_attention import (
-    WindowedBlock,
-    set_grid,
-    vitdet_global_blocks,
-    window_blocks,
-    window_partition,
-    window_unpartition,
-)
+from localmim.models.window_attention import WindowedBlock, set_grid, vitdet_global_blocks, window_blocks
 
 
 def _block(dim: int = 16) -> Block:
@@ -26,14 +19,24 @@ def _block(dim: int = 16) -> Block:
     return blk
 
 
-def test_partition_roundtrip_pads_and_crops():
-    x = torch.randn(2, 5, 7, 3)  # [B, H, W, C]; w = 3 pads to 6 x 9
-    windows, padded = window_partition(x, 3)
-    assert padded == (6, 9) and windows.shape == (2 * 2 * 3, 9, 3)
-    assert torch.equal(windows[0].reshape(3, 3, 3), x[0, :3, :3])  # first window = top-left 3x3 of image 0
-    assert torch.equal(windows[5].reshape(3, 3, 3)[:2, :1], x[0, 3:5, 6:7])  # last window of image 0, padded
-    assert torch.equal(windows[5].reshape(3, 3, 3)[2], torch.zeros(3, 3))
-    assert torch.equal(window_unpartition(windows, 3, padded, (5, 7)), x)
+def test_padded_grid_matches_vitdet_padding_after_norm1():
+    """Grid 5x7, window 3: the grid is zero-padded to 6x9 after ``norm1``, so every window attends over its real
+    tokens plus zero tokens; checked window by window with the block's own norm/attention/MLP."""
+    blk, (h, w), win = _block(), (5, 7), 3
+    x = torch.randn(2, h * w, 16)
+    wb = WindowedBlock(copy.deepcopy(blk), win, num_prefix_tokens=0).eval()
+    wb.grid = (h, w)
+    with torch.no_grad():
+        y = torch.zeros(2, 6, 9, 16)
+        y[:, :h, :w] = blk.norm1(x).reshape(2, h, w, 16)
+        att = torch.zeros_like(y)
+        for i in range(0, 6, win):
+            for j in range(0, 9, win):
+                att[:, i:i + win, j:j + win] = blk.attn(y[:, i:i + win, j:j + win].reshape(2, win * win, 16)).reshape(
+                    2, win, win, 16)
+        ref = x + blk.ls1(att[:, :h, :w].reshape(2, h * w, 16))
+        ref = ref + blk.ls2(blk.mlp(blk.norm2(ref)))
+        torch.testing.assert_close(wb(x), ref)
 
 
 def test_windowed_block_equals_the_block_run_on_each_window():

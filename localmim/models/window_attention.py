@@ -2,9 +2,10 @@
 
 ViTDet (Li et al., 2022) keeps a few blocks global and restricts the others to non-overlapping ``w x w`` windows of
 the patch grid. :class:`WindowedBlock` does that with the timm block's own modules, only the attention input
-changed (as ``swin_encoder.py`` does for Swin): the grid tokens are normalised, zero-padded to a multiple of ``w``
-(ViTDet pads after ``norm1``, so padded keys are the projections of 0), cut into windows, attended, and put back;
-the MLP half is per token and unchanged. Prefix tokens (cls) attend to themselves only. ViTDet's relative position
+changed (as ``swin_encoder.py`` does for Swin): the grid tokens are normalised, then timm's ``window_partition``
+(from its SAM/ViTDet encoder) zero-pads them to a multiple of ``w`` (ViTDet pads after ``norm1``, so padded keys
+are the projections of 0) and cuts them into windows; after attention ``window_unpartition`` puts them back. The
+MLP half is per token and unchanged. Prefix tokens (cls) attend to themselves only. ViTDet's relative position
 biases are not added (row 27): the pretrained weights have none.
 
 The block keeps the wrapped block's parameter names (``blocks.i.norm1.weight``, ...), so layer-wise decay ids,
@@ -14,25 +15,8 @@ no-weight-decay rules and checkpoints see the same model with or without windows
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from timm.models.vision_transformer_sam import window_partition, window_unpartition
 from torch import Tensor, nn
-
-
-def window_partition(x: Tensor, w: int) -> tuple[Tensor, tuple[int, int]]:
-    """``x [B, H, W, C]`` -> ``[B * nH * nW, w*w, C]`` windows of the zero-padded grid, and the padded ``(Hp, Wp)``."""
-    b, h, wd, c = x.shape
-    x = F.pad(x, (0, 0, 0, (-wd) % w, 0, (-h) % w))  # [B, Hp, Wp, C]
-    hp, wp = x.shape[1], x.shape[2]
-    x = x.view(b, hp // w, w, wp // w, w, c).permute(0, 1, 3, 2, 4, 5)  # [B, nH, nW, w, w, C]
-    return x.reshape(-1, w * w, c), (hp, wp)
-
-
-def window_unpartition(x: Tensor, w: int, padded: tuple[int, int], hw: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`window_partition`: ``[B * nH * nW, w*w, C]`` -> ``[B, H, W, C]`` (padding dropped)."""
-    (hp, wp), (h, wd), c = padded, hw, x.shape[-1]
-    b = x.shape[0] // ((hp // w) * (wp // w))
-    x = x.view(b, hp // w, wp // w, w, w, c).permute(0, 1, 3, 2, 4, 5)  # [B, nH, w, nW, w, C]
-    return x.reshape(b, hp, wp, c)[:, :h, :wd]
 
 
 class WindowedBlock(nn.Module):
@@ -51,8 +35,9 @@ class WindowedBlock(nn.Module):
         (h, w), p = self.grid, self.num_prefix
         y = self.norm1(x)
         prefix, grid = y[:, :p], y[:, p:]  # [B, P, C], [B, H*W, C]
-        windows, padded = window_partition(grid.reshape(grid.shape[0], h, w, -1), self.window)
-        grid = window_unpartition(self.attn(windows), self.window, padded, (h, w)).flatten(1, 2)  # [B, H*W, C]
+        windows, padded = window_partition(grid.reshape(grid.shape[0], h, w, -1), self.window)  # [B*nW, w, w, C]
+        attended = self.attn(windows.flatten(1, 2)).view_as(windows)  # attention within each window
+        grid = window_unpartition(attended, self.window, (h, w), padded).flatten(1, 2)  # [B, H*W, C]
         return grid if not p else torch.cat([self.attn(prefix), grid], dim=1)
 
     def forward(self, x: Tensor, **_: object) -> Tensor:
@@ -88,5 +73,4 @@ def set_grid(encoder: nn.Module, grid: tuple[int, int]) -> None:
             blk.grid = grid
 
 
-__all__ = ["WindowedBlock", "set_grid", "vitdet_global_blocks", "window_blocks", "window_partition",
-           "window_unpartition"]
+__all__ = ["WindowedBlock", "set_grid", "vitdet_global_blocks", "window_blocks"]
