@@ -68,8 +68,6 @@ def test_epoch_length_is_defined_by_samples(tmp_path):
 class KeyEval(ShardStream):
     """Evaluation-mode stream of integer keys (nothing decoded)."""
 
-    decode_keys = ()
-
     def decode(self, sample):
         return torch.tensor(int(sample["__key__"]))
 

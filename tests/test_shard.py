@@ -442,6 +442,41 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, fmt):
         list(tario.iter_tar_members(path))
 
 
+def test_header_checksum_agrees_with_tarfile_for_up_to_256_changed_bytes():
+    """The C-speed checksum (adler32's byte sum, modulo 65521) decides as the standard library's full byte sum
+    (``tarfile.calc_chksums``) on headers with 1..256 changed bytes, including permuted bytes (the sum kept), which
+    both must accept; its documented blind spot, a 257+-byte change of exactly 65521, is the one it passes."""
+    rng = np.random.default_rng(0)
+    ti = tarfile.TarInfo("n01440764/n01440764_10026.jpg")
+    ti.size = 123_456
+    good = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+    def full_sum_ok(hdr: bytes) -> bool:
+        return tarfile.nti(hdr[148:156]) in tarfile.calc_chksums(hdr)[:1]  # unsigned sum, as tar writes it
+
+    assert full_sum_ok(good) and tario._checksum_ok(good)
+    decided = Counter()
+    for k in [1, 2, 3, 8, 64, 256] * 40:
+        hdr = bytearray(good)
+        at = rng.choice(np.r_[0:148, 156:512], size=k, replace=False)
+        if rng.random() < 0.3:  # permute the chosen bytes: the sum is kept, both must accept
+            for i, j in zip(at, rng.permutation(at), strict=True):
+                hdr[i] = good[j]
+        else:
+            hdr[at[0]] = (hdr[at[0]] + int(rng.integers(1, 256))) % 256
+            for i in at[1:]:
+                hdr[i] = int(rng.integers(0, 256))
+        decided[full_sum_ok(bytes(hdr))] += 1
+        assert tario._checksum_ok(bytes(hdr)) == full_sum_ok(bytes(hdr)), (k, at[:4])
+    assert decided[True] > 10 and decided[False] > 100  # both outcomes were exercised
+    blind = bytearray(good)
+    zeros = [i for i in range(512) if good[i] == 0 and not 148 <= i < 156][:257]
+    for i in zeros:  # 257 bytes 0 -> 255, one of them 0 -> 241: the sum grows by 257 * 255 - 14 = 65521
+        blind[i] = 255
+    blind[zeros[0]] = 241
+    assert not full_sum_ok(bytes(blind)) and tario._checksum_ok(bytes(blind))
+
+
 def test_samples_from_our_shards_match_tarfile(tmp_path):
     from localmim.data.stream import raw_samples
 

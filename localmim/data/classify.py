@@ -41,8 +41,6 @@ class ClassifyShards(ShardStream):
         shuffle_buffer: samples held (as raw bytes) by each worker's shuffle buffer.
     """
 
-    decode_keys = (*IMAGE_EXTS, "cls")
-
     def __init__(self, shard_dir: str | Path, transform: Callable[[Any], Any], *, batch_size: int, train: bool,
                  rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2000):  # fmt: skip
         self.transform = transform
@@ -56,7 +54,7 @@ class ClassifyShards(ShardStream):
     def decode(self, sample: dict[str, Any]) -> tuple[Any, int]:
         if "cls" not in sample:
             raise ValueError(f"sample {sample['__key__']} of {sample['__url__']}: no cls entry")
-        return self.transform(image_entry(sample)), sample["cls"]
+        return self.transform(decode_rgb(image_entry(sample))), int(sample["cls"])
 
     def collate(self, items: list[tuple[Any, int]]) -> tuple[Any, Any]:
         from torch.utils.data import default_collate

@@ -12,6 +12,7 @@ sample a stored uint8 view plus its un-normalised finest-cell histograms (fp16).
 
 from __future__ import annotations
 
+import io
 import math
 import zlib
 from pathlib import Path
@@ -109,7 +110,6 @@ class PretrainStream(ShardStream):
             if man["input_size"] != input_size:
                 raise ValueError(f"{source}: views are {man['input_size']} px but input_size={input_size}")
             sets = [shard_set(self.source / d) for d in man["view_dirs"]]
-            self.decode_keys = ("png", "hog.npy")
         else:
             sets = [shard_set(self.source)]
         self.num_views = len(sets)
@@ -122,9 +122,10 @@ class PretrainStream(ShardStream):
     def decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.views:
             hog = sample.get("hog.npy")
-            return pil_to_uint8(sample["png"]), (torch.from_numpy(hog) if hog is not None else None)
+            hog = torch.from_numpy(np.load(io.BytesIO(hog), allow_pickle=False)) if hog is not None else None
+            return pil_to_uint8(decode_rgb(sample["png"])), hog
         rng = sample_rng(self.seed, self.epoch, sample["__key__"])
-        return random_view(image_entry(sample), self.input_size, rng)[0], None
+        return random_view(decode_image(sample), self.input_size, rng)[0], None
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Any:
         from torch.utils.data import default_collate

@@ -2,8 +2,10 @@
 
 Used by pretraining (raw shards with online augmentation, or view shards), fine-tuning, linear probing and
 evaluation (:mod:`.pretrain`, :mod:`.classify`), the view writer (:func:`raw_samples`) and the benchmarks.
-Each worker runs ``shards -> tar_samples -> rank share -> wds.shuffle -> wds.decode -> wds.map(decode) ->
-wds.batched``; the loader merges the workers' chunks into exact batches.
+Each worker runs ``shards -> tar_samples -> rank share -> wds.shuffle -> wds.map(decode) -> wds.batched``; the
+loader merges the workers' chunks into exact batches. The map stage decodes the member bytes itself
+(:func:`decode_rgb`, ``int``, ``np.load``): webdataset's generic ``wds.decode`` stage in front of it cost 1.5-4 %
+more CPU per image in the read benchmark (benchmarks/RESULTS.md, bench_shards), for the same decoders.
 
 Splitting invariant (non-resampled): in one epoch every sample is read by exactly one rank and, inside the rank,
 by exactly one DataLoader worker. Shards are shuffled per epoch when training (the same order on every rank) and
@@ -33,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import webdataset as wds  # imported with this module, in the main process: the per-epoch DataLoader workers are
+from PIL import Image  # forked from it and find both loaded, rather than importing them again every epoch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from localmim.data.manifest import IMAGE_EXTS, ShardSet
@@ -41,13 +45,11 @@ from localmim.data.tario import iter_samples, tar_samples
 
 def decode_rgb(data: bytes):
     """Image bytes -> RGB PIL image (the one image decoder of the data layer)."""
-    from PIL import Image
-
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def image_entry(sample: dict[str, Any]) -> Any:
-    """The sample's image member (bytes, or the decoded image after ``wds.decode``); ValueError if none."""
+def image_entry(sample: dict[str, Any]) -> bytes:
+    """The bytes of the sample's image member; ValueError if it has none."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             return sample[ext]
@@ -55,15 +57,8 @@ def image_entry(sample: dict[str, Any]) -> Any:
                      f"({'/'.join(IMAGE_EXTS)})")  # fmt: skip
 
 
-def rgb_handler(key: str, data: bytes) -> Any:
-    """webdataset decode handler: image members -> RGB PIL images, anything else to the next handler."""
-    return decode_rgb(data) if key.rsplit(".", 1)[-1].lower() in IMAGE_EXTS else None
-
-
 def raw_samples(shards: ShardSet) -> Iterator[dict[str, Any]]:
     """Every raw (undecoded) sample of ``shards``, in manifest order."""
-    import webdataset as wds
-
     urls = [{"url": u} for u in shards.urls]
     return iter(wds.DataPipeline(lambda: iter(urls), tar_samples))
 
@@ -100,8 +95,8 @@ def resampled(shards: ShardSet, rng: random.Random) -> Iterator[dict[str, Any]]:
 class ShardStream(IterableDataset):
     """Per-worker stream of chunks (up to ``batch_size`` items) over one shard directory; see module docstring.
 
-    Subclasses say which members to decode (``decode_keys``), how a decoded sample becomes an item
-    (:meth:`decode`) and how items become a chunk (:meth:`collate`). Use through :class:`ShardLoader`.
+    Subclasses say how a raw sample becomes an item (:meth:`decode`) and how items become a chunk
+    (:meth:`collate`). Use through :class:`ShardLoader`.
 
     Args:
         sets: the shards; with several (view shards), epoch ``e`` reads ``sets[e % len(sets)]``.
@@ -112,8 +107,6 @@ class ShardStream(IterableDataset):
         resampled: draw shards with replacement (training on many nodes).
         rank, world: this process's data-parallel position.
     """
-
-    decode_keys: tuple[str, ...] = IMAGE_EXTS
 
     def __init__(self, sets: Sequence[ShardSet], *, batch_size: int, train: bool, seed: int = 0,
                  shuffle_buffer: int = 0, resampled: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
@@ -150,8 +143,6 @@ class ShardStream(IterableDataset):
 
     def samples(self, wid: int = 0, nw: int = 1) -> Iterator[dict[str, Any]]:
         """Raw (undecoded) samples of worker ``wid`` of ``nw`` on this rank, after the shuffle buffer."""
-        import webdataset as wds
-
         if self.resampled:
             draws = resampled(self.shards, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}"))
             src = [lambda: draws, tar_samples]
@@ -164,7 +155,7 @@ class ShardStream(IterableDataset):
         return iter(wds.DataPipeline(*src))
 
     def decode(self, sample: dict[str, Any]) -> Any:
-        """A sample whose ``decode_keys`` members are decoded (images: RGB PIL) -> one item."""
+        """A raw sample (``{"__key__", "__url__", ext: bytes}``) -> one item; images through :func:`decode_rgb`."""
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Any:
@@ -173,13 +164,10 @@ class ShardStream(IterableDataset):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Any]:
-        import webdataset as wds
-
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return iter(wds.DataPipeline(
             lambda: self.samples(wid, nw),
-            wds.decode(rgb_handler, only=self.decode_keys, pre=[]),  # pre=[]: no gzip members in our shards
             wds.map(self.decode),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         ))  # fmt: skip
