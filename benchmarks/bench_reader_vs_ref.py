@@ -5,7 +5,9 @@ Issue 8 replaced the benchmark-only reader of commit b180301 (``localmim.data.sh
 read throughput not drop. Separate ``bench_shards.py`` runs differ by a few percent from run to run, as much as
 the readers do, so this one imports both readers into one process (the reference commit's package extracted with
 ``git archive`` and renamed ``localmim_ref``) and alternates their epochs, with torchvision ImageFolder and the
-in-memory decode ceiling, on the same shards, images and transforms as ``bench_shards.py``.
+in-memory decode ceiling, on the same shards, images and transforms as ``bench_shards.py``. Sharding is compared
+the same way: both commits' ``write_shards`` (2 worker processes) alternated on the same ImageFolder tree, with a
+check that they write byte-identical shards.
 
 Reported per reader: the median CPU time per image over main process + DataLoader workers, and paired ratios
 (median over rounds of the within-round ratio; > 1: this tree's reader is cheaper).
@@ -64,11 +66,42 @@ def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> 
     }, len(items)
 
 
+def bench_sharding(src: Path, tmp: Path, n: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Both commits' ``write_shards`` alternated ABBA: images/s and CPU us per image (process + reaped workers)
+    per round; AssertionError if their shards differ."""
+    import shutil
+    import time
+
+    from bench_shards import _cpu
+    from localmim_ref.data import shards as ref
+
+    from localmim.data import shards as cur
+
+    writers = {"this tree": cur, "reference": ref}
+    out: dict[str, dict[str, list[float]]] = {k: {"img_s": [], "cpu_us": []} for k in writers}
+    digests = {}
+    for r in range(rounds + 1):  # round 0: warm-up
+        for name in list(writers) if r % 2 == 0 else list(writers)[::-1]:
+            mod, dest = writers[name], tmp / f"shard-{name}"
+            shutil.rmtree(dest, ignore_errors=True)
+            c, t = _cpu(), time.perf_counter()
+            man = mod.write_shards(src, dest, "train", mod.ShardOptions(max_samples_per_shard=-(-n // 8), workers=2),
+                                   progress=False)  # fmt: skip
+            dt, cpu = time.perf_counter() - t, _cpu() - c
+            digests[name] = [s["sha256"] for s in man["shards"]]
+            if r:
+                out[name]["img_s"].append(n / dt)
+                out[name]["cpu_us"].append(cpu / n * 1e6)
+        assert digests["this tree"] == digests["reference"], "the two writers wrote different shards"
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default="b180301", help="reference commit (its reader: data.shards.wds_pipeline)")
     ap.add_argument("--per-class", type=int, default=120, help="images per class, 10 classes")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--shard-rounds", type=int, default=6, help="sharding rounds per writer (0 = skip)")
     ap.add_argument("--json", help="write the per-round numbers here")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -92,6 +125,7 @@ def main() -> int:
         for r in range(args.rounds):  # ABBA order: a drifting load hits every reader alike
             for name in list(makers) if r % 2 == 0 else list(makers)[::-1]:
                 cpu[name].append(_epoch(makers[name](), n)[1])
+        shard = bench_sharding(tmp / "imagenet" / "train", tmp, n, args.shard_rounds) if args.shard_rounds else {}
         load.append(os.getloadavg()[0])
     ours = np.array(cpu["this tree (`ClassifyShards`)"])
     print(f"{n} images, {args.rounds} rounds per reader (ABBA), DataLoader(batch 64, 2 workers), decode + "
@@ -100,9 +134,16 @@ def main() -> int:
     print("| reader | CPU us/img (median) | its CPU / this tree's (paired median) |\n|---|---:|---:|")
     for name, c in cpu.items():
         print(f"| {name} | {np.median(c):.0f} | {np.median(np.array(c) / ours):.3f} |")
+    if shard:
+        print("\n| writer (`write_shards`, 2 procs, byte-identical shards) | images/s (median) | CPU us/img (median) "
+              "| its CPU / this tree's (paired median) |\n|---|---:|---:|---:|")
+        mine = np.array(shard["this tree"]["cpu_us"])
+        for name, r in shard.items():
+            print(f"| {name} | {np.median(r['img_s']):.0f} | {np.median(r['cpu_us']):.0f} | "
+                  f"{np.median(np.array(r['cpu_us']) / mine):.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "images": n, "load_1min": load,
-                                               "cpu_us_per_image": cpu}, indent=2) + "\n")  # fmt: skip
+        raw = {"args": vars(args), "images": n, "load_1min": load, "cpu_us_per_image": cpu, "sharding": shard}
+        Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
     return 0
 
 
