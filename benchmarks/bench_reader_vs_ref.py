@@ -42,7 +42,8 @@ def extract_ref(commit: str, dest: Path) -> None:
     sys.path.insert(0, str(dest))
 
 
-def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> dict:
+def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> tuple[dict, int]:
+    """The four readers as per-epoch loader factories, and the number of images."""
     import torchvision.transforms as T
     from bench_shards import InMemory
     from localmim_ref.data.shards import shard_paths, wds_pipeline

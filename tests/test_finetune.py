@@ -273,3 +273,21 @@ def test_swin_classifier_pools_then_applies_a_fresh_layer_norm():
     where = {id(p): g for g in layer_decay_groups(net, 0.05, 0.9) for p in g["params"]}
     for n in ("head.norm.weight", "head.fc.weight"):
         assert where[id(dict(net.named_parameters())[n])]["lr_scale"] == 1.0, n
+
+
+def test_sample_without_label_names_its_shard_and_key(tmp_path):
+    """A labelled shard whose sample lacks ``cls`` stops the epoch with an error naming the sample and shard."""
+    import io as _io
+
+    from PIL import Image
+
+    from localmim.data import tario
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="JPEG")
+    with tario.ShardSink(tmp_path, "train", max_samples=10) as sink:
+        sink.write(tario.tar_members("a", {"jpg": buf.getvalue(), "cls": b"0"}))
+        sink.write(tario.tar_members("b", {"jpg": buf.getvalue()}))
+    ds = ClassifyShards(tmp_path, lambda im: torch.zeros(3, 8, 8), batch_size=2, train=False)
+    with pytest.raises(ValueError, match=r"sample b of .*train-000000\.tar: no cls entry"):
+        list(make_loader(ds, 0))

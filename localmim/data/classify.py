@@ -23,7 +23,8 @@ __all__ = ["ClassifyShards", "build_transform", "count_samples", "decode_sample"
 def decode_sample(sample: dict[str, Any]) -> tuple[Any, int]:
     """(RGB PIL image, class id) from a raw sample with an image entry and a ``cls`` entry."""
     if "cls" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')}: needs an image ({'/'.join(IMAGE_EXTS)}) and a cls entry")
+        raise ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')}: no cls entry (a labelled "
+                         f"sample needs an image ({'/'.join(IMAGE_EXTS)}) and a cls entry)")  # fmt: skip
     return decode_rgb(image_entry(sample)), int(sample["cls"])
 
 
@@ -52,9 +53,8 @@ class ClassifyShards(ShardStream):
             raise ValueError(f"{shard_dir}: {e}") from None
 
     def decode(self, sample: dict[str, Any]) -> tuple[Any, int]:
-        if "cls" not in sample:
-            raise ValueError(f"sample {sample['__key__']} of {sample['__url__']}: no cls entry")
-        return self.transform(decode_rgb(image_entry(sample))), int(sample["cls"])
+        img, cls = decode_sample(sample)
+        return self.transform(img), cls
 
     def collate(self, items: list[tuple[Any, int]]) -> tuple[Any, Any]:
         from torch.utils.data import default_collate

@@ -78,7 +78,9 @@ def random_view(img, size: int, rng: np.random.Generator) -> tuple[torch.Tensor,
 
 
 def pil_to_uint8(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """PIL image -> uint8 tensor [3, H, W] (converted to RGB only when it is not already: a convert is a copy)."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_image(sample: dict[str, Any]):
