@@ -48,7 +48,7 @@ dag: $(STAMP)
 	$(BIN)/localmim dag --write
 
 exps: $(STAMP)  ## DVC experiments with the params that matter and the headline metrics (ARGS=... adds dvc exp show args)
-	$(BIN)/python -m localmim.stages.dag exps $(ARGS)
+	$(BIN)/python -m localmim.pipeline.dag exps $(ARGS)
 
 clean-data:
 	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/analyze data/segment data/detect data/checkpoints metrics/*.json metrics/*.csv metrics/curves logs reports/metrics.tsv .snakemake

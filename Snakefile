@@ -1,6 +1,6 @@
 # LocalMIM pipeline: ImageNet ImageFolder -> WebDataset shards -> multi-scale targets -> pretrain -> finetune.
 # Every rule runs one `localmim <stage>` command; the rules are generated from the stage registry
-# (localmim/stages/dag.py) together with dvc.yaml, so the two cannot drift (`localmim dag --check`).
+# (localmim/pipeline/dag.py) together with dvc.yaml, so the two cannot drift (`localmim dag --check`).
 # Run: `snakemake --cores 2` (the default workflow profile, profiles/default -> workflow/profiles/default,
 # sets rerun triggers without mtime: rules rerun when their params, inputs or command change).
 # `--configfile FILE` / `--config KEY=VALUE` change what the stages compute: every command gets exactly the config
@@ -39,7 +39,7 @@ rule all:
 
 onsuccess:
     rules = sorted({job.rule.name for job in workflow.dag.jobs} - {"all"})
-    cmd = ["python", "-m", "localmim.stages.dvc_sync", "--params", params_file(config), *rules]
+    cmd = ["python", "-m", "localmim.pipeline.dvc_sync", "--params", params_file(config), *rules]
     try:
         subprocess.run(cmd, check=False)
     except OSError as e:

@@ -113,7 +113,7 @@ def per_block(model, labelled, num_classes: int, device) -> dict[str, list[float
     import torch
 
     from localmim.eval.analysis import layer_outputs, per_layer_scores
-    from localmim.models.export import create_timm_encoder
+    from localmim.models.encoder_io import create_timm_encoder
     from localmim.targets import normalize
 
     net = create_timm_encoder(model).to(device).eval()

@@ -25,26 +25,27 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_dag(args: argparse.Namespace) -> int:
-    from localmim.stages import dag
+    from localmim.pipeline import render
 
-    return dag.main(args)
+    return render.main(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from localmim.stages import dag
+    from localmim.pipeline import results
 
-    return dag.report(args)
+    return results.report(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from localmim.stages import compare
+    from localmim.tracking import compare
 
     return compare.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from localmim import __version__
-    from localmim.stages import base, load_all
+    from localmim.pipeline import stage as base
+    from localmim.stages import load_all
 
     stages = load_all()
     parser = argparse.ArgumentParser(
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare pipeline runs (groups) from MLflow: differing params, headline "
                                        "metrics, plots")
-    from localmim.stages import compare
+    from localmim.tracking import compare
 
     compare.add_args(p)
     p.set_defaults(_run=_cmd_compare)

@@ -82,7 +82,7 @@ def test_targets_placeholder_is_constant_while_pretraining_is_online(tmp_path):
 
 
 def test_dvc_sync_records_only_stages_whose_params_match(tmp_path, monkeypatch):
-    from localmim.stages.dvc_sync import plan
+    from localmim.pipeline.dvc_sync import plan
 
     monkeypatch.chdir(tmp_path)
     Path("out_a").mkdir()

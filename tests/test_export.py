@@ -9,12 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from localmim.models import create
-from localmim.models.export import (
-    convert_state_dict,
-    create_timm_encoder,
-    export_encoder,
-    load_pretrained_into_timm,
-)
+from localmim.models.encoder_io import create_timm_encoder
+from localmim.models.export import convert_state_dict, export_encoder, load_pretrained_into_timm
 from localmim.models.vit import LocalMIMViT
 
 MICRO = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=2, decoder_dim=32, decoder_heads=2)

@@ -156,7 +156,7 @@ def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
     assert exps["mask06"]["params"]["params.yaml"]["data"]["pretrain"]["mask_ratio"] == 0.6
 
     # The readable default table (`make exps`): the key params and headline metrics, not every key.
-    from localmim.stages.dag import KEY_PARAMS, exp_show_args
+    from localmim.pipeline.dag import KEY_PARAMS, exp_show_args
 
     header = _dvc(repo, "exp", "show", "--csv", *exp_show_args()).splitlines()[0].split(",")
     assert set(KEY_PARAMS) <= set(header) and "metrics/finetune.json:top1" in header

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from localmim.config.shard import ShardConfig
-from localmim.stages.tracking import StageRun, TrackingError, check_reachable
+from localmim.tracking.mlflow_run import StageRun, TrackingError, check_reachable
 from tests.conftest import ROOT
 
 
@@ -127,7 +127,7 @@ def test_real_mlflow_server(tmp_path, monkeypatch):
 _WRITER = """
 import sys
 from localmim.config.shard import ShardConfig
-from localmim.stages.tracking import StageRun
+from localmim.tracking.mlflow_run import StageRun
 tag, n_runs, n_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for i in range(n_runs):
     with StageRun(f"{tag}_{i}", "shard", ShardConfig(seed=i), outputs=[f"out/{tag}/{i}"]) as run:
@@ -164,7 +164,7 @@ def test_two_pipelines_share_one_sqlite_store_without_losing_anything(tmp_path):
 _KILLABLE = """
 import sys, time
 from localmim.config.shard import ShardConfig
-from localmim.stages.tracking import StageRun
+from localmim.tracking.mlflow_run import StageRun
 with StageRun("shard_train", "shard", ShardConfig(), outputs=["out"]) as run:
     print(run.run_id, flush=True)
     time.sleep(600)
@@ -213,7 +213,7 @@ def test_group_is_the_launching_pipeline_process(tmp_path, monkeypatch):
     """Every stage launched by one `snakemake` (or `dvc`) process gets the same group id, another launch another."""
     monkeypatch.delenv("LOCALMIM_GROUP", raising=False)
     fake = tmp_path / "snakemake"
-    probe = f"{sys.executable} -c 'from localmim.stages.lineage import pipeline_group as g; print(*g())'"
+    probe = f"{sys.executable} -c 'from localmim.tracking.lineage import pipeline_group as g; print(*g())'"
     fake.write_text(f"#!/bin/bash\n{probe}\nbash -c \"{probe}\"\n")  # a stage and a stage under a sub-shell
     fake.chmod(0o755)
     first = subprocess.run([str(fake)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split("\n")
@@ -228,7 +228,7 @@ def test_group_is_the_launching_pipeline_process(tmp_path, monkeypatch):
 
 
 def test_dataset_digest_follows_content_not_lineage(tmp_path):
-    from localmim.stages.lineage import dataset_digest, write_lineage
+    from localmim.tracking.lineage import dataset_digest, write_lineage
 
     d = tmp_path / "shards"
     d.mkdir()
@@ -243,7 +243,7 @@ def test_dataset_digest_follows_content_not_lineage(tmp_path):
 
 _FORKED = """
 import multiprocessing, os, signal, time
-from localmim.stages import base
+from localmim.pipeline import stage as base
 base._HANDLER_PID.append(os.getpid())
 signal.signal(signal.SIGTERM, base._sigterm_to_exit)  # as `execute` installs it
 p = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
@@ -270,7 +270,7 @@ def test_upstream_encoder_missing_from_the_store_warns_and_finishes(tmp_path, mo
     MLFLOW_TRACKING_URI, or mlflow.db deleted since): the stage finishes and says so; it used to crash at the end."""
     import mlflow
 
-    from localmim.stages.lineage import write_lineage
+    from localmim.tracking.lineage import write_lineage
 
     enc = tmp_path / "pretrain"
     enc.mkdir()
@@ -293,7 +293,7 @@ def test_retry_gives_up_at_once_on_a_final_error_code():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
 
-    from localmim.stages.tracking import retry
+    from localmim.tracking.mlflow_run import retry
 
     calls = []
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from localmim.models.export import export_encoder, load_pretrained_into_timm
 
 
 def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
     """Write ``out/encoder.pt`` + ``out/encoder.json`` (atomically) for a trained LocalMIM/MAE ViT or Swin."""
-    from localmim.models.export import export_encoder
     from localmim.models.swin import LocalMIMSwin, export_swin_encoder
     from localmim.utils.io import atomic_torch_save, atomic_write_json
 
@@ -133,7 +134,6 @@ def build_classifier(
     """
     from timm.layers import trunc_normal_
 
-    from localmim.models.export import load_pretrained_into_timm
 
     kwargs = dict(enc.timm_kwargs)
     kwargs.pop("num_classes", None)
@@ -153,7 +153,6 @@ def build_classifier(
 def create_encoder(enc: EncoderSpec, *, input_size: int = 0, drop_path: float = 0.0, **timm_overrides) -> nn.Module:
     """The exported encoder as a headless timm model (``num_classes=0``), weights loaded, position embedding
     resampled to ``input_size`` (ViT; 0 keeps the pre-training size). For dense-task backbones."""
-    from localmim.models.export import load_pretrained_into_timm
 
     kwargs = {k: v for k, v in enc.timm_kwargs.items() if k not in ("num_classes", "global_pool")}
     if input_size:
@@ -163,3 +162,27 @@ def create_encoder(enc: EncoderSpec, *, input_size: int = 0, drop_path: float = 
     if unexpected:
         raise ValueError(f"encoder weights have keys unknown to {enc.timm_name}: {unexpected[:5]}")
     return net
+
+
+def create_timm_encoder(source: nn.Module | tuple[str, dict[str, Any], dict[str, Tensor]], num_classes: int = 0,
+                        head_init_std: float = 2e-5, **timm_overrides) -> nn.Module:
+    """Build a timm ViT initialised from a LocalMIMViT (or from :func:`export_encoder`'s output).
+
+    Args:
+        source: the pre-trained model, or ``(name, kwargs, state_dict)`` from :func:`export_encoder`.
+        num_classes: classifier classes (0: no head).
+        head_init_std: truncated-normal std of a new head, zero bias (method §8: 2e-5).
+        **timm_overrides: extra/overriding timm kwargs, e.g. ``img_size=96``, ``drop_path_rate=0.1``.
+
+    Raises:
+        RuntimeError: if the state dict has keys the timm model does not know.
+    """
+    name, kwargs, state = export_encoder(source) if not isinstance(source, tuple) else source
+    model = create_timm_model(name, num_classes=num_classes, **{**kwargs, **timm_overrides})
+    if num_classes > 0:
+        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
+    _, unexpected = load_pretrained_into_timm(model, state)
+    if unexpected:
+        raise RuntimeError(f"exported state dict has keys unknown to {name}: {unexpected}")
+    return model

@@ -112,30 +112,4 @@ def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tenso
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def create_timm_encoder(source: LocalMIMViT | tuple[str, dict[str, Any], dict[str, Tensor]], num_classes: int = 0,
-                        head_init_std: float = 2e-5, **timm_overrides) -> nn.Module:
-    """Build a timm ViT initialised from a LocalMIMViT (or from :func:`export_encoder`'s output).
-
-    Args:
-        source: the pre-trained model, or ``(name, kwargs, state_dict)`` from :func:`export_encoder`.
-        num_classes: classifier classes (0: no head).
-        head_init_std: truncated-normal std of a new head, zero bias (method §8: 2e-5).
-        **timm_overrides: extra/overriding timm kwargs, e.g. ``img_size=96``, ``drop_path_rate=0.1``.
-
-    Raises:
-        RuntimeError: if the state dict has keys the timm model does not know.
-    """
-    from localmim.models.encoder_io import create_timm_model
-
-    name, kwargs, state = export_encoder(source) if isinstance(source, LocalMIMViT) else source
-    model = create_timm_model(name, num_classes=num_classes, **{**kwargs, **timm_overrides})
-    if num_classes > 0:
-        nn.init.trunc_normal_(model.head.weight, std=head_init_std)
-        nn.init.zeros_(model.head.bias)
-    _, unexpected = load_pretrained_into_timm(model, state)
-    if unexpected:
-        raise RuntimeError(f"exported state dict has keys unknown to {name}: {unexpected}")
-    return model
-
-
-__all__ = ["convert_state_dict", "create_timm_encoder", "export_encoder", "load_pretrained_into_timm"]
+__all__ = ["convert_state_dict", "export_encoder", "load_pretrained_into_timm"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from localmim.config.analyze import AnalyzeConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 @stage(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.detect import DetectConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 @stage(

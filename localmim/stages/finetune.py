@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.finetune import FinetuneConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 @stage(

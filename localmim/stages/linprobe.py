@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.linprobe import LinprobeConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 @stage(

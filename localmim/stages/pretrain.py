@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.pretrain import PretrainConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 @stage(

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from localmim.config.segment import SegmentConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 def palette(n: int = 256) -> np.ndarray:

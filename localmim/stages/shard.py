@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from localmim.config.shard import ShardConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 def _warn(msg: str) -> None:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from localmim.config.synth import SynthConfig
-from localmim.stages.base import StageContext, flag, stage
+from localmim.pipeline.stage import StageContext, flag, stage
 from localmim.utils.io import atomic_write_json
 
 

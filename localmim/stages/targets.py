@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from localmim.config.targets import TargetsConfig
-from localmim.stages.base import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 
 def _log(msg: str) -> None:
@@ -70,7 +70,8 @@ def run(cfg: TargetsConfig, ctx: StageContext) -> dict[str, float]:
 
 PLACEHOLDER = {"view_shards": False,
                "reason": "pretrain.data is online: pretraining reads data/shards/train; set pretrain.data: views "
-                         "to build view shards here (the DAG's targets node always exists, see localmim/stages/dag.py)"}
+                         "to build view shards here (the DAG's targets node always exists, see "
+                         "localmim/pipeline/dag.py)"}
 
 
 def _placeholder(out: Path, ctx: StageContext) -> dict[str, float]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from localmim.config.base import ParamsError, Section, apply_overrides, read_params_file, validate_section
-from localmim.stages.tracking import StageRun, TrackingError
+from localmim.tracking.mlflow_run import StageRun, TrackingError
 from localmim.utils.io import atomic_write_yaml
 
 

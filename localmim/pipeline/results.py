@@ -1,7 +1,8 @@
 """``localmim report [--out DIR]``: one results table from every stage's ``metrics/<stage>.json``.
 
 Prints the table; with ``--out`` also writes ``DIR/metrics.tsv`` (stage, metric, value) and ``DIR/metrics.png``
-(top-1 of every evaluation stage, and pretraining's final loss per tap). The DAG's ``summary`` node writes them
+(the headline metrics of every evaluation stage, ``localmim.tracking.metrics``, and pretraining's final loss per
+tap). The DAG's ``summary`` node writes them
 to ``reports/`` for the Snakemake report (``snakemake --report report.html``) and ``dvc plots show``.
 """
 
@@ -28,18 +29,20 @@ def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from localmim.tracking.metrics import PERCENT, is_headline
     from localmim.utils.io import atomic_open, atomic_write_text
 
     lines = [f"{s}\t{k}\t{v:.6g}\n" for s, k, v in rows]
     atomic_write_text(out / "metrics.tsv", "stage\tmetric\tvalue\n" + "".join(lines))
-    top1 = [(s, v) for s, k, v in rows if k == "top1"]
+    scores = [(f"{s}\n{k}", v) for s, k, v in rows if s != "pretrain" and k in PERCENT and is_headline(s, k)]
     taps = sorted((k.removeprefix("final_loss_"), v) for s, k, v in rows if s == "pretrain" and
                   k.startswith("final_loss_tap"))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, data, title, xlabel, ylabel in ((axes[0], top1, "evaluation", "stage", "top-1 accuracy (%)"),
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.9 * len(scores), 3.8), width_ratios=(max(len(scores), 2), 3))
+    for ax, data, title, xlabel, ylabel in ((axes[0], scores, "evaluation", "stage / metric", "score (%)"),
                                             (axes[1], taps, "pretraining", "decoder tap", "final loss")):
         names = [n for n, _ in data]
         ax.bar(names, [v for _, v in data], color=[f"C{i}" for i in range(len(data))])
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -1,7 +1,7 @@
 """Record in DVC what a successful Snakemake run produced, so both tools share one working copy.
 
 Called by the Snakefile's ``onsuccess`` with the rules of the run and Snakemake's params file:
-``python -m localmim.stages.dvc_sync --params FILE RULE...``. A stage is recorded (``dvc commit --force``:
+``python -m localmim.pipeline.dvc_sync --params FILE RULE...``. A stage is recorded (``dvc commit --force``:
 its deps, params, outputs and command go to ``dvc.lock``, its outputs to the DVC cache) only when
 
 * it is a DVC stage of ``dvc.yaml`` and every declared output exists, and

@@ -1,7 +1,7 @@
 """The pipeline DAG, declared once; dvc.yaml, the Snakemake rules, the params schema and the conda env are generated.
 
 ``localmim dag --write`` regenerates every file of :data:`GENERATED` from :func:`pipeline` (rendering lives in
-:mod:`localmim.stages.dag_render`); ``localmim dag --check`` (``make test``) fails when a committed file drifted.
+:mod:`localmim.pipeline.render`); ``localmim dag --check`` (``make test``) fails when a committed file drifted.
 
 Every node runs one ``localmim`` CLI command and declares the params keys it reads (DVC ``params:`` and the
 Snakemake ``params:`` rerun trigger), its inputs and outputs; paths are relative to the repository root. The DAG
@@ -13,7 +13,6 @@ which ``dvc exp run -S`` edits. See docs/reproducing.md.
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
@@ -180,53 +179,24 @@ def segment_node() -> Node:
                 metrics=["metrics/segment.json"], threads=2, launcher=TORCHRUN)
 
 
-# The default experiments table (`make exps`): these params and the headline metrics of every stage.
+# The default experiments table (`make exps`): these params and the headline metrics of every stage
+# (localmim.tracking.metrics).
 KEY_PARAMS = ["pretrain.model", "pretrain.mask_ratio", "pretrain.epochs", "pretrain.data", "finetune.epochs"]
-KEY_METRICS = ["final_loss", "top1"]
 
 
 def exp_show_args() -> list[str]:
-    """``dvc exp show`` arguments keeping Experiment, Created, :data:`KEY_PARAMS` and :data:`KEY_METRICS` (the full
+    """``dvc exp show`` arguments keeping Experiment, Created, :data:`KEY_PARAMS` and the headline metrics (the full
     table has one column per key of every section). DVC matches ``--keep`` regexes at the start of the column's
     name, which DVC shortens to the bare key when that is unique (else ``params.yaml:<key>``, ``<file>:<key>``)."""
     params = "|".join(re.escape(k) for k in KEY_PARAMS)
-    metrics = "|".join(re.escape(k) for k in KEY_METRICS)
+    from localmim.tracking.metrics import all_keys
+
+    metrics = "|".join(re.escape(k) for k in all_keys())
     return ["--drop", ".*", "--keep", "Experiment$|Created$", "--keep", f"(params\\.yaml:)?({params})$",
             "--keep", f"(metrics/[^:]+:)?({metrics})$"]
 
 
-def main(args: argparse.Namespace) -> int:
-    from localmim.stages.dag_render import render_all
-
-    nodes = pipeline()
-    files = render_all(nodes)
-    if args.write:
-        from localmim.utils.io import atomic_write_text
-
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, text)
-            print(f"wrote {path}")
-        return 0
-    if args.check:
-        stale = [str(p) for p, t in files.items() if not p.is_file() or p.read_text() != t]
-        if stale:
-            print(f"localmim dag: out of date: {', '.join(stale)}; run `localmim dag --write`", file=sys.stderr)
-            return 1
-        print(f"{', '.join(str(p) for p in files)} match the stage registry")
-        return 0
-    for n in nodes:
-        print(f"{n.name}: {n.cmd}\n    deps: {n.deps}\n    params: {n.params}\n    outs: {n.outs + n.metrics}")
-    return 0
-
-
-def report(args: argparse.Namespace) -> int:
-    """``localmim report``: see :mod:`localmim.stages.results`."""
-    from localmim.stages.results import report as results_report
-
-    return results_report(args)
-
-if __name__ == "__main__":  # `python -m localmim.stages.dag exps [DVC ARGS]`: the readable experiments table
+if __name__ == "__main__":  # `python -m localmim.pipeline.dag exps [DVC ARGS]`: the readable experiments table
     if sys.argv[1:2] != ["exps"]:
-        sys.exit("usage: python -m localmim.stages.dag exps [dvc exp show args...]")
+        sys.exit("usage: python -m localmim.pipeline.dag exps [dvc exp show args...]")
     sys.exit(subprocess.call([sys.executable, "-m", "dvc", "exp", "show", *exp_show_args(), *sys.argv[2:]]))

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HEADLINE = ("top1", "mIoU", "bbox_AP", "segm_AP")  # + pretrain final_loss / final_loss_<tap>
+from localmim.tracking.metrics import headline_metrics, metric_order
+
 UPSTREAM_TAG = "localmim.upstream."
 
 
@@ -36,16 +37,6 @@ class Group:
 
 class NothingToCompare(RuntimeError):
     """No run/group matches; the message says what was looked for where."""
-
-
-def headline_metrics(stage: str, metrics: dict[str, float]) -> dict[str, float]:
-    """``{<stage>.<metric>: value}``: the pretraining loss (total and per tap), top-1, mIoU, box/mask AP."""
-    out = {}
-    for k, v in sorted(metrics.items()):
-        if k in HEADLINE or (stage == "pretrain" and (k == "final_loss" or k.startswith("final_loss_tap")
-                                                      or k == "final_loss_top")):
-            out[f"{stage}.{k}"] = v
-    return out
 
 
 def _run_params(run: Any, sections: set[str]) -> dict[str, str]:
@@ -121,7 +112,7 @@ def differing_params(groups: list[Group]) -> list[str]:
 
 
 def table_rows(groups: list[Group], diff: list[str]) -> tuple[list[str], list[list[str]]]:
-    metric_cols = sorted({k for g in groups for k in g.metrics}, key=_metric_order)
+    metric_cols = sorted({k for g in groups for k in g.metrics}, key=metric_order)
     header = ["group", *diff, *metric_cols, "reused"]
     rows = []
     for g in groups:
@@ -129,12 +120,6 @@ def table_rows(groups: list[Group], diff: list[str]) -> tuple[list[str], list[li
         rows.append([g.label, *(g.params[k] for k in diff),
                      *(_fmt(g.metrics.get(c)) for c in metric_cols), reused or "-"])
     return header, rows
-
-
-def _metric_order(col: str) -> tuple[int, str]:
-    order = ("pretrain", "finetune", "linprobe", "segment", "detect")
-    stage = col.split(".", 1)[0]
-    return (order.index(stage) if stage in order else len(order), col)
 
 
 def _fmt(v: float | None) -> str:
@@ -162,8 +147,8 @@ def main(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from localmim.stages.compare_plots import write_plots
-    from localmim.stages.tracking import DEFAULT_EXPERIMENT, store_lock, tracking_uri
+    from localmim.tracking.compare_plots import write_plots
+    from localmim.tracking.mlflow_run import DEFAULT_EXPERIMENT, store_lock, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

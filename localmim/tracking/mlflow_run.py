@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from localmim.stages.lineage import Upstream, collect_upstream, lineage_path, pipeline_group, write_lineage
+from localmim.tracking.lineage import Upstream, collect_upstream, lineage_path, pipeline_group, write_lineage
+from localmim.tracking.metrics import encoder_tags
 from localmim.utils.gitinfo import git_commit
 from localmim.utils.io import atomic_write_text
 
@@ -78,7 +79,6 @@ RETRY_SECONDS = 120.0
 _TRANSIENT = ("database is locked", "database table is locked", "already exists",
               "unique constraint failed: experiments.name", "unique constraint failed: model_versions",
               "unique constraint failed: registered_models")
-HEADLINE_KEYS = ("top1", "best_top1", "mIoU", "bbox_AP", "segm_AP")  # copied onto the upstream encoder's version
 
 
 def retry(fn: Callable[..., Any], *args: Any, final_codes: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -122,7 +122,7 @@ class StageRun:
     """One MLflow run for one stage invocation; a no-op on non-zero ranks (``enabled=False``).
 
     ``inputs`` (``{context: path}``) and ``outputs`` (directories) give the run its lineage (see
-    :mod:`localmim.stages.lineage`): upstream run ids as ``localmim.upstream.<stage>`` tags, upstream params as
+    :mod:`localmim.tracking.lineage`): upstream run ids as ``localmim.upstream.<stage>`` tags, upstream params as
     ``<section>.<key>`` params, each input as an MLflow dataset with a content digest, and a lineage file in
     every output directory on success. Stepped metrics are also kept to be written as curves (``curves_dir``,
     one ``<metric>.tsv`` with columns ``step``, ``<metric>``: DVC plots), even when MLflow logging is off.
@@ -281,7 +281,7 @@ class StageRun:
             return
         registered = [m for d in self.outputs if (m := self._register_encoder(Path(d), metrics))]
         for m in self.upstream.models:
-            self._tag_upstream_model(m, {k: metrics[k] for k in HEADLINE_KEYS if k in metrics})
+            self._tag_upstream_model(m, encoder_tags(self.stage, metrics))
         record = {"run_id": self.run_id, "stage": self.stage, "section": self.section,
                   "experiment_id": self.experiment_id, "tracking_uri": tracking_uri(), "group": self.group,
                   "params": {f"{self.section}.{k}": v for k, v in _flatten(self.cfg.to_dict()).items()}

@@ -1,0 +1,61 @@
+"""The headline metrics of every stage, defined once.
+
+Everything that shows "the result" of a stage reads this module: the MLflow tags copied onto the registered encoder
+version (``mlflow_run``), ``localmim compare`` (table, bars and curves), ``localmim report`` and its plot
+(``pipeline.results``) and the ``dvc exp show`` columns of ``make exps`` (``pipeline.dag``).
+"""
+
+from __future__ import annotations
+
+# Stage -> its headline metric keys, in display order. The stages are listed in DAG order.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "pretrain": ("final_loss",),  # + final_loss_tap<i> / final_loss_top (per decoder tap), see is_headline
+    "finetune": ("top1",),
+    "linprobe": ("top1",),
+    "analyze": ("probe_top1_best", "knn_top1_best"),
+    "segment": ("mIoU",),
+    "detect": ("bbox_AP", "bbox_AP50", "segm_AP"),
+}
+STAGE_ORDER: tuple[str, ...] = tuple(HEADLINE)
+# Metrics that are percentages (0-100): axis labels say "(%)".
+PERCENT = {"top1", "mIoU", "bbox_AP", "bbox_AP50", "segm_AP", "probe_top1_best", "knn_top1_best"}
+# Metrics logged per step during training (curves); the x axis is named by the stage's step unit (STEP_UNIT).
+CURVE_KEYS = ("top1", "mIoU", "bbox_AP", "segm_AP")
+# The unit of the ``step`` a stage logs its curves at (segment and detect step per iteration; pretraining logs
+# per 1000-th of an epoch, see train/pretrain.py).
+STEP_UNIT = {"pretrain": "epoch / 1000", "finetune": "epoch", "linprobe": "epoch", "segment": "iteration",
+             "detect": "iteration"}
+
+
+def is_headline(stage: str, key: str) -> bool:
+    """True for the stage's headline keys, and for pretraining's per-tap final losses."""
+    if key in HEADLINE.get(stage, ()):
+        return True
+    return stage == "pretrain" and (key.startswith("final_loss_tap") or key == "final_loss_top")
+
+
+def headline_metrics(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``{<stage>.<metric>: value}`` of the headline metrics present in ``metrics``."""
+    return {f"{stage}.{k}": v for k, v in sorted(metrics.items()) if is_headline(stage, k)}
+
+
+def encoder_tags(stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a downstream stage copies onto the registered encoder version it used (bare keys)."""
+    return {k: v for k, v in metrics.items() if is_headline(stage, k) and stage != "pretrain"}
+
+
+def metric_order(col: str) -> tuple[int, int, str]:
+    """Sort key of ``<stage>.<metric>`` columns: DAG order of the stage, then the headline order."""
+    stage, _, key = col.partition(".")
+    si = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    keys = HEADLINE.get(stage, ())
+    return si, keys.index(key) if key in keys else len(keys), col
+
+
+def all_keys() -> list[str]:
+    """Every headline key once (``dvc exp show --keep`` columns)."""
+    return list(dict.fromkeys(k for keys in HEADLINE.values() for k in keys))
+
+
+def axis_label(key: str) -> str:
+    return f"{key} (%)" if key in PERCENT else key
