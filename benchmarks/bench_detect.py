@@ -49,6 +49,7 @@ def run(work: Path, detect_sets: list[str], reuse: bool = False) -> dict:
         wall = _cli(work, "detect", "--encoder", "data/pretrain", "--data", "data/raw/coco", "--out", f"data/{name}",
                     "--ckpt-dir", f"data/ck/{name}", "--metrics", f"metrics/{name}.json", *sets)
         m = json.loads((work / "metrics" / f"{name}.json").read_text())
+        m |= json.loads((work / "metrics" / f"{name}.timing.json").read_text())  # times and rates
         out["runs"][name] = m | {"stage_wall_seconds": wall}
     return out
 

@@ -189,14 +189,16 @@ from localmim.train.pretrain import run_pretrain
 cfg = PretrainConfig(**{cfg})
 kill = os.environ.get("KILL")
 def on_epoch_end(epoch, model):
-    if kill == "epoch" and epoch == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+    return {{"epoch": epoch + 1}}  # kept in the checkpoints: the resumed run's result has every epoch's row
 def log_fn(metrics, step):
+    if kill == "epoch" and step == 1333:  # epoch 1, batch 1 of 3: right after epoch 0's checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
     if kill == "mid" and step == 1666:  # epoch 1 after batch 2 of 3; a mid-epoch checkpoint exists after batch 1
         os.kill(os.getpid(), signal.SIGKILL)
 r = run_pretrain(cfg, sys.argv[1], sys.argv[2], log_fn, on_epoch_end=on_epoch_end, progress=False)
 rank = int(os.environ.get("RANK", "0"))
-torch.save({{"state": r.model.state_dict(), "metrics": r.metrics}}, os.path.join(sys.argv[3], f"rank{{rank}}.pt"))
+out = {{"state": r.model.state_dict(), "metrics": r.metrics, "monitor": r.monitor}}
+torch.save(out, os.path.join(sys.argv[3], f"rank{{rank}}.pt"))
 """
 
 
@@ -232,6 +234,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill):
     assert clean.returncode == 0, clean.stderr[-2000:]
     a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
     assert a["metrics"]["steps"] == b["metrics"]["steps"] == 9
+    assert a["monitor"] == b["monitor"] == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
     assert _same_weights(a["state"], b["state"])  # bit-identical on CPU
     init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["state"]["blocks.0.attn.qkv.weight"])
@@ -312,7 +315,9 @@ def test_targets_and_pretrain_stages_export_a_plain_timm_encoder(tmp_path):
     assert "after 2 epochs" in p.stderr
     metrics = json.loads((tmp_path / "m" / "pretrain.json").read_text())
     assert metrics["epochs_done"] == 2 and metrics["steps"] == 6 and math.isfinite(metrics["final_loss"])
-    assert {"final_loss_tap1", "final_images_per_s", "final_data_wait_frac", "final_peak_mem_mb"} <= set(metrics)
+    assert "final_loss_tap1" in metrics and not {"train_seconds", "final_images_per_s"} & set(metrics)
+    timing = json.loads((tmp_path / "m" / "pretrain.timing.json").read_text())  # measurements: not a DVC metric
+    assert {"final_images_per_s", "final_data_wait_frac", "final_peak_mem_mb", "train_seconds"} <= set(timing)
     info = json.loads((tmp_path / "enc" / "encoder.json").read_text())
     assert info["timm_name"] == "vit_micro_patch8_32" and not timm.is_model(info["timm_name"])
     model = timm.models.VisionTransformer(num_classes=0, **info["timm_kwargs"])  # the documented plain-timm rule

@@ -241,6 +241,36 @@ def test_dataset_digest_follows_content_not_lineage(tmp_path):
     assert dataset_digest(d) != base
 
 
+def test_stale_lineage_is_ignored_and_dvc_does_not_hash_it(tmp_path):
+    """A lineage record names the contents it was written for: after the directory changed under it (``dvc
+    checkout`` of another version leaves the DVC-ignored file behind) it no longer vouches for it. And the
+    repository's .dvcignore keeps every lineage file out of DVC's directory hashes (checked with DVC's own
+    ignore matcher, not a copy of the pattern)."""
+    from dvc.ignore import DvcIgnoreFilter
+    from dvc.repo import Repo
+
+    from localmim.tracking.lineage import dataset_digest, find_lineage, write_lineage
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "train-000000.tar").write_bytes(b"x" * 100)
+    write_lineage(d, {"stage": "shard_train", "run_id": "r1", "output_digest": dataset_digest(d)})
+    write_lineage(d, {"stage": "old_format", "run_id": "r0"})  # written before output_digest existed: trusted
+    assert {r["run_id"] for r in find_lineage(d / "train-000000.tar")} == {"r1", "r0"}
+    (d / "train-000000.tar").write_bytes(b"y" * 100)
+    assert {r["run_id"] for r in find_lineage(d)} == {"r0"}
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "shards").mkdir(parents=True)
+    (repo / ".dvcignore").write_bytes((ROOT / ".dvcignore").read_bytes())
+    Repo.init(str(repo), no_scm=True)
+    fs = Repo(str(repo)).fs
+    ignore = DvcIgnoreFilter(fs, str(repo))
+    for name, ignored in (("lineage.shard_train.json", True), (".snakemake_timestamp", True),
+                          ("train-000000.tar", False), ("train.json", False)):
+        assert ignore.is_ignored_file(str(repo / "data" / "shards" / name)) is ignored, name
+
+
 _FORKED = """
 import multiprocessing, os, signal, time
 from localmim.pipeline import stage as base
@@ -312,3 +342,23 @@ def test_retry_gives_up_at_once_on_a_final_error_code():
         return "ok"
 
     assert retry(locked_once, final_codes=("RESOURCE_ALREADY_EXISTS",)) == "ok"
+
+
+def test_curves_of_a_resumed_run_keep_the_earlier_points_and_no_times(tmp_path, monkeypatch):
+    """Curves are DVC plots: a run resumed mid-way adds to the points before its first step, a run that logged
+    nothing (resumed at its end) leaves them, and times/rates never enter them (they differ between equal runs)."""
+    from localmim.tracking.mlflow_run import StageRun, read_curves, write_curves
+
+    d = tmp_path / "curves"
+    write_curves(d, {"loss": {1: 3.0, 2: 2.0, 3: 1.5}, "lr": {1: 0.1, 3: 0.3}})
+    write_curves(d, {"loss": {3: 1.25, 4: 1.0}})  # resumed after step 2: step 3 is logged again
+    assert read_curves(d) == {"loss": {1: 3.0, 2: 2.0, 3: 1.25, 4: 1.0}, "lr": {1: 0.1}}
+    write_curves(d, {})
+    assert read_curves(d)["loss"] == {1: 3.0, 2: 2.0, 3: 1.25, 4: 1.0}
+    write_curves(d, {"loss": {0: 9.0}})  # a run from step 0 (new params: no checkpoint resumed) replaces all
+    assert read_curves(d) == {"loss": {0: 9.0}}
+
+    monkeypatch.setenv("LOCALMIM_TRACKING", "0")  # rank 0 without MLflow: curves are still kept
+    run = StageRun("s", "s", None)
+    run.log_metrics({"loss": 1.0, "images_per_s": 50.0, "train_seconds": 3.0, "final_data_wait_frac": 0.1}, step=5)
+    assert run.curves == {"loss": {5: 1.0}}

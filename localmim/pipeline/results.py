@@ -16,7 +16,10 @@ from pathlib import Path
 def collect(metrics_dir: Path) -> list[tuple[str, str, float]]:
     """(stage, metric, value) for every numeric value of every ``*.json`` in ``metrics_dir``, sorted by stage."""
     rows = []
-    for f in sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []:
+    from localmim.tracking.metrics import TIMING_SUFFIX
+
+    files = sorted(f for f in metrics_dir.glob("*.json") if not f.name.endswith(TIMING_SUFFIX))
+    for f in files if metrics_dir.is_dir() else []:
         for k, v in json.loads(f.read_text()).items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 rows.append((f.stem, k, float(v)))

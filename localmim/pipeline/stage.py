@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from localmim.config.base import ParamsError, Section, apply_overrides, read_params_file, validate_section
+from localmim.tracking.metrics import split_measurements, timing_path
 from localmim.tracking.mlflow_run import StageRun, TrackingError
-from localmim.utils.io import atomic_write_yaml
+from localmim.utils.io import atomic_write_json, atomic_write_yaml
 
 
 class StageError(RuntimeError):
@@ -109,6 +110,15 @@ class StageContext:
     @property
     def is_main(self) -> bool:
         return int(os.environ.get("RANK", "0")) == 0
+
+    def write_metrics(self, path: str | Path, metrics: dict[str, Any]) -> Path:
+        """Write the stage's metrics file (a DVC metric): its results only. Times, rates and memory
+        (``tracking.metrics.is_measurement``) go to ``<stem>.timing.json`` beside it, which DVC does not track, so
+        that a rerun computing the same results leaves the metrics file, and what reads it, unchanged."""
+        results, measured = split_measurements(metrics)
+        atomic_write_json(timing_path(path), measured)
+        atomic_write_json(path, results)
+        return Path(path)
 
     def dump_params(self, cfg: Section, out_dir: str | Path, name: str = "params.yaml") -> Path:
         """Write the resolved section next to the stage outputs (``{section: {...}}``)."""

@@ -122,7 +122,7 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
         "note": "build_mask_rcnn(EncoderSpec(timm_name, timm_kwargs, {}), num_classes, **kwargs), then "
                 "load_state_dict(torch.load('model.pt', weights_only=True))"})
     atomic_write_json(out / "data_report.json", {"train": train.report.to_dict(), "val": val.report.to_dict()})
-    atomic_write_json(ctx.args.metrics, metrics)
+    ctx.write_metrics(ctx.args.metrics, metrics)
     for name in ("detections_val.json", "val_predictions.png", "model.json", "data_report.json"):
         ctx.tracker.log_artifact(out / name)
     bb, sg = metrics.get("bbox_AP", 0.0), metrics.get("segm_AP", 0.0)

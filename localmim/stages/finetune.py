@@ -41,7 +41,6 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
     from localmim.train.finetune import FinetuneData, finetune
     from localmim.utils.distributed import cleanup, init_distributed
-    from localmim.utils.io import atomic_write_json
 
     args = ctx.args
     try:
@@ -63,7 +62,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
                "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"]}
     if ctx.is_main:
-        atomic_write_json(args.metrics, metrics)
+        ctx.write_metrics(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")
         ctx.tracker.log_artifact(Path(args.out) / "best.pt")
         print(f"localmim finetune: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "

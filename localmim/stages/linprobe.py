@@ -32,7 +32,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
 def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
     from localmim.train.linprobe import linprobe
-    from localmim.utils.io import atomic_torch_save, atomic_write_json
+    from localmim.utils.io import atomic_torch_save
 
     args = ctx.args
     try:
@@ -45,7 +45,7 @@ def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     atomic_torch_save(res.head, out / "head.pt")
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
                "epochs": res.epochs, "seconds": res.seconds}
-    atomic_write_json(args.metrics, metrics)
+    ctx.write_metrics(args.metrics, metrics)
     print(f"localmim linprobe: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
           f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {out}", file=sys.stderr)
     return {k: float(v) for k, v in metrics.items()}

@@ -46,29 +46,33 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.stages._knn_monitor import build_knn_hook
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
     from localmim.utils.distributed import barrier, cleanup
-    from localmim.utils.gitinfo import git_commit
     from localmim.utils.io import atomic_write_json
 
     args = ctx.args
     data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
     try:
-        knn_hook, knn_history = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
+        knn_hook = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
         result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, on_epoch_end=knn_hook, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
         raise StageError(f"pretrain: {e}") from None
+    knn_history = result.monitor  # every monitored epoch, those before a resume included
     metrics = {k: float(v) for k, v in result.metrics.items()} | (knn_history[-1] if knn_history else {})
     metrics.pop("epoch", None)
     if ctx.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(), "git_commit": git_commit(),
+        # encoder.json is a DVC-tracked output: only what params, data and code determine (the git commit, run id
+        # and times are in the MLflow run and the checkpoint), so a rerun with equal weights leaves it unchanged
+        extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(),
                  "checkpoint": str(result.checkpoint) if result.checkpoint else None}
         write_encoder(result.model, out, extra)
         ctx.dump_params(cfg, out)
-        atomic_write_json(args.metrics, metrics)
+        ctx.write_metrics(args.metrics, metrics)
         if knn_history:
-            atomic_write_json(out / "knn.json", knn_history)  # kNN top-1 per monitored epoch
+            # kNN top-1 per monitored epoch; its cost (knn_seconds) is a time: MLflow and the metrics file only
+            atomic_write_json(out / "knn.json", [{k: v for k, v in r.items() if k != "knn_seconds"}
+                                                 for r in knn_history])
         ctx.tracker.log_artifact(out, artifact_path="encoder")
         print(f"localmim pretrain: loss {metrics.get('final_loss', float('nan')):.4f} after "
               f"{int(metrics.get('epochs_done', 0))} epochs -> {out}", file=sys.stderr)

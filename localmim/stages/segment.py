@@ -182,7 +182,7 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
         metrics.update({f"{s}_found": sc.found, f"{s}_used": len(sc.pairs), f"{s}_skipped": len(sc.skipped)})
     metrics.update(per_class_iou=_nan_to_none(m["per_class_iou"]), per_class_acc=_nan_to_none(m["per_class_acc"]),
                    history=res.history, skipped={s: sc.skipped for s, sc in scans.items()})
-    atomic_write_json(ctx.args.metrics, metrics)
+    ctx.write_metrics(ctx.args.metrics, metrics)
     for name in ("grid.png", "per_class.csv", "model.json"):
         ctx.tracker.log_artifact(out / name)
     return metrics

@@ -3,8 +3,14 @@
 The file holds the MLflow run id that produced the directory, its params (prefixed by section) and, transitively,
 the runs and params of everything upstream. A downstream stage reads the files of its inputs before doing any
 work, so its MLflow run can carry ``localmim.upstream.<stage>`` tags and the upstream params (``pretrain.*``).
-Because the file travels with the outputs (DVC caches and restores it; Snakemake leaves it alone), a stage that
-did not rerun is *referenced* by its original run id, never logged again.
+Because the file stays with the outputs (Snakemake leaves it alone), a stage that did not rerun is *referenced* by
+its original run id, never logged again.
+
+The file is run metadata, not data: ``.dvcignore`` keeps it out of DVC's hash of the directory, so a rerun that
+writes byte-identical outputs leaves the directory's hash, and every stage downstream, unchanged (otherwise a new
+run id would rerun days of pretraining after identical shards). DVC therefore neither caches nor restores it; the
+record holds the digest of the directory it describes (``output_digest``, :func:`dataset_digest`) and a record
+whose directory no longer has that digest (``dvc checkout`` of another version, a hand edit) is ignored.
 
 One pipeline invocation is one *group* (:func:`pipeline_group`): ``LOCALMIM_GROUP`` when set, else the
 ``snakemake`` / ``dvc`` process this stage descends from (its start time and pid), else none (a stage run by
@@ -21,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localmim.utils.io import atomic_write_json
+from localmim.utils.io import LINEAGE_GLOB, atomic_write_json, is_run_metadata
 
-LINEAGE_GLOB = "lineage.*.json"
 PIPELINE_TOOLS = ("snakemake", "dvc")
 _SMALL_DIR_FILES = 10_000  # directories with more files are digested from names + sizes + manifests only
 _TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".txt", ".csv", ".tsv"}
@@ -40,7 +45,8 @@ def write_lineage(out_dir: str | Path, record: dict[str, Any]) -> Path:
 
 
 def find_lineage(path: str | Path, max_up: int = 3) -> list[dict[str, Any]]:
-    """The lineage records of the nearest directory at or above ``path`` holding any (``[]`` when none)."""
+    """The lineage records of the nearest directory at or above ``path`` holding any (``[]`` when none or when
+    they are stale: written for other contents of that directory)."""
     d = Path(path).resolve()
     if not d.is_dir():
         d = d.parent
@@ -55,7 +61,8 @@ def find_lineage(path: str | Path, max_up: int = 3) -> list[dict[str, Any]]:
                     continue
                 if isinstance(rec, dict) and rec.get("run_id"):
                     out.append(rec)
-            return out
+            digest = dataset_digest(d) if any("output_digest" in r for r in out) else None
+            return [r for r in out if r.get("output_digest", digest) == digest]
         if d.parent == d:
             break
         d = d.parent
@@ -107,7 +114,7 @@ def dataset_digest(path: str | Path) -> str:
         files = [p]
         root = p.parent
     else:
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not _skip(f))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not is_run_metadata(f))
         root = p
     sample = len(files) <= _SMALL_DIR_FILES
     for f in files:
@@ -119,10 +126,6 @@ def dataset_digest(path: str | Path) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read(64 << 10))
     return h.hexdigest()[:16]
-
-
-def _skip(f: Path) -> bool:
-    return f.name.startswith(".") or (f.name.startswith("lineage.") and f.suffix == ".json")
 
 
 def _proc_stat(pid: int) -> tuple[int, int] | None:

@@ -7,6 +7,8 @@ version (``mlflow_run``), ``localmim compare`` (table, bars and curves), ``local
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Stage -> its headline metric keys, in display order. The stages are listed in DAG order.
 HEADLINE: dict[str, tuple[str, ...]] = {
     "pretrain": ("final_loss",),  # + final_loss_tap<i> / final_loss_top (per decoder tap), see is_headline
@@ -59,3 +61,28 @@ def all_keys() -> list[str]:
 
 def axis_label(key: str) -> str:
     return f"{key} (%)" if key in PERCENT else key
+
+
+# Measurements of the run rather than results of the computation: times, rates, memory. They differ between two
+# runs of the same inputs, params and code, so they stay out of the DVC-tracked metrics file (a rerun with the same
+# results must leave it, and the summary node reading it, unchanged): MLflow and ``<metrics>.timing.json`` only.
+_MEASUREMENT_SUFFIXES = ("seconds", "_per_s", "_per_s_compute", "data_wait_frac", "peak_mem_mb")
+
+
+def is_measurement(key: str) -> bool:
+    return key.endswith(_MEASUREMENT_SUFFIXES)
+
+
+def split_measurements(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``(results, measurements)`` of a stage's metrics (see :func:`is_measurement`)."""
+    results = {k: v for k, v in metrics.items() if not is_measurement(k)}
+    return results, {k: v for k, v in metrics.items() if is_measurement(k)}
+
+
+def timing_path(metrics_path: str | Path) -> Path:
+    """``metrics/pretrain.json`` -> ``metrics/pretrain.timing.json`` (git-ignored, not a DVC output)."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}{TIMING_SUFFIX}")
+
+
+TIMING_SUFFIX = ".timing.json"

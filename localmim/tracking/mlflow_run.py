@@ -22,8 +22,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from localmim.tracking.lineage import Upstream, collect_upstream, lineage_path, pipeline_group, write_lineage
-from localmim.tracking.metrics import encoder_tags
+from localmim.tracking.lineage import (
+    Upstream,
+    collect_upstream,
+    dataset_digest,
+    lineage_path,
+    pipeline_group,
+    write_lineage,
+)
+from localmim.tracking.metrics import encoder_tags, is_measurement
 from localmim.utils.gitinfo import git_commit
 from localmim.utils.io import atomic_write_text
 
@@ -250,7 +257,7 @@ class StageRun:
             self.last_step = max(self.last_step or 0, int(step))
         if step is not None and curve and self.main:
             for k, v in clean.items():
-                if k != "epoch":
+                if k != "epoch" and not is_measurement(k):  # curves are DVC plots: no times (MLflow has them)
                     self.curves.setdefault(k, {})[int(step)] = v
         if self._mlflow is None or not clean:
             return
@@ -290,7 +297,7 @@ class StageRun:
                   "registered_model": registered[0] if registered else None, "upstream_models": self.upstream.models}
         for d in self.outputs:
             if Path(d).is_dir():
-                write_lineage(d, record)
+                write_lineage(d, record | {"output_digest": dataset_digest(d)})
 
     def _tag_upstream_model(self, model: dict[str, str], metrics: dict[str, float]) -> None:
         """Copy this stage's headline metrics onto the registered encoder version it used. The version may not be
@@ -331,7 +338,17 @@ class StageRun:
 
 
 def write_curves(directory: Path, curves: dict[str, dict[int, float]]) -> None:
-    """One ``<metric>.tsv`` per stepped metric (``step<TAB><metric>``), replacing the directory as a whole."""
+    """One ``<metric>.tsv`` per stepped metric (``step<TAB><metric>``), replacing the directory as a whole.
+
+    A resumed run logs only the steps after its checkpoint: the points the directory holds before this run's first
+    step are kept (they are the same run's: a checkpoint resumes only with the same params and data). A run that
+    logged nothing (resumed at its end, e.g. a forced rerun) leaves the directory as it is."""
+    first = min((s for points in curves.values() for s in points), default=None)
+    if first is None and directory.is_dir():
+        return
+    if first:
+        for name, points in read_curves(directory).items():
+            curves[name] = {s: v for s, v in points.items() if s < first} | curves.get(name, {})
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -340,6 +357,15 @@ def write_curves(directory: Path, curves: dict[str, dict[int, float]]) -> None:
         atomic_write_text(tmp / f"{name}.tsv", f"step\t{name}\n{rows}")
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
+
+
+def read_curves(directory: Path) -> dict[str, dict[int, float]]:
+    """What :func:`write_curves` wrote (``{}`` when nothing)."""
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(directory.glob("*.tsv")) if directory.is_dir() else []:
+        rows = [line.split("\t") for line in f.read_text().splitlines()[1:] if line]
+        out[f.stem] = {int(s): float(v) for s, v in rows}
+    return out
 
 
 def _alive(pid: int) -> bool:

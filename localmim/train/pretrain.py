@@ -35,6 +35,7 @@ from localmim.train import checkpoint as ckpt
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine, cycle_length
 from localmim.utils.distributed import DistInfo, amp_dtype, init_distributed, make_scaler, unwrap
+from localmim.utils.io import is_run_metadata
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -45,11 +46,13 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class PretrainResult:
-    """The trained (unwrapped) model, summary metrics, and the last checkpoint written."""
+    """The trained (unwrapped) model, summary metrics, the last checkpoint written and the rows the epoch hook
+    returned over the whole run (kept in the checkpoints, so a resumed run still has the earlier epochs')."""
 
     model: torch.nn.Module
     metrics: dict[str, float]
     checkpoint: Path | None
+    monitor: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class _Run:
     last_ckpt: Path | None = None
     last_ckpt_time: float = field(default_factory=time.monotonic)
     summary: dict[str, float] = field(default_factory=dict)
+    monitor: list[dict[str, float]] = field(default_factory=list)  # rows returned by the epoch hook
 
 
 def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
@@ -91,9 +95,10 @@ def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
-    """Hash of the data manifests in ``data_dir`` (shard or views manifest), so new data never resumes old runs."""
+    """Hash of the data manifests in ``data_dir`` (shard or views manifest), so new data never resumes old runs.
+    Lineage files are not data: a rerun of the shard stage that wrote the same shards resumes the same run."""
     d = Path(data_dir)
-    files = sorted(d.glob("*.json")) or sorted(d.glob("*.tar"))
+    files = [f for f in sorted(d.glob("*.json")) if not is_run_metadata(f)] or sorted(d.glob("*.tar"))
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -172,7 +177,7 @@ def _extra(run: _Run, epoch: int, batches: int) -> dict:
     at = epoch + batches / len(run.loader)
     sched = {"lr": run.sched.lr, "min_lr": run.sched.min_lr, "warmup_epochs": run.sched.warmup_epochs,
              "epochs": run.sched.epochs, "at_epoch": at, "lr_at": run.sched(at)}
-    return {"summary": run.summary, "schedule": sched, "world_size": run.dist.world_size}
+    return {"summary": run.summary, "schedule": sched, "world_size": run.dist.world_size, "monitor": run.monitor}
 
 
 def _resume(run: _Run) -> tuple[int, int]:
@@ -183,6 +188,7 @@ def _resume(run: _Run) -> tuple[int, int]:
     payload = ckpt.load(path, map_location=run.dist.device)
     ckpt.restore(payload, run.model, run.opt, run.scaler, run.dist.rank, run.dist.world_size)
     run.step, run.last_ckpt, run.summary = payload["step"], path, dict(payload["extra"].get("summary", {}))
+    run.monitor = list(payload["extra"].get("monitor", []))
     if run.dist.is_main:
         print(f"pretrain: resumed {path} (epoch {payload['data']['epoch']}, step {run.step})", flush=True)
     return payload["data"]["epoch"], payload["data"]["batches"]
@@ -313,7 +319,8 @@ def run_pretrain(cfg, data_dir: str | Path, ckpt_dir: str | Path, log_fn: LogFn 
         log_fn: ``log_fn(metrics, epoch_1000x)`` on rank 0 every ``cfg.log_every`` steps: ``loss``, ``loss_<tap>``,
             ``lr``, ``epoch``, ``images_per_s`` (end-to-end), ``images_per_s_compute``, ``data_wait_frac``,
             ``peak_mem_mb``.
-        on_epoch_end: ``fn(epoch, model)`` after each epoch's checkpoint, on every rank.
+        on_epoch_end: ``fn(epoch, model)`` after each epoch, before its checkpoint, on every rank; a dict it
+            returns is kept in ``PretrainResult.monitor`` and in the checkpoints (rank 0's).
         progress: show a tqdm bar on rank 0.
 
     Raises:
@@ -326,10 +333,10 @@ def run_pretrain(cfg, data_dir: str | Path, ckpt_dir: str | Path, log_fn: LogFn 
     for epoch in range(start_epoch, cfg.epochs):
         last = train_one_epoch(run, epoch, skip if epoch == start_epoch else 0)
         run.summary = {**{f"final_{k}": v for k, v in last.items()}, "epochs_done": epoch + 1, "steps": run.step}
+        if on_epoch_end is not None and (row := on_epoch_end(epoch, run.model)):
+            run.monitor.append(dict(row))
         if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
             _save(run, epoch + 1, 0)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, run.model)
     metrics = {**run.summary, "train_seconds": time.perf_counter() - t0, "world_size": run.dist.world_size,
                "peak_lr": run.sched.lr, "steps_per_epoch": len(run.loader)}
-    return PretrainResult(unwrap(run.net), metrics, run.last_ckpt)
+    return PretrainResult(unwrap(run.net), metrics, run.last_ckpt, run.monitor)

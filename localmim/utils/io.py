@@ -77,3 +77,14 @@ def clean_stale_tmp(directory: str | Path) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+# Files that stages leave next to their outputs but that are not data: the lineage record of the run that wrote
+# a directory (localmim/tracking/lineage.py; `.dvcignore` keeps it out of DVC's hashes) and dotfiles (temporaries,
+# Snakemake's `.snakemake_timestamp`). Fingerprints of a data directory (checkpoint identity, digests) skip them.
+LINEAGE_GLOB = "lineage.*.json"
+
+
+def is_run_metadata(path: str | Path) -> bool:
+    name = Path(path).name
+    return name.startswith(".") or (name.startswith("lineage.") and name.endswith(".json"))
