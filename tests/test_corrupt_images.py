@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from localmim.data import imagefile as F
 from localmim.data.coco import ScoredGroundTruth, coco_dataset, collate, eval_transforms, load_coco
 from localmim.data.synth import write_ade20k
 from tests.coco_data import micro_encoder, synth_coco
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 # ------------------------------------------------------------------------------------------------ damage
 
@@ -295,3 +297,33 @@ def test_detect_stage_finishes_names_each_file_and_reconciles(tmp_path):
     ev = COCOeval(gt, gt.loadRes(results), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert m["bbox_AP"] == ev.stats[0]
+
+
+@pytest.mark.slow
+def test_segment_under_torchrun_two_ranks_keeps_every_step(tmp_path):
+    """2 CPU ranks (gloo, DDP): the rank that meets the file damaged after the check substitutes it and takes
+    the same step as the other (a missing step would hang the all-reduce); both ranks' records reach the report."""
+    write_ade20k(tmp_path / "ade", seed=2, num_classes=4, sizes={"train": 6, "val": 5}, min_side=32, max_side=48,
+                 quality=90)
+    base = tmp_path / "ade" / "ADEChallengeData2016"
+    files = {s: sorted((base / "images" / d).glob("*.jpg")) for s, d in A.SPLIT_DIRS.items()}
+    got = _stage_data(tmp_path, tmp_path / "ade", files, lambda cache: [
+        A.scan_split(tmp_path / "ade", s, 4, cache=cache) for s in ("train", "val")])
+    micro_encoder(tmp_path / "enc")
+    seg = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8,
+               iters=1, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=1, log_every=1, num_workers=0,
+               slide_stride=24, num_vis=2)  # 4 usable train pairs = 1 step of 2 x 2: every pair is loaded
+    (tmp_path / "params.yaml").write_text(json.dumps({"segment": seg}))
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
+           "segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir", "ck",
+           "--no-progress", "--params", "params.yaml"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(LOCALMIM_TRACKING="0"), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["world_size"] == 2 and m["iters"] == 1
+    for s, n in (("train", 6), ("val", 5)):
+        named = {str(tmp_path / x["file"]) for x in m["skipped"][s]}
+        assert str(got["late"][s]) in named and len(named) == 3
+        assert (m[f"{s}_found"], m[f"{s}_used"], m[f"{s}_skipped"]) == (n, n - 3, 3)
+    assert m["val_images"] == 2
