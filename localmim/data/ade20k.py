@@ -17,8 +17,8 @@ Augmentation (torchvision.transforms.v2, image as ``tv_tensors.Image`` and label
 geometric ops use nearest interpolation on the mask): random rescale of the base scale by a ratio in
 ``ratio_range``, random crop whose largest class covers at most ``cat_max_ratio`` of the labelled pixels (10
 tries), horizontal flip, photometric distortion, padding to the crop size (image: the mean colour, mask 255).
-Every sample's randomness comes from its own seed (``(seed, step, slot)``), so the data stream is a pure function of the step:
-resume is exact whatever the number of workers.
+Every sample's randomness comes from its own seed (``(seed, step, slot)``), so the data stream is a pure function
+of the step: resume is exact whatever the number of workers.
 """
 
 from __future__ import annotations

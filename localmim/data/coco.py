@@ -7,8 +7,8 @@ labels as tv_tensors); augmentation is torchvision.transforms.v2.
 Every annotation file is checked first (:func:`load_coco`): an annotation whose image is not listed, an image
 file that is missing or does not decode completely (:func:`localmim.data.imagefile.check_image_files`: worker
 processes, results cached by path, size and mtime), or whose size differs from the JSON, a box with non-positive
-width or height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either an error
-naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
+width or height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either
+an error naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
 ``found = used + skipped`` for images and annotations alike. Crowd annotations are kept for evaluation (COCOeval
 treats them as ignore regions) and dropped from training (listed as skipped with their reason). Images without
 annotations stay: they are negative samples. A usable file worth naming (PNG content under a ``.jpg`` name: PIL
