@@ -51,6 +51,7 @@ def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> 
     from torchvision.datasets import ImageFolder
 
     from localmim.data.classify import ClassifyShards, make_loader
+    from localmim.data.imagefile import read_image  # the one reader of image files (issue 21)
     from localmim.data.manifest import shard_set
     from localmim.data.stream import raw_samples
 
@@ -62,7 +63,8 @@ def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> 
         "this tree (`ClassifyShards`)": lambda: make_loader(ClassifyShards(shard_dir, tf, batch_size=batch,
                                                                            train=False), workers),  # fmt: skip
         "reference (`wds_pipeline`)": lambda: DataLoader(wds_pipeline(urls, tf), **kw),
-        "torchvision ImageFolder": lambda: DataLoader(ImageFolder(str(src), tf), shuffle=False, **kw),
+        "torchvision ImageFolder": lambda: DataLoader(ImageFolder(str(src), tf, loader=read_image), shuffle=False,
+                                                      **kw),
         "same bytes in memory (ceiling)": lambda: DataLoader(InMemory(items, tf), shuffle=False, **kw),
     }, len(items)
 

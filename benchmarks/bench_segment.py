@@ -46,18 +46,18 @@ def ensure_inputs(work: Path) -> tuple[Path, Path]:
 def most_frequent_class(cfg, train, val) -> dict:
     """Predict the most frequent training class everywhere; scored like the model."""
     import torch
-    from PIL import Image
 
     from localmim.data.ade20k import reduce_zero_label
+    from localmim.data.imagefile import read_image
     from localmim.eval.segmentation import confusion_matrix, scores
 
     counts = np.zeros(256, np.int64)
     for p in train:
-        counts += np.bincount(reduce_zero_label(np.asarray(Image.open(p.annotation))).ravel(), minlength=256)
+        counts += np.bincount(reduce_zero_label(np.asarray(read_image(p.annotation, None))).ravel(), minlength=256)
     top = int(np.argmax(counts[:cfg.num_classes]))
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
     for p in val:
-        gt = torch.from_numpy(reduce_zero_label(np.asarray(Image.open(p.annotation))))
+        gt = torch.from_numpy(reduce_zero_label(np.asarray(read_image(p.annotation, None))))
         cm += confusion_matrix(torch.full_like(gt, top), gt, cfg.num_classes)
     return {**scores(cm), "class": top}
 

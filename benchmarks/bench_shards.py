@@ -119,6 +119,7 @@ def bench_reading(src: Path, shard_dir: Path, size: int, workers: int, batch: in
     from torchvision.datasets import ImageFolder
 
     from localmim.data.classify import ClassifyShards, make_loader
+    from localmim.data.imagefile import read_image  # the one reader of image files (issue 21)
     from localmim.data.manifest import shard_set
     from localmim.data.stream import raw_samples
 
@@ -130,7 +131,7 @@ def bench_reading(src: Path, shard_dir: Path, size: int, workers: int, batch: in
     loaders = {  # built per epoch, as training does
         "shards": lambda: make_loader(ClassifyShards(shard_dir, tf, batch_size=batch, train=False), workers),
         "wds_tar": lambda: make_loader(_wds_tar_shards(shard_dir, tf, batch), workers),
-        "imagefolder": lambda: DataLoader(ImageFolder(str(src), tf), shuffle=False, **kw),
+        "imagefolder": lambda: DataLoader(ImageFolder(str(src), tf, loader=read_image), shuffle=False, **kw),
         "memory": lambda: DataLoader(InMemory(items, tf), shuffle=False, **kw),
     }
     for make in loaders.values():

@@ -63,7 +63,7 @@ def test_a_file_that_is_not_an_image_skips_the_image_and_its_annotations(tmp_pat
     hand_coco(tmp_path)
     (tmp_path / "val2017" / "000000000001.jpg").write_bytes(b"this is not a jpeg")
     if on_bad == "fail":
-        with pytest.raises(CocoError, match=r"image id 1: .*000000000001.jpg is not an image"):
+        with pytest.raises(CocoError, match=r"image id 1: .*000000000001.jpg: not an image"):
             load_coco(tmp_path, "val", "fail")
         return
     rep = load_coco(tmp_path, "val").report

@@ -5,12 +5,19 @@ through pycocotools and torchvision's ``CocoDetection`` + ``wrap_dataset_for_tra
 labels as tv_tensors); augmentation is torchvision.transforms.v2.
 
 Every annotation file is checked first (:func:`load_coco`): an annotation whose image is not listed, an image
-file that is missing or not an image (or whose size differs from the JSON), a box with non-positive width or
-height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either an error
-naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
+file that is missing or does not decode completely (:func:`localmim.data.imagefile.check_image_files`: worker
+processes, results cached by path, size and mtime), or whose size differs from the JSON, a box with non-positive
+width or height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either
+an error naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
 ``found = used + skipped`` for images and annotations alike. Crowd annotations are kept for evaluation (COCOeval
 treats them as ignore regions) and dropped from training (listed as skipped with their reason). Images without
-annotations stay: they are negative samples.
+annotations stay: they are negative samples. A usable file worth naming (PNG content under a ``.jpg`` name: PIL
+decodes by content) is listed in the report's ``notes``.
+
+A file that fails to load later (damaged after the check) follows the ``skips`` rule of :func:`coco_dataset`
+(:class:`localmim.data.imagefile.LoadSkips`): in training the next image takes its place (every rank keeps its
+batch size and step count), in evaluation the sample is left out and :class:`ScoredGroundTruth` drops its image
+from the scoring; :meth:`CocoReport.add_load_skips` moves it from used to skipped in the report.
 
 Labels: model labels are ``1..K`` in sorted category-id order (0 is the background of torchvision's detectors);
 :attr:`CocoSplit.label_to_cat` maps them back for the results file.
@@ -26,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from localmim.data.imagefile import FileCheck, Loadable, LoadSkips, check_image_files, read_image
 
 _BOX_TOL = 1.0  # pixels a box may stick out of the image (rounding in real annotation files)
 
@@ -43,9 +52,25 @@ class CocoReport:
     annotations_found: int = 0
     annotations_used: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)  # usable images worth naming
 
     def skip(self, kind: str, id_: Any, reason: str) -> None:
         self.skipped.append({"kind": kind, "id": id_, "reason": reason})
+
+    def add_load_skips(self, coco: Any, image_dir: Path, records: list[dict[str, Any]]) -> None:
+        """Move the images that failed to load (:meth:`LoadSkips.records`) and their annotations from used to
+        skipped; ``coco``: the split's index of used images."""
+        by_file = {str(image_dir / img["file_name"]): iid for iid, img in coco.imgs.items()}
+        for rec in records:
+            iid = by_file.get(rec["file"])
+            if iid is None:
+                continue
+            self.skip("image", iid, f"{rec['file']}: {rec['reason']}")
+            anns = coco.imgToAnns.get(iid, [])
+            for ann in anns:
+                self.skip("annotation", ann["id"], f"its image {iid!r} was skipped (failed to load)")
+            self.images_used -= 1
+            self.annotations_used -= len(anns)
 
     def reconciles(self) -> bool:
         n_img = sum(s["kind"] == "image" for s in self.skipped)
@@ -56,7 +81,7 @@ class CocoReport:
     def to_dict(self) -> dict[str, Any]:
         return {"images_found": self.images_found, "images_used": self.images_used,
                 "annotations_found": self.annotations_found, "annotations_used": self.annotations_used,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "notes": self.notes}
 
 
 @dataclass
@@ -66,6 +91,7 @@ class CocoSplit:
     coco: Any  # pycocotools.coco.COCO
     image_dir: Path
     report: CocoReport
+    checks: dict[str, FileCheck] = field(default_factory=dict, repr=False)  # full-decode results, by path
 
     @property
     def cat_ids(self) -> list[int]:
@@ -118,19 +144,14 @@ def _bad_annotation(ann: dict, img: dict | None, cats: set[int]) -> str | None:
     return _bad_segmentation(ann.get("segmentation"), img["height"], img["width"])
 
 
-def _bad_image(img: dict, image_dir: Path) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
+def _bad_image(img: dict, image_dir: Path, checks: dict[str, FileCheck]) -> str | None:
     path = image_dir / str(img.get("file_name", ""))
-    if not path.is_file():
-        return f"image file {path} is missing"
-    try:
-        with Image.open(path) as im:  # header only: cheap on 118k files
-            size = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        return f"{path} is not an image ({e.__class__.__name__})"
-    if size != (img.get("width"), img.get("height")):
-        return f"{path} is {size[0]}x{size[1]}, the annotation file says {img.get('width')}x{img.get('height')}"
+    check = checks[str(path)]
+    if check.reason is not None:
+        return f"image file {path} is missing" if check.reason.startswith("missing") else f"{path}: {check.reason}"
+    if (check.width, check.height) != (img.get("width"), img.get("height")):
+        return (f"{path} is {check.width}x{check.height}, the annotation file says "
+                f"{img.get('width')}x{img.get('height')}")
     return None
 
 
@@ -154,12 +175,16 @@ def _read_instances(root: str | Path, split: str) -> tuple[Path, Path, dict, set
     return image_dir, ann_file, doc, cat_ids
 
 
-def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = False) -> CocoSplit:
+def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = False, *,
+              checks: dict[str, FileCheck] | None = None, cache: str | Path | None = None, workers: int = 0,
+              progress: bool = False) -> CocoSplit:
     """Read and check ``split`` of the COCO layout at ``root`` (see the module docstring).
 
     Args:
         on_bad: ``skip`` (record the reason, go on) or ``fail`` (raise :class:`CocoError` at the first problem).
         train: drop crowd annotations (skipped with their reason; never an error).
+        checks: full-decode results already at hand (another rank's :attr:`CocoSplit.checks`); images not in it
+            are checked here, in ``workers`` processes (0 = every CPU), through the ``cache`` file if given.
 
     Raises:
         FileNotFoundError: the annotation file or image folder is missing.
@@ -178,7 +203,14 @@ def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = 
             raise CocoError(f"{ann_file}: {kind} id {id_!r}: {reason}")
         rep.skip(kind, id_, reason)
 
-    kept_images = _keep_images(images, image_dir, bad)
+    paths = [str(image_dir / str(img.get("file_name", ""))) for img in images]
+    checks = dict(checks or {})
+    checks |= check_image_files([(p, "image") for p in dict.fromkeys(paths) if p not in checks], cache=cache,
+                                workers=workers, progress=progress, desc=f"check COCO {split}")
+    kept_images = _keep_images(images, image_dir, bad, checks)
+    rep.notes = [{"kind": "image", "id": iid, "file": p, "note": checks[p].note}
+                 for iid, p in ((img["id"], str(image_dir / img["file_name"])) for img in kept_images.values())
+                 if checks[p].note]
     kept_anns = _keep_annotations(anns, {img.get("id") for img in images}, kept_images, cat_ids, train, bad, rep)
     rep.images_used, rep.annotations_used = len(kept_images), len(kept_anns)
     coco = COCO()
@@ -186,14 +218,14 @@ def load_coco(root: str | Path, split: str, on_bad: str = "skip", train: bool = 
                     **{k: doc[k] for k in ("info", "licenses") if k in doc}}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
-    return CocoSplit(coco, image_dir, rep)
+    return CocoSplit(coco, image_dir, rep, {p: checks[p] for p in paths})
 
 
-def _keep_images(images: list[dict], image_dir: Path, bad: Any) -> dict[Any, dict]:
+def _keep_images(images: list[dict], image_dir: Path, bad: Any, checks: dict[str, FileCheck]) -> dict[Any, dict]:
     """The readable images with unique ids, by id; ``bad`` records (or raises for) the others."""
     kept: dict[Any, dict] = {}
     for img in images:
-        why = _bad_image(img, image_dir)
+        why = _bad_image(img, image_dir, checks)
         if why is None and img.get("id") in kept:
             why = "duplicate image id"
         if why is None:
@@ -232,23 +264,57 @@ def _coco_dataset_class():
     from torchvision.datasets import CocoDetection, VisionDataset
 
     class _CheckedCoco(CocoDetection):
-        """torchvision's CocoDetection over an already-built (checked) pycocotools index."""
+        """torchvision's CocoDetection over an already-built (checked) pycocotools index; images through
+        :func:`localmim.data.imagefile.read_image` (a decode error names the file)."""
 
         def __init__(self, image_dir: Path, coco: Any, transforms=None):
             VisionDataset.__init__(self, str(image_dir), transforms=transforms)
             self.coco = coco
             self.ids = sorted(coco.imgs)
 
+        def _load_image(self, id: int):  # noqa: A002 - torchvision's signature
+            return read_image(Path(self.root) / self.coco.imgs[id]["file_name"])
+
     return _CheckedCoco
 
 
-def coco_dataset(split: CocoSplit, transforms=None) -> torch.utils.data.Dataset:
+class ScoredGroundTruth:
+    """The val index as COCOeval scores it (``coco_eval`` reads ``dataset``): ``split.coco`` without the images
+    recorded in ``skips`` as failed to load, read when asked (at scoring time, after every rank's predictions are
+    in), so a skipped image's objects are neither found nor missed. Every other attribute is ``split.coco``'s."""
+
+    def __init__(self, split: CocoSplit, skips: LoadSkips):
+        self.split, self.skips = split, skips
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        d = self.split.coco.dataset
+        files = {r["file"] for r in self.skips.records()}
+        bad = {img["id"] for img in d["images"] if str(self.split.image_dir / img["file_name"]) in files}
+        if not bad:
+            return d
+        return {**d, "images": [i for i in d["images"] if i["id"] not in bad],
+                "annotations": [a for a in d["annotations"] if a["image_id"] not in bad]}
+
+    def __getattr__(self, name: str):
+        if name in ("split", "skips"):  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.split.coco, name)
+
+
+def coco_dataset(split: CocoSplit, transforms=None, skips: LoadSkips | None = None,
+                 train: bool = False) -> torch.utils.data.Dataset:
     """``(image, target)`` samples of a checked split, targets as tv_tensors (``image_id``, ``boxes`` XYXY,
-    ``masks``, ``labels`` = category ids); ``transforms(image, target)`` runs after the tv_tensor wrapping."""
+    ``masks``, ``labels`` = category ids); ``transforms(image, target)`` runs after the tv_tensor wrapping.
+
+    An image that no longer decodes follows ``skips`` (default: raise naming the file); ``train`` substitutes
+    the next image, otherwise the sample is None (see :class:`localmim.data.imagefile.Loadable`)."""
     from torchvision.datasets import wrap_dataset_for_transforms_v2
 
-    ds = _coco_dataset_class()(split.image_dir, split.coco, transforms=transforms)
-    return wrap_dataset_for_transforms_v2(ds, target_keys={"image_id", "boxes", "masks", "labels"})
+    base = _coco_dataset_class()(split.image_dir, split.coco, transforms=transforms)
+    files = [str(split.image_dir / split.coco.imgs[i]["file_name"]) for i in base.ids]
+    ds = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
+    return Loadable(ds, files, skips or LoadSkips(), substitute=train)
 
 
 class _Prepare:
@@ -322,9 +388,10 @@ def eval_transforms(split: CocoSplit):
 
 
 def collate(batch: list[tuple[Any, dict]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Lists of plain tensors as torchvision's detectors take them (``masks`` uint8, ``labels`` int64)."""
+    """Lists of plain tensors as torchvision's detectors take them (``masks`` uint8, ``labels`` int64); samples
+    left out at load time (None) are dropped."""
     images, targets = [], []
-    for image, t in batch:
+    for image, t in filter(None, batch):
         images.append(image.as_subclass(torch.Tensor))
         targets.append({"image_id": int(t["image_id"]), "boxes": t["boxes"].as_subclass(torch.Tensor).float(),
                         "labels": t["labels"].as_subclass(torch.Tensor).long(),

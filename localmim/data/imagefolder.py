@@ -97,8 +97,9 @@ def _decode_error(fmt: str, e: Exception) -> str:
     return f"corrupt {fmt}: {type(e).__name__}: {msg}"
 
 
-def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: int) -> Prepared:
-    """Verify one image (full decode) and return the bytes to store, or a skip reason.
+def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: int, encode: bool = True) -> Prepared:
+    """Verify one image (full decode) and return the bytes to store, or a skip reason (``encode=False``: the
+    verification only, nothing re-encoded; :func:`localmim.data.imagefile.check_image_file` uses it).
 
     An RGB JPEG within ``max_side`` is stored as is; it is verified by decoding in PIL's JPEG *draft* mode
     (DCT scaling 1/8: every entropy-coded segment is still read, so truncation and corruption are still
@@ -135,6 +136,8 @@ def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: 
                 im = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - decode failures (truncated, corrupt data) are per-file
             return Prepared(skip=_decode_error(fmt, e))
+    if not encode:
+        return Prepared(size=im.size, reencoded=", ".join(reasons))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=jpeg_quality)
     return Prepared(jpg=buf.getvalue(), size=im.size, reencoded=", ".join(reasons))

@@ -81,6 +81,8 @@ def predict(model, loader, device: torch.device, label_to_cat: dict[int, int],
     model.eval()
     results, kept = [], []
     for images, targets in loader:
+        if not images:  # every sample of the batch was left out at load time (a damaged file)
+            continue
         images = [im.to(device, non_blocking=True) for im in images]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(images)

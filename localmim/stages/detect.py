@@ -5,9 +5,16 @@ Outputs (``OUT``): ``model.pt`` (the detector's state dict; ``model.json`` holds
 :func:`localmim.models.detection.build_mask_rcnn` with the encoder spec and the ``detect`` params),
 ``detections_val.json`` (COCO results format: bbox + RLE segmentation + score, re-scorable with pycocotools),
 ``val_predictions.png`` (a few val images with predicted masks and boxes), ``data_report.json`` (images and
-annotations found / used / skipped with reasons) and ``params.yaml``; ``metrics/detect.json`` with COCOeval's
+annotations found / used / skipped with reasons, load-time skips included, and notes on usable files worth
+naming) and ``params.yaml``; ``metrics/detect.json`` with COCOeval's
 AP, AP50, AP75, APs, APm, APl for ``bbox_*`` and ``segm_*`` (0..1, as pycocotools reports them). Resumable
 checkpoints live in ``--ckpt-dir``. Per-iteration losses and per-epoch metrics go to MLflow. Runs under torchrun.
+
+Every image is fully decoded before training (rank 0, worker processes; cached in ``CKPT_DIR/image-check.json`` by
+path, size and mtime, so a rerun or resume decodes only new or changed files). A file that fails to load during
+the run (damaged after the check) is skipped with a record in ``CKPT_DIR/load-skips-*.jsonl`` (``on_bad: skip``;
+training substitutes the next image, evaluation leaves the image out of predictions and scoring alike) or stops
+the run with one line naming it (``fail``).
 """
 
 from __future__ import annotations
@@ -39,32 +46,29 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     system_metrics=True,
 )
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.coco import CocoError, load_coco
+    from localmim.data.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
     from localmim.utils.distributed import cleanup, init_distributed
 
     args = ctx.args
     try:
         enc = read_encoder(args.encoder)
-        train = load_coco(args.data, "train", cfg.on_bad, train=True)
-        val = load_coco(args.data, "val", cfg.on_bad)
-    except (ValueError, FileNotFoundError, CocoError) as e:
+    except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
-    for name, split in (("train", train), ("val", val)):
-        if not split.report.images_used:
-            raise StageError(f"{args.data}: no usable {name} images (see the skipped list: "
-                             f"{split.report.skipped[:3]})")
-        if split.cat_ids != train.cat_ids:
-            raise StageError(f"{args.data}: train and val list different categories")
     dist = init_distributed(cfg.device)
     try:
+        train, val, skips = _splits(cfg, args, ctx.is_main)
         if ctx.is_main:
             ctx.dump_params(cfg, args.out)
-        res = _train(cfg, ctx, enc, train, val, dist)
+        res = _train(cfg, ctx, enc, train, val, dist, skips)
+    except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
+        raise StageError(f"detect: {one_line(e)}") from None
     except (ValueError, FloatingPointError) as e:
         raise StageError(str(e)) from None
     finally:
         cleanup()
+    for name, split in (("train", train), ("val", val)):  # load-time skips move from used to skipped
+        split.report.add_load_skips(split.coco, split.image_dir, skips[name].records())
     metrics = dict(res.metrics) | {"epochs": res.epochs, "seconds": res.seconds,
                                    "train_images_per_s": res.train_images_per_s,
                                    "train_images": train.report.images_used, "val_images": val.report.images_used,
@@ -74,8 +78,46 @@ def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _train(cfg: DetectConfig, ctx: StageContext, enc, train, val, dist):
-    from localmim.data.coco import coco_dataset, eval_transforms, train_transforms
+def _splits(cfg: DetectConfig, args, is_main: bool):
+    """Both splits checked (rank 0 decodes every image, cached in the checkpoint directory; the other ranks reuse
+    its results) and each split's load-time rule."""
+    from localmim.data.coco import CocoError, load_coco
+    from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
+    from localmim.utils.distributed import broadcast_object
+
+    splits: dict = {}
+    checks: dict | str = {}
+    if is_main:
+        try:
+            cache = Path(args.ckpt_dir) / "image-check.json"
+            splits = {s: load_coco(args.data, s, cfg.on_bad, train=s == "train", cache=cache, progress=True)
+                      for s in ("train", "val")}
+            checks = {s: sp.checks for s, sp in splits.items()}
+        except (ValueError, FileNotFoundError, CocoError) as e:
+            checks = str(e)
+    checks = broadcast_object(checks)
+    if isinstance(checks, str):
+        raise StageError(checks)
+    if not is_main:
+        splits = {s: load_coco(args.data, s, cfg.on_bad, train=s == "train", checks=checks[s])
+                  for s in ("train", "val")}
+    train, val = splits["train"], splits["val"]
+    for name, split in splits.items():
+        if not split.report.images_used:
+            raise StageError(f"{args.data}: no usable {name} images (see the skipped list: "
+                             f"{split.report.skipped[:3]})")
+        if split.cat_ids != train.cat_ids:
+            raise StageError(f"{args.data}: train and val list different categories")
+        if is_main and (split.report.skipped or split.report.notes):
+            print(f"localmim detect: {name}: {len(split.report.skipped)} skipped, {len(split.report.notes)} "
+                  "note(s) (see data_report.json)", file=sys.stderr)
+    used = [str(sp.image_dir / img["file_name"]) for sp in splits.values() for img in sp.coco.imgs.values()]
+    log = load_skip_log(args.ckpt_dir, {"run": cfg.to_dict(), "files": file_stats(used)})
+    return train, val, {s: LoadSkips(log, cfg.on_bad, s) for s in splits}
+
+
+def _train(cfg: DetectConfig, ctx: StageContext, enc, train, val, dist, skips):
+    from localmim.data.coco import ScoredGroundTruth, coco_dataset, eval_transforms, train_transforms
     from localmim.models.detection import build_mask_rcnn
     from localmim.train.detect import seed_everything, train_detector
     from localmim.train.finetune import _sd_fingerprint
@@ -83,13 +125,14 @@ def _train(cfg: DetectConfig, ctx: StageContext, enc, train, val, dist):
     seed_everything(cfg.seed)  # the same initial model on every rank
     model = build_mask_rcnn(enc, len(train.cat_ids), **_model_kwargs(cfg))
     seed_everything(cfg.seed + dist.rank)
-    train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range))
-    val_set = coco_dataset(val, eval_transforms(val))
+    train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range),
+                             skips["train"], train=True)
+    val_set = coco_dataset(val, eval_transforms(val), skips["val"])
     counts = {s: {"images": r.images_used, "annotations": r.annotations_used}
               for s, r in (("train", train.report), ("val", val.report))}
     params = {"detect": cfg.to_dict(), "encoder": _sd_fingerprint(enc.state_dict), "data": counts}
-    return train_detector(cfg, model, train_set, val_set, val.coco, val.label_to_cat, ckpt_dir=ctx.args.ckpt_dir,
-                          params=params, dist=dist, log_fn=ctx.tracker.log_metrics)
+    return train_detector(cfg, model, train_set, val_set, ScoredGroundTruth(val, skips["val"]), val.label_to_cat,
+                          ckpt_dir=ctx.args.ckpt_dir, params=params, dist=dist, log_fn=ctx.tracker.log_metrics)
 
 
 def _model_kwargs(cfg: DetectConfig) -> dict:

@@ -1,8 +1,11 @@
 """``localmim segment --encoder data/pretrain --data data/raw/ade20k --out data/segment``: ADE20K semantic
 segmentation with UperNet on the exported encoder (method §9.1).
 
-Both splits are validated before training (``segment.on_bad``: skip with reasons | fail). Outputs (rank 0, the
-whole directory appears at once: built under ``.<out>.staging`` and renamed):
+Both splits are validated before training (``segment.on_bad``: skip with reasons | fail), every image and label map
+fully decoded (cached in ``CKPT_DIR/image-check.json`` by path, size and mtime: a rerun or resume decodes only new or
+changed files). A file that fails to load during the run (damaged after the check) is skipped with a record in
+``CKPT_DIR/load-skips-*.jsonl`` (``skip``) or stops the run with one line naming it (``fail``). Outputs (rank 0,
+the whole directory appears at once: built under ``.<out>.staging`` and renamed):
 
 - ``OUT/model.pt`` (the segmenter's state dict, ``weights_only``-loadable) + ``OUT/model.json`` (how to rebuild it);
 - ``OUT/pred/<annotation name>.png``: one label map per val image in ADE20K's convention (class k -> k + 1,
@@ -10,7 +13,8 @@ whole directory appears at once: built under ``.<out>.staging`` and renamed):
 - ``OUT/grid.png``: image | ground truth | prediction for the first ``num_vis`` val images (fixed palette);
 - ``OUT/per_class.csv`` and ``OUT/params.yaml``;
 - ``metrics/segment.json``: mIoU, mAcc, aAcc (percent), per-class IoU/Acc (null: class left out), the split
-  counts (found = used + skipped) with every skipped file and its reason, throughput.
+  counts (found = used + skipped, load-time skips included) with every skipped file and its reason, notes on
+  usable files worth naming (a PNG under a ``.jpg`` name), throughput.
 
 MLflow: params, per-iteration loss/lr, eval metrics with their step, the grid and the per-class table.
 """
@@ -50,14 +54,19 @@ def _png(path: Path, arr: np.ndarray, mode: str = "L") -> None:
 
 def write_grid(path: Path, rows: list[tuple[Path, Path, Path]]) -> None:
     """One row per (image, annotation, prediction) file: image | ground truth | prediction, colours by
-    :func:`palette` (ADE20K label values, 0 black)."""
-    from PIL import Image
+    :func:`palette` (ADE20K label values, 0 black); rows whose files do not decode are left out."""
+    from localmim.data.imagefile import ImageFileError, read_image
 
     pal = palette()
     tiles = []
     for img_p, ann_p, pred_p in rows:
-        with Image.open(img_p) as im, Image.open(ann_p) as an, Image.open(pred_p) as pr:
-            tiles.append([np.asarray(im.convert("RGB")), pal[np.asarray(an)], pal[np.asarray(pr)]])
+        try:
+            tiles.append([np.asarray(read_image(img_p)), pal[np.asarray(read_image(ann_p, None))],
+                          pal[np.asarray(read_image(pred_p, None))]])
+        except ImageFileError:  # a val file that failed to load (skipped and reported): no row
+            continue
+    if not tiles:
+        return
     gap = 4
     width = max(sum(t.shape[1] for t in row) + gap * 2 for row in tiles)
     height = sum(row[0].shape[0] for row in tiles) + gap * (len(tiles) - 1)
@@ -94,7 +103,7 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     system_metrics=True,
 )
 def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.ade20k import scan_split
+    from localmim.data.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
     from localmim.train.segment import run_segment
     from localmim.utils.distributed import barrier, broadcast_object, cleanup, init_distributed
@@ -105,19 +114,13 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
         enc = read_encoder(args.encoder)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
-    scans: dict | str = {}
-    if ctx.is_main:  # validated once (every annotation is decoded), shared with the other ranks
-        try:
-            scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad) for s in ("train", "val")}
-        except (ValueError, FileNotFoundError) as e:
-            scans = str(e)
-    scans = broadcast_object(scans)
+    scans = broadcast_object(_scan(cfg, args) if ctx.is_main else {})  # checked once, shared with the other ranks
     if isinstance(scans, str):
         raise StageError(scans)
     for s, sc in scans.items():
-        if sc.skipped and ctx.is_main:
-            print(f"localmim segment: {s}: skipped {len(sc.skipped)} of {sc.found} (see the metrics file)",
-                  file=sys.stderr)
+        if (sc.skipped or sc.notes) and ctx.is_main:
+            print(f"localmim segment: {s}: skipped {len(sc.skipped)} of {sc.found}, {len(sc.notes)} note(s) "
+                  "(see the metrics file)", file=sys.stderr)
     out = Path(args.out)
     staging = out.with_name(f".{out.name}.staging")
     val_pairs = scans["val"].pairs
@@ -127,12 +130,16 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     barrier()
 
     def on_pred(idx: int, pred) -> None:  # ADE20K convention: class k -> k + 1 (0 = ignore, never predicted)
+        if idx < 0:  # a val pair that failed to load: scored as absent, no file
+            return
         _png(staging / "pred" / val_pairs[idx].annotation.name, (pred + 1).to("cpu").numpy().astype(np.uint8))
 
     try:
         res = run_segment(cfg, enc, scans["train"].pairs, val_pairs, args.ckpt_dir, on_pred=on_pred,
                           log_fn=lambda m, step: ctx.tracker.log_metrics(m, step=step),
                           progress=not args.no_progress)
+    except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
+        raise StageError(f"segment: {one_line(e)}") from None
     except (ValueError, FloatingPointError) as e:
         raise StageError(f"segment: {e}") from None
     finally:
@@ -144,6 +151,40 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     print(f"localmim segment: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} "
           f"after {res.metrics['iters']} iterations -> {out}", file=sys.stderr)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _scan(cfg: SegmentConfig, args) -> dict | str:
+    """Both splits checked (cached in the checkpoint directory), each with its load-time rule; or the error."""
+    from localmim.data.ade20k import scan_split
+    from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
+
+    cache = Path(args.ckpt_dir) / "image-check.json"
+    try:
+        scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad, cache=cache, progress=not args.no_progress)
+                 for s in ("train", "val")}
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    files = [f for sc in scans.values() for p in sc.pairs for f in (p.image, p.annotation)]
+    log = load_skip_log(args.ckpt_dir, {"run": cfg.run_key(), "files": file_stats(files)})
+    for s, sc in scans.items():
+        sc.pairs.skips = LoadSkips(log, cfg.on_bad, s)
+    return scans
+
+
+def _split_counts(scans, val_images: int) -> dict:
+    """found / used / skipped per split, the skipped files with their reasons (load-time ones too) and notes."""
+    out: dict = {"skipped": {}, "notes": {}}
+    for s, sc in scans.items():
+        failed = {r["file"]: r["reason"] for r in sc.pairs.skips.records()}
+        at_load = [{"file": f, "reason": failed[f]} for p in sc.pairs
+                   for f in [next((str(x) for x in (p.image, p.annotation) if str(x) in failed), None)] if f]
+        used = len(sc.pairs) - len(at_load)
+        out.update({f"{s}_found": sc.found, f"{s}_used": used, f"{s}_skipped": len(sc.skipped) + len(at_load)})
+        out["skipped"][s] = sc.skipped + at_load
+        out["notes"][s] = sc.notes
+    if out["val_used"] != val_images:
+        print(f"localmim segment: warning: {out['val_used']} val pairs used, {val_images} scored", file=sys.stderr)
+    return out
 
 
 def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -> dict:
@@ -174,14 +215,15 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
         out.replace(old)
     staging.replace(out)
     shutil.rmtree(old, ignore_errors=True)
+    val_images = len(list((out / "pred").glob("*.png")))  # scored in the final pass (placeholders write none)
     metrics = {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"], "iters": m["iters"],
-               "val_images": m["images"], "train_seconds": m["train_seconds"],
+               "val_images": val_images, "train_seconds": m["train_seconds"],
                "images_per_s": m.get("final_images_per_s", float("nan")), "world_size": m["world_size"],
                "inference": inference_mode(cfg, res.model)}
-    for s, sc in scans.items():
-        metrics.update({f"{s}_found": sc.found, f"{s}_used": len(sc.pairs), f"{s}_skipped": len(sc.skipped)})
+    counts = _split_counts(scans, val_images)
+    metrics.update({k: v for k, v in counts.items() if k not in ("skipped", "notes")})
     metrics.update(per_class_iou=_nan_to_none(m["per_class_iou"]), per_class_acc=_nan_to_none(m["per_class_acc"]),
-                   history=res.history, skipped={s: sc.skipped for s, sc in scans.items()})
+                   history=res.history, skipped=counts["skipped"], notes=counts["notes"])
     ctx.write_metrics(ctx.args.metrics, metrics)
     for name in ("grid.png", "per_class.csv", "model.json"):
         ctx.tracker.log_artifact(out / name)
