@@ -198,7 +198,8 @@ def _fill_check(net: torch.nn.Module, state: dict[str, Tensor], arch: Arch, fina
     if extra or missing:
         raise ValueError(f"{arch.timm_name}: source keys it does not have: {_names(extra)}; its keys no source key "
                          f"fills: {_names(missing)}")
-    if "pos_embed" in state and own["pos_embed"].shape != state["pos_embed"].shape:
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape[-1] == own["pos_embed"].shape[-1] and pos.shape != own["pos_embed"].shape:
         old = list(state["pos_embed"].shape)
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], net)
         acc.resampled["pos_embed"] = (old, list(state["pos_embed"].shape))
