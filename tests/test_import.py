@@ -213,10 +213,19 @@ def test_checkpoint_needing_pickled_objects_is_refused_with_the_way_out(tmp_path
     assert "_Opaque" in msg and "weights_only=False" in msg and "ckpt.weights.pt" in msg
 
 
+def test_ddp_prefix_is_removed_and_said(tmp_path):
+    sd = _sd("mae_vit")
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pth")
+    src = load_checkpoint(tmp_path / "ddp.pth")
+    assert src.state_dict.keys() == sd.keys() and "module." in src.notes[0]
+
+
 def test_cli_errors_name_the_file(tmp_path):
     torch.save({"epoch": 3, "model": [1, 2]}, tmp_path / "bad.pth")
-    rc, err = _cli("import", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "o"), check=False)
-    assert rc == 1 and "bad.pth" in err.strip().splitlines()[-1], err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    for name in ("bad.pth", "junk.pth"):
+        rc, err = _cli("import", str(tmp_path / name), "--out", str(tmp_path / "o"), check=False)
+        assert rc == 1 and name in err.strip().splitlines()[-1], err
     rc, err = _cli("import", str(REF / "mae_vit.pth"), "--num-heads", "2", "--sha256", "0" * 64, "--out",
                    str(tmp_path / "o"), check=False)
     assert rc == 1 and "differs from imported.sha256" in err, err

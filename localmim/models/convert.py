@@ -49,15 +49,24 @@ def load_checkpoint(path: str | Path) -> Source:
     notes = []
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except (RuntimeError, EOFError, OSError) as e:  # not a torch file, truncated, ...
+        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:
         needed = _unsafe_globals(path)
+        if not needed:  # not a zip checkpoint, or not a checkpoint at all: torch's own reason
+            why = " ".join(str(e).partition("WeightsUnpickler error:")[2].split("Check the documentation")[0].split())
+            why = why or str(e).splitlines()[0]
+            raise ValueError(f"{path}: cannot be read with weights_only=True: {why}") from None
         refused = [g for g in needed if g not in SAFE_PICKLES]
-        if not needed or refused:
-            raise ValueError(_refusal(path, refused or ["(unknown)"])) from None
+        if refused:
+            raise ValueError(_refusal(path, refused)) from None
         with torch.serialization.safe_globals([SAFE_PICKLES[g] for g in needed]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
         notes.append(f"allowed pickled {', '.join(needed)} (the training args, plain values)")
     sd, params = _state_dict_of(path, payload)
+    if all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        notes.append("removed the DistributedDataParallel prefix 'module.' from every key")
     return Source(sd, params, notes)
 
 
