@@ -165,6 +165,8 @@ def convert(src: Source, fmt: str = "auto", model: str | None = None, img_size: 
     for k, (rule, target) in decided.items():
         count = acc.mapped if target is not None else acc.dropped
         count[rule] = count.get(rule, 0) + 1
+        if target in state:
+            raise ValueError(f"two source keys map to {target}: {k} and another")
         if target is not None:
             state[target] = sd[k].detach().clone()
     arch = _target_arch(layout, state, src.params, model, img_size, num_heads, final_norm)
