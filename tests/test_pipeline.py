@@ -293,3 +293,20 @@ def test_slurm_profile_submits_training_jobs_with_their_gpus(repo, tmp_path):
         assert f"--cpus-per-task={res['cpus']}" in args
     assert all((state / f"{f.stem}.rc").read_text().strip() == "0" for f in state.glob("*.args"))
     assert "[default0]:localmim pretrain: loss" in (repo / "logs" / "pretrain.log").read_text()
+
+
+def test_dag_starts_from_an_imported_encoder(repo):
+    """``imported.source`` set: the import node writes the encoder, pretrain copies it without training, and the
+    downstream stages run on it; the same nodes, no file regenerated. The reference-format ViT fixture (16 px).
+    Last in the file: the workspace keeps this experiment's params (the tests above need pre-training)."""
+    source = "tests/fixtures/reference/localmim_vit.pth"
+    out = _dvc(repo, "exp", "run", "-n", "released", "-S", f"imported.source={source}", "-S", "imported.num_heads=2")
+    ran = _ran_dvc(out)
+    assert {"import_encoder", "pretrain", "finetune", "linprobe", "summary"} <= ran, out[-3000:]
+    assert not {"synth", "shard_train", "shard_val"} & ran
+    assert "holds an imported encoder: copied" in out
+    assert json.loads((repo / "metrics/pretrain.json").read_text()) == {"imported": 1.0}
+    info = json.loads((repo / "data/pretrain/encoder.json").read_text())
+    assert info["imported"]["file"] == "localmim_vit.pth" and info["timm_name"] == "vit_d16x5_patch4_16"
+    assert json.loads((repo / "metrics/finetune.json").read_text())["epochs"] == TINY["finetune"]["epochs"]
+    assert _git(repo, "status", "--porcelain", "--", *GENERATED) == ""

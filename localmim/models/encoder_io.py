@@ -1,7 +1,8 @@
 """Exported encoders on disk, for ViT and Swin alike: ``encoder.pt`` (a plain timm state dict, loadable with
 ``weights_only=True``) next to ``encoder.json`` (``timm_name`` + ``timm_kwargs``, plus provenance). Pre-training
-writes them (:func:`write_encoder`); every downstream stage reads them (:func:`read_encoder`) and builds a timm model
-from them (:func:`build_classifier`, :func:`create_encoder`), always through :func:`create_timm_model`.
+writes them (:func:`write_encoder`), ``localmim import`` too (:func:`write_encoder_files`, from released checkpoints,
+:mod:`localmim.models.convert`); every downstream stage reads them (:func:`read_encoder`) and builds a timm model from
+them (:func:`build_classifier`, :func:`create_encoder`), always through :func:`create_timm_model`.
 
 ``timm_name`` says what the model is (``vit_tiny_patch8_64``: width, patch size, resolution; Swin adds the window);
 ``timm_kwargs`` carry the whole architecture. Plain timm builds it with ``timm.create_model(timm_name, **kwargs)``
@@ -25,12 +26,18 @@ from localmim.models.export import export_encoder, load_pretrained_into_timm
 def write_encoder(model: nn.Module, out: Path, extra: dict) -> Path:
     """Write ``out/encoder.pt`` + ``out/encoder.json`` (atomically) for a trained LocalMIM/MAE ViT or Swin."""
     from localmim.models.swin import LocalMIMSwin, export_swin_encoder
-    from localmim.utils.io import atomic_torch_save, atomic_write_json
 
     if isinstance(model, LocalMIMSwin):
         name, kwargs, state = export_swin_encoder(model)
     else:
         name, kwargs, state = export_encoder(model)
+    return write_encoder_files(out, name, kwargs, state, extra)
+
+
+def write_encoder_files(out: Path, name: str, kwargs: dict[str, Any], state: dict[str, Tensor], extra: dict) -> Path:
+    """Write ``(timm_name, timm_kwargs, state_dict)`` as ``out/encoder.pt`` + ``out/encoder.json`` (atomically)."""
+    from localmim.utils.io import atomic_torch_save, atomic_write_json
+
     atomic_torch_save({k: v.contiguous().cpu() for k, v in state.items()}, Path(out) / "encoder.pt")
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     atomic_write_json(Path(out) / "encoder.json", {"timm_name": name, "timm_kwargs": kwargs, **extra})

@@ -37,15 +37,23 @@ def vit_label(dim: int, depth: int, heads: int, patch: int, img: int | tuple[int
     return f"vit_{size}_patch{patch}_{res}"
 
 
-def _timm_spec(model: LocalMIMViT, final_norm: str, global_pool: str) -> tuple[str, dict[str, Any]]:
-    blk = model.blocks[0]
-    dim, depth, heads = model.cls_token.shape[-1], len(model.blocks), blk.attn.num_heads
-    mlp_ratio = blk.mlp.fc1.out_features / dim
-    name = vit_label(dim, depth, heads, model.patch_size, model.img_size)
-    kwargs = dict(img_size=model.img_size, patch_size=model.patch_size, embed_dim=dim, depth=depth,
-                  num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
+def vit_timm_spec(img_size: int | tuple[int, int], patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                  mlp_ratio: float, final_norm: str = "fresh", global_pool: str = "avg") -> tuple[str, dict[str, Any]]:
+    """``(timm_name, timm_kwargs)`` of the plain timm ViT an encoder is exported to (pre-training and
+    ``localmim import`` alike); see the module docstring for ``final_norm``."""
+    name = vit_label(embed_dim, depth, num_heads, patch_size, img_size)
+    kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                  num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
                   global_pool=global_pool, fc_norm=final_norm == "fresh")
     return name, kwargs
+
+
+def timm_spec_of(model: LocalMIMViT, final_norm: str = "fresh", global_pool: str = "avg") -> tuple[str, dict[str, Any]]:
+    """:func:`vit_timm_spec` of a LocalMIMViT (its weights are not read: a model on the meta device will do)."""
+    blk = model.blocks[0]
+    dim = model.cls_token.shape[-1]
+    return vit_timm_spec(model.img_size, model.patch_size, dim, len(model.blocks), blk.attn.num_heads,
+                         blk.mlp.fc1.out_features / dim, final_norm, global_pool)
 
 
 def convert_state_dict(state_dict: dict[str, Tensor], final_norm: str = "fresh") -> dict[str, Tensor]:
@@ -83,8 +91,19 @@ def export_encoder(model: LocalMIMViT, final_norm: str = "fresh",
     """
     if not isinstance(model, LocalMIMViT):
         raise TypeError(f"export_encoder expects a LocalMIMViT, got {type(model).__name__}")
-    name, kwargs = _timm_spec(model, final_norm, global_pool)
+    name, kwargs = timm_spec_of(model, final_norm, global_pool)
     return name, kwargs, convert_state_dict(model.state_dict(), final_norm)
+
+
+def resample_pos_embed(pos_embed: Tensor, timm_model: nn.Module) -> Tensor:
+    """``[1, 1+N, d]`` -> the patch grid of ``timm_model`` (a timm ViT): bicubic over the grid, cls slot kept."""
+    grid = list(timm_model.patch_embed.grid_size)
+    out = resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=1, interpolation="bicubic",
+                                 antialias=False)
+    if out.shape != timm_model.pos_embed.shape:
+        raise ValueError(f"cannot resample pos_embed {tuple(pos_embed.shape[1:])} to "
+                         f"{tuple(timm_model.pos_embed.shape[1:])}")
+    return out
 
 
 def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tensor]) -> tuple[list[str], list[str]]:
@@ -99,12 +118,7 @@ def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tenso
     sd = dict(state_dict)
     own = timm_model.state_dict()
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
-        old = tuple(int(s) for s in sd["pos_embed"].shape[1:])
-        grid = list(timm_model.patch_embed.grid_size)
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=grid, num_prefix_tokens=1,
-                                                 interpolation="bicubic", antialias=False)
-        if sd["pos_embed"].shape != own["pos_embed"].shape:
-            raise ValueError(f"cannot resample pos_embed {old} to {tuple(own['pos_embed'].shape[1:])}")
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], timm_model)
     for k in ("head.weight", "head.bias"):
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             del sd[k]
@@ -112,4 +126,5 @@ def load_pretrained_into_timm(timm_model: nn.Module, state_dict: dict[str, Tenso
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-__all__ = ["convert_state_dict", "export_encoder", "load_pretrained_into_timm"]
+__all__ = ["convert_state_dict", "export_encoder", "load_pretrained_into_timm", "resample_pos_embed", "timm_spec_of",
+           "vit_timm_spec"]

@@ -134,12 +134,23 @@ def pretrain_nodes() -> list[Node]:
     targets = Node("targets", "localmim targets data/shards/train data/views --placeholder-unless-views",
                    params=["targets", "pretrain.data"], deps=["data/shards/train"], outs=["data/views"], threads=2,
                    smk_params={"targets": views_only, "pretrain.data": 'config["pretrain"]["data"]'})
-    cmd = "localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
+    cmd = ("localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
+           " --imported data/imported")
     # data/shards/val: the kNN monitor's queries (pretrain.knn_every)
-    pretrain = Node("pretrain", cmd, params=["pretrain"], deps=["data/shards/train", "data/views", "data/shards/val"],
+    pretrain = Node("pretrain", cmd, params=["pretrain"],
+                    deps=["data/shards/train", "data/views", "data/shards/val", "data/imported"],
                     outs=["data/pretrain"], metrics=["metrics/pretrain.json"], plots=["metrics/curves/pretrain"],
                     threads=2, launcher=TORCHRUN)
-    return [targets, pretrain]
+    return [targets, import_node(), pretrain]
+
+
+def import_node() -> Node:
+    """``localmim import`` of ``imported.source`` (a released checkpoint) into ``data/imported``; a constant
+    placeholder while the source is null. ``pretrain`` always depends on it and, when it holds an encoder, copies it
+    to ``data/pretrain`` instead of training, so the DAG starts from the import with the same nodes. The checkpoint
+    lies outside the DAG: ``imported.sha256`` pins its bytes (a params key, hence a rerun trigger)."""
+    return Node("import_encoder", "localmim import --out data/imported --placeholder-unless-source",
+                params=["imported"], outs=["data/imported"])
 
 
 def evaluation_nodes() -> list[Node]:

@@ -32,6 +32,9 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
         flag("--ckpt-dir", default="data/checkpoints/pretrain", help="resumable checkpoints (not a DAG output)"),
         flag("--metrics", default="metrics/pretrain.json", help="metrics JSON"),
         flag("--knn-val", default=None, help="val shards of the kNN monitor (default: val/ next to --shards)"),
+        flag("--imported", default=None, metavar="DIR",
+             help="start from an imported encoder: when DIR holds one (`localmim import`), copy it to --out instead "
+                  "of training (the DAG's way to skip pre-training: imported.source)"),
         flag("--epochs", key="epochs", type=int, metavar="N", help="pre-training epochs"),
         flag("--data", key="data", choices=["online", "views"], help="input: raw shards or view shards"),
         flag("--model", key="model", metavar="NAME", help="localmim.models registry name"),
@@ -39,7 +42,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
         flag("--no-progress", action="store_true", help="no progress bar"),
     ],
     system_metrics=True,
-    inputs=lambda cfg, a: {"train": a.views_dir if cfg.data == "views" else a.shards},
+    inputs=lambda cfg, a: {"train": a.views_dir if cfg.data == "views" else a.shards, "imported": a.imported},
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import write_encoder
@@ -49,6 +52,8 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.utils.io import atomic_write_json
 
     args = ctx.args
+    if args.imported and (Path(args.imported) / "encoder.json").is_file():
+        return _use_imported(Path(args.imported), Path(args.out), args.metrics, ctx)
     data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
     try:
@@ -79,3 +84,24 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     barrier()
     cleanup()
     return metrics if ctx.is_main else {}
+
+
+def _use_imported(src: Path, out: Path, metrics_file: str, ctx: StageContext) -> dict[str, float]:
+    """Copy the imported encoder (and its ``params.yaml``) to ``out``, no training: ``out`` then depends on the
+    import only, not on the ``pretrain`` params (DVC sees the same output for any of them)."""
+    import shutil
+
+    from localmim.utils.io import atomic_write_json, tmp_name
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("knn.json", "params.yaml"):  # a previous training run's
+            (out / stale).unlink(missing_ok=True)
+        for name in ("encoder.pt", "encoder.json", "params.yaml"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp_name(out / name))
+                tmp_name(out / name).replace(out / name)
+        atomic_write_json(metrics_file, {"imported": 1.0})
+        ctx.tracker.set_tags({"imported": str(src)})
+        print(f"localmim pretrain: {src} holds an imported encoder: copied to {out}, no pre-training", file=sys.stderr)
+    return {"imported": 1.0} if ctx.is_main else {}
