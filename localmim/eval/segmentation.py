@@ -7,6 +7,7 @@
 - Inference: ``whole`` (the image at the test scale in one pass) or ``slide`` (``crop × crop`` windows every
   ``stride`` pixels, logits averaged where windows overlap, MMSeg's grid); logits are resized (bilinear) to the
   annotation's size before the argmax.
+- :func:`render`: image | ground truth | prediction rows, label maps coloured with torchvision's palette.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from localmim.train.engine import autocast
 from localmim.utils.distributed import get_world_size
 
 IGNORE = 255
@@ -97,7 +99,7 @@ def evaluate(model, loader, device: torch.device, num_classes: int, *, mode: str
     for images, labels, idx in loader:
         images = images.to(device, non_blocking=True)  # uint8 [1, 3, h, w]
         labels = labels.to(device, non_blocking=True)  # uint8 [1, H, W]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             pred = predict(model, images, labels.shape[-2:], mode=mode, num_classes=num_classes, crop=crop,
                            stride=stride)
         cm += confusion_matrix(pred, labels, num_classes)
@@ -114,4 +116,25 @@ def evaluate(model, loader, device: torch.device, num_classes: int, *, mode: str
     return {**scores(cm), "images": int(n), "confusion": cm.cpu().tolist()}
 
 
-__all__ = ["confusion_matrix", "evaluate", "predict", "scores", "slide_logits"]
+def colour_labels(labels: Tensor, num_labels: int) -> Tensor:
+    """``uint8 [3, H, W]``: label ``v`` of ``labels [H, W]`` in colour ``v`` of torchvision's mask palette (0, the
+    ignore / unlabelled value in ADE20K's convention, black); values ``>= num_labels`` stay black."""
+    from torchvision.utils import draw_segmentation_masks
+
+    masks = labels[None] == torch.arange(num_labels, device=labels.device)[:, None, None]  # [V, H, W]
+    canvas = torch.zeros(3, *labels.shape, dtype=torch.uint8, device=labels.device)
+    return draw_segmentation_masks(canvas, masks, alpha=1.0)
+
+
+def render(rows: list[tuple[Tensor, Tensor, Tensor]], num_labels: int, gap: int = 4) -> Tensor:
+    """A ``uint8 [3, H, W]`` grid with one row per ``(image uint8 [3, h, w], ground truth [h, w], prediction
+    [h, w])`` (label maps in ADE20K's convention): image | ground truth | prediction, tiles padded to the largest."""
+    from torchvision.utils import make_grid
+
+    tiles = [t for img, gt, pred in rows for t in (img, colour_labels(gt, num_labels), colour_labels(pred, num_labels))]
+    h, w = max(t.shape[-2] for t in tiles), max(t.shape[-1] for t in tiles)
+    tiles = [F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=255) for t in tiles]
+    return make_grid(tiles, nrow=3, padding=gap, pad_value=255)
+
+
+__all__ = ["colour_labels", "confusion_matrix", "evaluate", "predict", "render", "scores", "slide_logits"]
