@@ -8,7 +8,7 @@ decay); ``optimizer: lars`` uses timm's LARS with those semantics, ``sgd``/``ada
 from typing import Literal
 
 from localmim.config import register_section
-from localmim.config.base import Amp, BlrScaled, Device, NonNeg, NonNegInt, PosFloat, PosInt, Section
+from localmim.config.base import Amp, Betas, BlrScaled, Device, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("linprobe")
@@ -23,6 +23,7 @@ class LinprobeConfig(BlrScaled, Section):
     min_lr: NonNeg = 0.0
     weight_decay: NonNeg = 0.0
     optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    betas: Betas = (0.9, 0.999)  # optimizer: adamw only (torch's defaults)
     input_size: NonNegInt = 0  # 0 = the encoder's pre-training resolution
     num_workers: NonNegInt = 2
     seed: int = 0

@@ -71,8 +71,10 @@ def build_head(dim: int, num_classes: int) -> torch.nn.Module:
     return head
 
 
-def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float) -> torch.optim.Optimizer:
-    """LARS (MAE; trust ratio on the weight only), SGD with momentum 0.9, or AdamW; lr is set by the schedule."""
+def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """LARS (MAE; trust ratio on the weight only), SGD with momentum 0.9, or AdamW (``betas``); lr is set by the
+    schedule."""
     from timm.optim import Lars
 
     lin = head[1]
@@ -83,7 +85,7 @@ def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float) -> to
     if name == "sgd":
         return torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=weight_decay)
+        return torch.optim.AdamW(head.parameters(), lr=0.0, betas=tuple(betas), weight_decay=weight_decay)
     raise ValueError(f"linprobe optimizer must be lars|sgd|adamw, got {name!r}")
 
 
@@ -103,8 +105,8 @@ def train_probe(
     dev = x.device
     seed_everything(cfg.seed)
     head = build_head(x.shape[1], num_classes).to(dev)
-    eng = Engine(head, head, build_optimizer(head, cfg.optimizer, cfg.weight_decay), Precision.of("none", dev),
-                 DistInfo(0, 1, 0, dev))  # fp32, one process
+    opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay, cfg.betas)
+    eng = Engine(head, head, opt, Precision.of("none", dev), DistInfo(0, 1, 0, dev))  # fp32, one process
     steps = max(1, len(x) // cfg.batch_size)  # drop_last, as MAE
     schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
