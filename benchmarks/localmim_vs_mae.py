@@ -94,13 +94,14 @@ def evaluate(model, labelled, num_classes: int, device) -> dict[str, float]:
 
     from localmim.eval.analysis import probe_top1
     from localmim.eval.knn import knn_top1, pooled_features
+    from localmim.train.engine import autocast
 
     was = model.training
     model.eval()
     amp = torch.bfloat16 if device.type == "cuda" else None
     feats = []
     for x, _ in labelled:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             feats.append(torch.cat([pooled_features(model, b.to(device)) for b in x.split(256)]).float())
     model.train(was)
     (_, ty), (_, vy) = labelled

@@ -44,15 +44,3 @@ def synth_coco(root: Path, train: int = 6, val: int = 3, seed: int = 0) -> Path:
                quality=90)
     return root
 
-
-def micro_encoder(out: Path, family: str = "vit") -> Path:
-    """An exported (untrained) micro ViT or nano Swin encoder directory."""
-    import torch
-
-    from localmim.models import create
-    from localmim.models.encoder_io import write_encoder
-
-    torch.manual_seed(0)
-    model = create("localmim_vit_micro_patch8", img_size=32) if family == "vit" else create("localmim_swin_nano_p2_64")
-    write_encoder(model, out, {})
-    return out

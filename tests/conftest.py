@@ -67,3 +67,14 @@ def _tracking_uri_stays_in_its_test():
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a shared, oversubscribed 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,28 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from localmim.models import create
 from localmim.models.backbone import EncoderFeatures
-from localmim.models.encoder_io import EncoderSpec
-from localmim.models.export import export_encoder
 from localmim.models.layer_decay import param_groups_with_decay
-from localmim.models.swin import export_swin_encoder
-
-
-def _vit_spec() -> EncoderSpec:
-    torch.manual_seed(0)
-    name, kwargs, sd = export_encoder(create("localmim_vit_micro_patch8").eval())
-    return EncoderSpec(name, kwargs, sd)
-
-
-def _swin_spec() -> EncoderSpec:
-    torch.manual_seed(0)
-    name, kwargs, sd = export_swin_encoder(create("localmim_swin_nano_p2_64").eval())
-    return EncoderSpec(name, kwargs, sd)
+from tests.encoders import micro_spec
 
 
 def test_vit_features_at_the_taps_any_size():
-    enc = _vit_spec()
+    enc = micro_spec("vit")
     bb = EncoderFeatures(enc, img_size=48)
     depth = len(bb.encoder.blocks)
     assert len(bb.indices) == 4 and bb.indices == sorted(set(bb.indices)) and bb.indices[-1] == depth - 1
@@ -42,7 +27,7 @@ def test_vit_features_at_the_taps_any_size():
 
 def test_vit_features_equal_a_plain_block_loop():
     """Independent of timm's forward_intermediates: run patch embed + pos embed + blocks by hand."""
-    bb = EncoderFeatures(_vit_spec(), img_size=32).eval()
+    bb = EncoderFeatures(micro_spec("vit"), img_size=32).eval()
     enc = bb.encoder
     x = torch.randn(1, 3, 32, 32)
     t = enc.patch_embed(x)  # [1, 4, 4, D] (dynamic size: NHWC)
@@ -58,7 +43,7 @@ def test_vit_features_equal_a_plain_block_loop():
 
 
 def test_swin_four_stages():
-    bb = EncoderFeatures(_swin_spec(), img_size=64)
+    bb = EncoderFeatures(micro_spec("swin"), img_size=64)
     feats = bb(torch.randn(1, 3, 64, 96))
     assert bb.strides == [2, 4, 8, 16]
     expect = [(1, c, 64 // s, 96 // s) for c, s in zip(bb.out_channels, bb.strides, strict=True)]
@@ -76,7 +61,7 @@ class _Head(nn.Module):
 def test_layer_decay_of_a_wrapped_backbone(family):
     """Scales from the method §8.1 rules written out by hand: ViT embed 0, block i -> i+1, rest L+1; Swin:
     patch embed 0, block j of stage s -> sum(depths[:s]) + j + 1, the merge in front of stage s -> sum(depths[:s])."""
-    bb = EncoderFeatures(_vit_spec() if family == "vit" else _swin_spec(), img_size=64 if family == "swin" else 32)
+    bb = EncoderFeatures(micro_spec(family), img_size=64 if family == "swin" else 32)
     model = _Head(bb)
     groups = param_groups_with_decay(model, bb.encoder, "backbone.encoder.", weight_decay=0.05, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}

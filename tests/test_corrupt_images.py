@@ -24,8 +24,9 @@ from localmim.data import ade20k as A
 from localmim.data import imagefile as F
 from localmim.data.coco import ScoredGroundTruth, coco_dataset, collate, eval_transforms, load_coco
 from localmim.data.synth import write_ade20k
-from tests.coco_data import micro_encoder, synth_coco
+from tests.coco_data import synth_coco
 from tests.conftest import cli_env, run_cli
+from tests.encoders import micro_encoder
 
 # ------------------------------------------------------------------------------------------------ damage
 

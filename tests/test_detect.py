@@ -1,5 +1,6 @@
 """Mask R-CNN on the exported encoder (method §9.2): backbone pyramids, training step with empty images, layer
-decay, resume after SIGKILL, schedule, and the `detect` stage through the CLI on the synth layout."""
+decay, resume after SIGKILL, no resume across params or encoders, schedule, and the `detect` stage through the CLI on
+the synth layout."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,11 @@ import torch
 
 from localmim.models.detection import DetectionBackbone, build_mask_rcnn
 from localmim.models.encoder_io import EncoderSpec, read_encoder
-from localmim.train.detect import DetSchedule
-from tests.coco_data import hand_coco, micro_encoder, synth_coco
+from localmim.train.schedule import DetSchedule
+from tests.coco_data import hand_coco, synth_coco
 from tests.conftest import cli_env, run_cli
+from tests.encoders import micro_encoder
+from tests.resume import kill_then_resume, same_weights
 
 VIT16 = EncoderSpec("vit_base_patch16_224", {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2,
                                              "num_heads": 2}, {})
@@ -117,35 +119,26 @@ def test_schedule_warmup_and_steps():
 
 # ---------------------------------------------------------------------------------------------- resume
 
+# the tiny detector of the resume tests: 32 px LSJ (scale 0.5-1.5), narrow heads
+TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, batch_size=2, warmup_iters=2, box_head_dim=32,
+            mask_head_channels=8, rpn_batch_size_per_image=32, box_batch_size_per_image=16, num_workers=0,
+            device="cpu", log_every=1, vis_images=0)
+
 SCRIPT = """
 import os, signal, sys, torch
 from localmim.config.detect import DetectConfig
-from localmim.data.coco import coco_dataset, eval_transforms, load_coco, train_transforms
-from localmim.models.detection import build_mask_rcnn
+from localmim.data.coco import load_coco
 from localmim.models.encoder_io import read_encoder
-from localmim.train.detect import seed_everything, train_detector
-from localmim.utils.distributed import init_distributed
+from localmim.train.detect import run_detect
 root, enc_dir, ckpt_dir, out = sys.argv[1:5]
-cfg = DetectConfig(image_size=32, epochs=2, batch_size=2, warmup_iters=2, box_head_dim=32, mask_head_channels=8,
-                   rpn_batch_size_per_image=32, box_batch_size_per_image=16, num_workers=0, device="cpu",
-                   log_every=1, vis_images=0)
-tr, va = load_coco(root, "train", train=True), load_coco(root, "val")
-seed_everything(cfg.seed)
-model = build_mask_rcnn(read_encoder(enc_dir), 8, image_size=32, box_head_dim=32, mask_head_channels=8,
-                        rpn_batch_size_per_image=32, box_batch_size_per_image=16, drop_path=0.1)
+cfg = DetectConfig(**{cfg})
 def on_epoch_end(epoch):
     if os.environ.get("KILL") and epoch == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-r = train_detector(cfg, model, coco_dataset(tr, train_transforms(tr, "lsj", 32, (0.5, 1.5))),
-                   coco_dataset(va, eval_transforms(va)), va.coco, va.label_to_cat, ckpt_dir=ckpt_dir,
-                   params={"detect": cfg.to_dict()}, dist=init_distributed("cpu"), on_epoch_end=on_epoch_end,
-                   progress=False)
-torch.save({"state": r.state_dict, "metrics": r.metrics, "epochs": r.epochs}, out)
+tr, va = load_coco(root, "train", train=True), load_coco(root, "val")
+r = run_detect(cfg, read_encoder(enc_dir), tr, va, ckpt_dir, on_epoch_end=on_epoch_end, progress=False)
+torch.save({{"state": r.state_dict, "metrics": r.metrics, "epochs": r.epochs}}, out)
 """
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
@@ -153,26 +146,50 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
     root = synth_coco(tmp_path / "coco", train=4, val=2)
     enc = micro_encoder(tmp_path / "enc")
-    script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(SCRIPT))
 
-    def run(ck: str, out: str, **env) -> subprocess.CompletedProcess:
-        args = [sys.executable, str(script), str(root), str(enc), str(tmp_path / ck), str(tmp_path / out)]
-        return subprocess.run(args, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    def checkpointed() -> None:
+        (run_dir,) = (tmp_path / "ck_a").iterdir()
+        assert ckpt.find_latest(run_dir) is not None and not (tmp_path / "a.pt").exists()
 
-    killed = run("ck_a", "a.pt", KILL="1")
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert ckpt.find_latest(tmp_path / "ck_a") is not None and not (tmp_path / "a.pt").exists()
-    resumed = run("ck_a", "a.pt")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and "(epoch 1)" in resumed.stdout
-    clean = run("ck_b", "b.pt")
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(TINY)), lambda t: [
+        str(root), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "1"},
+        after_kill=checkpointed)
+    assert "resumed from" in resumed and "(epoch 1, step 2)" in resumed
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert a["epochs"] == b["epochs"] == 2
-    assert _same_weights(a["state"], b["state"]) and a["metrics"] == b["metrics"]  # bit-identical on CPU
+    assert same_weights(a["state"], b["state"]) and a["metrics"] == b["metrics"]  # bit-identical on CPU
     init = read_encoder(enc).state_dict["blocks.0.attn.qkv.weight"]
     assert not torch.equal(init, a["state"]["backbone.body.encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
+    """As for segment, pretrain and finetune: the same params and encoder resume the finished run (same weights);
+    other params, or another encoder, start afresh in their own run directory (the weights of a fresh run in an
+    empty directory), leaving the first run's checkpoint intact."""
+    from localmim.config.detect import DetectConfig
+    from localmim.data.coco import load_coco
+    from localmim.train import checkpoint as ckpt
+    from localmim.train.detect import run_detect
+
+    root = synth_coco(tmp_path / "coco", train=2, val=1)
+    tr, va = load_coco(root, "train", train=True), load_coco(root, "val")
+    cfg = DetectConfig(**{**TINY, "epochs": 1})
+    encs = {s: read_encoder(micro_encoder(tmp_path / f"enc{s}", seed=s)) for s in (0, 1)}
+
+    def run(c, enc, ck: str = "ck"):
+        capsys.readouterr()
+        r = run_detect(c, enc, tr, va, tmp_path / ck, progress=False)
+        return r.state_dict, "resumed from" in capsys.readouterr().out
+
+    first, resumed = run(cfg, encs[0])
+    assert not resumed
+    again, resumed = run(cfg, encs[0])
+    assert resumed and same_weights(again, first)
+    for k, (c, enc) in enumerate(((cfg.model_copy(update={"lr": 3e-4}), encs[0]), (cfg, encs[1]))):
+        got, resumed = run(c, enc)
+        assert not resumed and same_weights(got, run(c, enc, ck=f"fresh{k}")[0])
+    dirs = list((tmp_path / "ck").iterdir())
+    assert len(dirs) == 3 and all(ckpt.find_latest(d) is not None for d in dirs)
 
 
 # ---------------------------------------------------------------------------------------------- stage

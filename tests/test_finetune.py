@@ -53,7 +53,8 @@ def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
     logged = []
     res = finetune(_cfg(), read_encoder(data["encoder"]), _data(data, tmp_path / "ckpt"),
                    log_fn=lambda m, s: logged.append((s, m)))
-    write_outputs(res, tmp_path / "ckpt", tmp_path / "out")
+    assert res.run_dir.parent == tmp_path / "ckpt"
+    write_outputs(res, res.run_dir, tmp_path / "out")
     chance = 100.0 / 4
     assert res.best_top1 >= 2 * chance, res.history
     assert [s for s, _ in logged] == list(range(1, 7)) and res.epochs == 6
@@ -123,18 +124,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     enc = read_encoder(data["encoder"])
     cfg = _cfg(epochs=3, warmup_epochs=1)
     full = finetune(cfg, enc, _data(data, tmp_path / "ca"))
-    a = torch.load(tmp_path / "ca" / "last.pt", weights_only=True)
-    ckpts = list_checkpoints(tmp_path / "ca")
+    a = torch.load(full.run_dir / "last.pt", weights_only=True)
+    ckpts = list_checkpoints(full.run_dir)
     ckpts[-1].unlink()  # the epoch-3 checkpoint is gone: the resumed run restarts at epoch 3
     res = finetune(cfg, enc, _data(data, tmp_path / "ca"))
-    assert [r["epoch"] for r in res.history] == [1, 2, 3]
-    b = torch.load(tmp_path / "ca" / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3] and res.run_dir == full.run_dir
+    b = torch.load(res.run_dir / "last.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.history[-1] == full.history[-1]
-    # other params -> not resumed from the stale checkpoint
+    # other params -> not resumed from the stale checkpoint (which stays intact in its own run directory)
+    kept = [p.name for p in list_checkpoints(full.run_dir)]
     fresh = finetune(_cfg(epochs=1, warmup_epochs=0), enc, _data(data, tmp_path / "ca"))
-    assert [r["epoch"] for r in fresh.history] == [1]
-    assert [p.name for p in list_checkpoints(tmp_path / "ca")] == [f"ckpt-{len(fresh.history) * 10:09d}.pt"]
+    assert [r["epoch"] for r in fresh.history] == [1] and fresh.run_dir != full.run_dir
+    assert [p.name for p in list_checkpoints(fresh.run_dir)] == [f"ckpt-{len(fresh.history) * 10:09d}.pt"]
+    assert [p.name for p in list_checkpoints(full.run_dir)] == kept
+    # another encoder (one weight moved), same params -> not resumed from `fresh` either: it trains its epoch
+    other = read_encoder(data["encoder"])
+    other.state_dict["blocks.0.attn.qkv.weight"] = other.state_dict["blocks.0.attn.qkv.weight"] + 1e-3
+    logged = []
+    again = finetune(_cfg(epochs=1, warmup_epochs=0), other, _data(data, tmp_path / "ca"),
+                     log_fn=lambda m, s: logged.append(s))
+    assert logged == [1] and again.run_dir not in (full.run_dir, fresh.run_dir)
 
 
 @pytest.mark.parametrize("world,workers,train", [(2, 2, False), (2, 2, True), (1, 2, True)])
@@ -225,8 +235,10 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
     loss by accum_iter (the old bug) would halve the second update."""
     import timm
 
+    from localmim.train.engine import Engine, LossMeter, Precision
     from localmim.train.finetune import train_one_epoch
     from localmim.train.schedule import WarmupCosine
+    from localmim.utils.distributed import DistInfo
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)
@@ -238,8 +250,10 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
         init = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.SGD(layer_decay_groups(model, 0.0, 0.75), lr=0.0)
         batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-        train_one_epoch(model, batches, opt, WarmupCosine(1.0, 1.0, 0, 1), torch.nn.CrossEntropyLoss(), None,
-                        epoch=0, steps=len(batches), accum_iter=accum, device=torch.device("cpu"), amp_dtype=None)
+        cpu = torch.device("cpu")
+        eng = Engine(model, model, opt, Precision.of("none", cpu), DistInfo(0, 1, 0, cpu))
+        train_one_epoch(eng, batches, WarmupCosine(1.0, 1.0, 0, 1), torch.nn.CrossEntropyLoss(), None,
+                        LossMeter("finetune", ["train_loss"], cpu), epoch=0, steps=len(batches), accum_iter=accum)
         return {k: v - init[k] for k, v in model.state_dict().items()}
 
     small = train([0, 4, 8, 12], accum=2)

@@ -20,9 +20,11 @@ from pretrain_helpers import FixedBatches, make_shards
 from localmim.config.pretrain import PretrainConfig
 from localmim.models import create
 from localmim.train import checkpoint as ckpt
+from localmim.train.engine import Checkpoints, set_lr
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
 from localmim.utils.distributed import DistInfo
+from tests.resume import kill_then_resume, same_weights
 
 TINY = dict(model="localmim_vit_micro_patch8", input_size=32, batch_size=4, epochs=3, warmup_epochs=1, blr=1e-2,
             num_workers=2, shuffle_buffer=4, log_every=1)
@@ -42,7 +44,7 @@ def test_warmup_cosine_matches_the_spec_formula():
     assert s(40) == pytest.approx(1.6e-3) and s(1600) == pytest.approx(1e-6) and s(820) == pytest.approx(
         (1.6e-3 + 1e-6) / 2)
     opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr_scale": 0.5}, {"params": [torch.zeros(1)]}], lr=1)
-    s.apply(opt, 20)
+    assert set_lr(opt, s(20)) == pytest.approx(0.8e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4e-3, 0.8e-3])
 
 
@@ -103,10 +105,10 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_pa
 
     def train(batches: list[torch.Tensor], accum: int) -> dict[str, torch.Tensor]:
         cfg = _cfg_const_lr(accum_iter=accum, batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
-        run = make_run(cfg, dist, FixedBatches(batches), tmp_path)
-        run.opt = torch.optim.SGD(run.model.parameters(), lr=0.0)
+        run = make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
+        run.eng.opt = torch.optim.SGD(run.eng.model.parameters(), lr=0.0)
         train_one_epoch(run, 0)
-        return {k: v - init[k] for k, v in run.model.state_dict().items() if v.is_floating_point()}  # the updates
+        return {k: v - init[k] for k, v in run.eng.model.state_dict().items() if v.is_floating_point()}  # updates
 
     torch.manual_seed(0)  # make_run's init seed (cfg.seed)
     init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
@@ -126,11 +128,13 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
     step, loss bookkeeping) never syncs the device with the host, except the loss read every ``log_every`` steps,
     which is its one intended sync."""
     import localmim.train.pretrain as P
+    from localmim.train.engine import LossMeter
 
     cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda", hog_bias=bias)
     batches = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory() for _ in range(3)]
-    run = P.make_run(cfg, DistInfo(0, 1, 0, torch.device("cuda", 0)), FixedBatches(batches), tmp_path)
-    read = P._Meter.read
+    dist = DistInfo(0, 1, 0, torch.device("cuda", 0))
+    run = P.make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
+    read = LossMeter.read
 
     def read_allowed(self, *a, **kw):
         mode = torch.cuda.get_sync_debug_mode()
@@ -140,7 +144,7 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
         finally:
             torch.cuda.set_sync_debug_mode(mode)
 
-    monkeypatch.setattr(P._Meter, "read", read_allowed)
+    monkeypatch.setattr(LossMeter, "read", read_allowed)
     P.train_one_epoch(run, 0)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -204,38 +208,36 @@ torch.save(out, os.path.join(sys.argv[3], f"rank{{rank}}.pt"))
 
 def _script(tmp_path: Path, **cfg) -> Path:
     p = tmp_path / "train.py"
-    p.write_text(textwrap.dedent(SCRIPT.format(cfg=repr({**TINY, **cfg}))))
+    p.write_text(_source(**cfg))
     return p
+
+
+def _source(**cfg) -> str:
+    return textwrap.dedent(SCRIPT.format(cfg=repr({**TINY, **cfg})))
 
 
 def _run(args: list[str], **env) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=cli_env(**env), capture_output=True, text=True, timeout=600)
 
 
-def _same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("kill", ["epoch", "mid"])
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill):
     make_shards(tmp_path / "s", n=12, per_shard=4)
     extra = {"ckpt_minutes": 1e-9} if kill == "mid" else {}
-    script = _script(tmp_path, **extra)
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    py = sys.executable
-    killed = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_a"), str(tmp_path / "a")], KILL=kill)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert ckpt.find_latest(next((tmp_path / "ck_a").iterdir())) is not None
-    resumed = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_a"), str(tmp_path / "a")])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"(epoch 1, step {4 if kill == 'mid' else 3})" in resumed.stdout  # mid-epoch: 1 batch of epoch 1 done
-    clean = _run([py, str(script), str(tmp_path / "s"), str(tmp_path / "ck_b"), str(tmp_path / "b")])
-    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    def checkpointed() -> None:
+        assert ckpt.find_latest(next((tmp_path / "ck_a").iterdir())) is not None
+
+    resumed, _ = kill_then_resume(tmp_path, _source(**extra),
+                                  lambda t: [str(tmp_path / "s"), str(tmp_path / f"ck_{t}"), str(tmp_path / t)],
+                                  {"KILL": kill}, after_kill=checkpointed)
+    assert f"(epoch 1, step {4 if kill == 'mid' else 3})" in resumed  # mid-epoch: 1 batch of epoch 1 done
     a, b = torch.load(tmp_path / "a" / "rank0.pt"), torch.load(tmp_path / "b" / "rank0.pt")
     assert a["metrics"]["steps"] == b["metrics"]["steps"] == 9
     assert a["monitor"] == b["monitor"] == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
-    assert _same_weights(a["state"], b["state"])  # bit-identical on CPU
+    assert same_weights(a["state"], b["state"])  # bit-identical on CPU
     init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["state"]["blocks.0.attn.qkv.weight"])
 
@@ -248,7 +250,7 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
               str(tmp_path / "s"), str(tmp_path / "ck"), str(tmp_path / "out")], OMP_NUM_THREADS="1")
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "out" / "rank0.pt"), torch.load(tmp_path / "out" / "rank1.pt")
-    assert _same_weights(r0["state"], r1["state"])
+    assert same_weights(r0["state"], r1["state"])
     assert r0["metrics"]["world_size"] == 2 and r0["metrics"]["steps_per_epoch"] == 20 // 2 // 4
     assert r0["metrics"]["peak_lr"] == pytest.approx(1e-2 * 4 * 2 / 256)
     assert math.isfinite(r0["metrics"]["final_loss"])
@@ -284,16 +286,21 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_changed_params_never_resume_an_old_run(tmp_path):
-    from localmim.train.pretrain import run_key
+    from localmim.train.engine import data_fingerprint
 
     make_shards(tmp_path / "s", n=12, per_shard=4)
     base = PretrainConfig(**TINY)
-    k = run_key(base, 1, tmp_path / "s")
-    assert run_key(base.model_copy(update={"num_workers": 0, "log_every": 5}), 1, tmp_path / "s") == k
-    assert run_key(base.model_copy(update={"mask_ratio": 0.6}), 1, tmp_path / "s") != k
-    assert run_key(base, 2, tmp_path / "s") != k
+
+    def run_dir(cfg, world: int):
+        return Checkpoints.of("ck", "pretrain", cfg, DistInfo(0, world, 0, torch.device("cpu")),
+                              data=data_fingerprint(tmp_path / "s")).dir
+
+    k = run_dir(base, 1)
+    assert run_dir(base.model_copy(update={"num_workers": 0, "log_every": 5}), 1) == k
+    assert run_dir(base.model_copy(update={"mask_ratio": 0.6}), 1) != k
+    assert run_dir(base, 2) != k
     (tmp_path / "s" / "train.json").write_text(json.dumps({"shards": []}))
-    assert run_key(base, 1, tmp_path / "s") != k
+    assert run_dir(base, 1) != k
 
 
 # ----------------------------------------------------------------------------------------------- the stages

@@ -26,6 +26,7 @@ from localmim.config.linprobe import LinprobeConfig
 from localmim.config.pretrain import PretrainConfig
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.export import export_encoder
+from localmim.train.engine import Checkpoints
 from localmim.train.linprobe import build_encoder, extract_features, train_probe
 from localmim.train.pretrain import make_run, train_one_epoch
 from localmim.utils.distributed import DistInfo
@@ -70,8 +71,9 @@ def test_pretrained_encoder_probes_far_better_than_its_random_init(tmp_path):
     cfg = PretrainConfig(model="localmim_vit_micro_patch8", input_size=32, batch_size=32, epochs=1,
                          warmup_epochs=0.05, lr=3e-3, min_lr=3e-3, seed=0, num_workers=0, log_every=200,
                          ckpt_minutes=0, device="cpu")
-    run = make_run(cfg, DistInfo(0, 1, 0, torch.device("cpu")), FixedBatches(batches), tmp_path)
-    random_init = copy.deepcopy(run.model)
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    run = make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
+    random_init = copy.deepcopy(run.eng.model)
     train_one_epoch(run, 0)
-    pre, rand = _probe_top1(run.model, train, val), _probe_top1(random_init, train, val)
+    pre, rand = _probe_top1(run.eng.model, train, val), _probe_top1(random_init, train, val)
     assert pre >= rand + 20.0, (pre, rand)

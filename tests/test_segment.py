@@ -1,12 +1,12 @@
 """The segment stage (method §9.1): metrics vs NumPy, neck shapes, inference modes, augmentation alignment,
-reduce-zero-label, bad inputs, resume after SIGKILL, and the stage through the CLI on the synth layout."""
+reduce-zero-label, bad inputs, resume after SIGKILL, no resume across params or encoders, and the stage through the
+CLI on the synth layout."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,11 @@ from torchvision import tv_tensors
 from localmim.data import ade20k as A
 from localmim.eval.segmentation import confusion_matrix, scores, slide_logits
 from localmim.models import create
-from localmim.models.encoder_io import EncoderSpec, write_encoder
+from localmim.models.encoder_io import EncoderSpec
 from localmim.models.segmentation import build_segmenter
-from localmim.train.segment import PolyWarmup
+from localmim.train.schedule import PolyWarmup
+from tests.encoders import micro_encoder, micro_spec
+from tests.resume import kill_then_resume, same_weights
 
 # ------------------------------------------------------------------------------------------------- metrics
 
@@ -82,16 +84,9 @@ def test_neck_shapes_at_512(name, shapes):
     assert tuple(logits.shape) == tuple(aux.shape) == (2, 150, 512, 512)
 
 
-def _micro_spec() -> EncoderSpec:
-    from localmim.models.export import export_encoder
-
-    torch.manual_seed(0)
-    return EncoderSpec(*export_encoder(create("localmim_vit_micro_patch8", img_size=32).eval()))
-
-
 def test_slide_equals_whole_when_one_window_covers_the_image():
     torch.manual_seed(0)
-    model = build_segmenter(_micro_spec(), 5, crop_size=32, channels=16, aux_channels=8).eval()
+    model = build_segmenter(micro_spec(), 5, crop_size=32, channels=16, aux_channels=8).eval()
     img = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
     with torch.no_grad():
         whole = model(img)[0]
@@ -245,34 +240,45 @@ torch.save({{"state": r.model.state_dict(), "mIoU": r.metrics["mIoU"]}}, sys.arg
 """
 
 
-def _encoder(out: Path) -> Path:
-    torch.manual_seed(0)
-    write_encoder(create("localmim_vit_micro_patch8", img_size=32), out, {})
-    return out
-
-
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     _layout(tmp_path / "ade", n_train=6, n_val=2)
-    enc = _encoder(tmp_path / "enc")
-    script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(cfg=repr(TINY))))
-
-    def run(ck: str, out: str, **env) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), str(tmp_path / "ade"), str(enc), str(tmp_path / ck),
-                               str(tmp_path / out)], env=cli_env(**env), capture_output=True, text=True, timeout=600)
-
-    killed = run("ck_a", "a.pt", KILL="1")
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run("ck_a", "a.pt")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "(step 2)" in resumed.stdout
-    clean = run("ck_b", "b.pt")
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    enc = micro_encoder(tmp_path / "enc")
+    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(TINY)), lambda t: [
+        str(tmp_path / "ade"), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "1"})
+    assert "(epoch 0, step 2)" in resumed
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
-    assert a["state"].keys() == b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    assert same_weights(a["state"], b["state"])
     assert a["mIoU"] == b["mIoU"]
     init = torch.load(enc / "encoder.pt")
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], a["state"]["backbone.encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
+    """A run resumes only its own checkpoints (as pretrain and finetune): the same params and encoder resume the
+    finished run (nothing left to train, same weights); other params, or another encoder, start afresh in their own
+    run directory (the weights of a fresh run in an empty directory), leaving the first run's checkpoint intact."""
+    from localmim.config.segment import SegmentConfig
+    from localmim.train import checkpoint as ckpt
+    from localmim.train.segment import run_segment
+
+    _layout(tmp_path / "ade", n_train=4, n_val=1)
+    tr, va = (A.scan_split(tmp_path / "ade", s, 4).pairs for s in ("train", "val"))
+    cfg = SegmentConfig(**{**TINY, "iters": 2, "eval_every": 0, "ckpt_every": 2, "num_workers": 0})
+
+    def run(c, enc, ck: str = "ck"):
+        capsys.readouterr()
+        r = run_segment(c, enc, tr, va, tmp_path / ck, progress=False)
+        return r.model.state_dict(), r.checkpoint, "resumed from" in capsys.readouterr().out
+
+    first, first_ckpt, resumed = run(cfg, micro_spec())
+    assert not resumed
+    again, _, resumed = run(cfg, micro_spec())
+    assert resumed and same_weights(again, first)
+    for c, enc in ((cfg.model_copy(update={"lr": 2e-4}), micro_spec()), (cfg, micro_spec(seed=1))):
+        got, path, resumed = run(c, enc)
+        assert not resumed and path.parent != first_ckpt.parent
+        assert same_weights(got, run(c, enc, ck=f"fresh_{path.parent.name}")[0])
+    assert len(list((tmp_path / "ck").iterdir())) == 3 and ckpt.find_latest(first_ckpt.parent) == first_ckpt
 
 
 def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
@@ -282,7 +288,7 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
                  quality=90)
     base = tmp_path / "ade" / "ADEChallengeData2016"
     Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(base / "annotations" / "training" / "orphan.png")
-    _encoder(tmp_path / "enc")
+    micro_encoder(tmp_path / "enc")
     (tmp_path / "params.yaml").write_text(json.dumps({"segment": {**TINY, "eval_every": 0, "ckpt_every": 6}}))
     p = run_cli("segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m/segment.json",
                 "--ckpt-dir", "ck", "--no-progress", cwd=tmp_path, LOCALMIM_TRACKING="0")
@@ -314,7 +320,7 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
 
     write_ade20k(tmp_path / "ade", seed=1, num_classes=4, sizes={"train": 4, "val": 3}, min_side=32, max_side=48,
                  quality=90)
-    _encoder(tmp_path / "enc")
+    micro_encoder(tmp_path / "enc")
     (tmp_path / "params.yaml").write_text(json.dumps({"segment": {**TINY, "iters": 2, "eval_every": 0,
                                                                   "ckpt_every": 2, "num_workers": 0}}))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",

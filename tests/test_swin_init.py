@@ -14,7 +14,7 @@ import torch
 
 from localmim.models import create
 from localmim.train.optim import create_adamw
-from tests.test_models_vit import np_sincos
+from tests.vit_reference import np_sincos
 
 
 @pytest.fixture(scope="module")

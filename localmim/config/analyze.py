@@ -9,9 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-NonNegInt = Annotated[int, Field(ge=0)]
+from localmim.config.base import NonNegInt, Section
 
 
 @register_section("analyze")

@@ -11,10 +11,22 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The field types the sections share.
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Prob = Annotated[float, Field(ge=0, le=1)]
+Frac = Annotated[float, Field(gt=0, lt=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Betas = tuple[Beta, Beta]  # AdamW (beta1, beta2)
+Device = Literal["auto", "cpu", "cuda"]
+Amp = Literal["auto", "bf16", "fp16", "none"]  # CUDA auto: bf16 where supported, else fp16 + GradScaler; CPU: fp32
 
 
 class ParamsError(ValueError):
@@ -22,9 +34,17 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    """Base for stage configs: unknown keys are errors, assignments are validated."""
+    """Base for stage configs: unknown keys are errors, assignments are validated.
+
+    The schedule checks every training section needs are written here once (:meth:`_check_schedule`): a warm-up
+    within the run (``warmup_epochs <= epochs``, ``warmup_iters <= iters``), an lr given (``lr`` or ``blr``) and
+    ``min_lr <= lr``; they apply to whichever of those keys a section has.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # Keys that change how a run executes but not what it computes (a resume may differ in them): run_key() drops them.
+    runtime_keys: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -33,6 +53,32 @@ class Section(BaseModel):
         """Short stable hash of the resolved section (tagged on MLflow runs)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def run_key(self) -> dict[str, Any]:
+        """The params that define what a training run computes (a checkpoint resumes only under the same)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.runtime_keys}
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        d = self.__dict__
+        for warm, total in (("warmup_epochs", "epochs"), ("warmup_iters", "iters")):
+            if warm in d and total in d and d[warm] > d[total]:
+                raise ValueError(f"{warm}={d[warm]} exceeds {total}={d[total]}")
+        if "blr" in d and "lr" in d and d["lr"] is None and d["blr"] is None:
+            raise ValueError("set lr (absolute) or blr (lr = blr * effective batch / 256)")
+        if "min_lr" in d and d.get("lr") is not None and d["min_lr"] > d["lr"]:
+            raise ValueError(f"min_lr={d['min_lr']} exceeds lr={d['lr']}")
+        return self
+
+
+class BlrScaled:
+    """Mixin of sections with an absolute ``lr`` (optional) and a base ``blr`` scaled by the effective batch."""
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """Absolute peak lr: ``lr`` if set, else ``blr × batch_size × accum_iter × world_size / 256`` (method §7)."""
+        if self.lr is not None:
+            return self.lr
+        return self.blr * self.batch_size * self.accum_iter * world_size / 256
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

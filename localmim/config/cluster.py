@@ -5,14 +5,10 @@ it never reruns anything. GPUs are not set here: a training rule asks for ``<sta
 when its ``device`` is ``cpu``) and goes to ``gpu_partition``; every other rule goes to ``cpu_partition``.
 """
 
-from typing import Annotated
 
-from pydantic import Field
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-PosInt = Annotated[int, Field(ge=1)]
+from localmim.config.base import PosInt, Section
 
 
 class RuleResources(Section):

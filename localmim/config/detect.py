@@ -10,34 +10,34 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-PosInt = Annotated[int, Field(ge=1)]
-NonNeg = Annotated[float, Field(ge=0)]
-Frac = Annotated[float, Field(gt=0, lt=1)]
+from localmim.config.base import Amp, Betas, Device, Frac, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("detect")
 class DetectConfig(Section):
+    # eval_every stays in the run's identity: an evaluation's loader draws from the global RNG (so the training stream)
+    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "log_every", "vis_images", "nproc_per_node",
+                              "on_bad"})
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (baseline)
     image_size: Annotated[int, Field(ge=32)] = 64  # LSJ crop / test short side (long side for LSJ)
     augment: Literal["lsj", "multiscale"] = "lsj"
-    scale_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)  # LSJ
+    scale_range: tuple[PosFloat, PosFloat] = (0.1, 2.0)  # LSJ
     train_scales: list[Annotated[int, Field(ge=32)]] = []  # multiscale: short sides, must contain image_size
-    max_size: Annotated[int, Field(ge=0)] = 0  # long-side cap; 0 = image_size (LSJ's square input)
+    max_size: NonNegInt = 0  # long-side cap; 0 = image_size (LSJ's square input)
     epochs: PosInt = 2
     batch_size: PosInt = 4  # per device
-    lr: Annotated[float, Field(gt=0)] = 1e-4  # absolute peak lr
+    lr: PosFloat = 1e-4  # absolute peak lr
     schedule: Literal["step", "cosine"] = "step"
     milestones: list[Frac] = [0.889, 0.963]  # step: fractions of all iterations where lr drops by x0.1 (ViTDet)
     min_lr: NonNeg = 0.0  # cosine floor
-    warmup_iters: Annotated[int, Field(ge=0)] = 5  # linear warm-up from 0.001 x lr
+    warmup_iters: NonNegInt = 5  # linear warm-up from 0.001 x lr
     weight_decay: NonNeg = 0.1
+    betas: Betas = (0.9, 0.999)  # AdamW (ViTDet)
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.7
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    window_size: Annotated[int, Field(ge=0)] = 0  # ViT: ViTDet windowed attention (patches per side); 0 = all global
-    global_blocks: list[Annotated[int, Field(ge=0)]] = []  # ViT blocks kept global (0-based); [] = ViTDet's
-    anchor_size: Annotated[int, Field(ge=0)] = 0  # smallest anchor; 0 = 32 * image_size / 1024 (>= 4)
+    window_size: NonNegInt = 0  # ViT: ViTDet windowed attention (patches per side); 0 = all global
+    global_blocks: list[NonNegInt] = []  # ViT blocks kept global (0-based); [] = ViTDet's
+    anchor_size: NonNegInt = 0  # smallest anchor; 0 = 32 * image_size / 1024 (>= 4)
     rpn_batch_size_per_image: PosInt = 256
     box_batch_size_per_image: PosInt = 512
     box_head_dim: PosInt = 1024  # torchvision's two-MLP box head
@@ -45,11 +45,11 @@ class DetectConfig(Section):
     detections_per_img: PosInt = 100
     eval_every: PosInt = 1  # epochs between COCO evaluations (and always at the end)
     on_bad: Literal["skip", "fail"] = "skip"
-    vis_images: Annotated[int, Field(ge=0)] = 4  # val images drawn into val_predictions.png
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    vis_images: NonNegInt = 4  # val images drawn into val_predictions.png
+    num_workers: NonNegInt = 2
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    device: Device = "auto"
+    amp: Amp = "auto"
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     log_every: PosInt = 10  # iterations between loss reads (a host sync) and MLflow points
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
@@ -66,6 +66,4 @@ class DetectConfig(Section):
             raise ValueError(f"max_size={self.max_size} is below image_size={self.image_size}")
         if sorted(self.milestones) != list(self.milestones):
             raise ValueError(f"milestones {self.milestones} must be increasing")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
         return self

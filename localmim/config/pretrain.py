@@ -4,26 +4,17 @@ Embedded defaults are sized for the mini ImageNet on 2 CPU cores (~1-3 minutes);
 (1600 epochs, warm-up 40, batch 256 x 8, blr 2e-4, min_lr 1e-6) is ``configs/imagenet_vit_base.yaml``.
 """
 
-from typing import Annotated, Literal
-
-from pydantic import Field, model_validator
+from typing import Literal
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-PosInt = Annotated[int, Field(ge=1)]
-NonNeg = Annotated[float, Field(ge=0)]
-Beta = Annotated[float, Field(ge=0, lt=1)]
-
-# Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
-RUNTIME_KEYS = frozenset(
-    {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
-     "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature"}
-)
+from localmim.config.base import Amp, Betas, BlrScaled, Device, Frac, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("pretrain")
-class PretrainConfig(Section):
+class PretrainConfig(BlrScaled, Section):
+    runtime_keys = frozenset(
+        {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
+         "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature"})
     model: str = "localmim_vit_tiny_patch8"  # a localmim.models registry name (localmim_* or mae_* baseline)
     mode: Literal["auto", "localmim", "mae"] = "auto"  # auto = the model's own; else must match the model
     target: Literal["auto", "hog", "pixel"] = "auto"  # auto = the model's default target
@@ -31,53 +22,39 @@ class PretrainConfig(Section):
     hog_bias: bool | None = None  # null = the model's default
     norm_pix_loss: bool = True  # per-patch normalised pixel targets
     input_size: PosInt = 64  # S; must match the model's img_size (models are built for it)
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    mask_ratio: Frac = 0.75
     epochs: PosInt = 3
     warmup_epochs: NonNeg = 1
     batch_size: PosInt = 32  # per device
     accum_iter: PosInt = 1
-    blr: Annotated[float, Field(gt=0)] = 1.5e-4  # lr = blr * batch_size * accum_iter * world_size / 256
-    lr: Annotated[float, Field(gt=0)] | None = None  # absolute peak lr; overrides blr when set
+    blr: PosFloat = 1.5e-4  # lr = blr * batch_size * accum_iter * world_size / 256
+    lr: PosFloat | None = None  # absolute peak lr; overrides blr when set
     min_lr: NonNeg = 1e-6
     weight_decay: NonNeg = 0.05
-    betas: tuple[Beta, Beta] = (0.9, 0.95)
-    seed: Annotated[int, Field(ge=0)] = 0  # rank r uses seed + r for the masking noise (method §7)
+    betas: Betas = (0.9, 0.95)  # AdamW, method §7
+    seed: NonNegInt = 0  # rank r uses seed + r for the masking noise (method §7)
     data: Literal["online", "views"] = "online"
-    shuffle_buffer: Annotated[int, Field(ge=0)] = 500  # samples per DataLoader worker; 0 = shard order only
+    shuffle_buffer: NonNegInt = 500  # samples per DataLoader worker; 0 = shard order only
     resampled: bool = False  # draw shards with replacement (multi-node); default: every sample once per epoch
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    num_workers: NonNegInt = 2
     pin_memory: bool = True  # only used on CUDA
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
-    ckpt_minutes: Annotated[float, Field(ge=0)] = 30  # also checkpoint mid-epoch this often (0 = never)
+    ckpt_minutes: NonNeg = 30  # also checkpoint mid-epoch this often (0 = never)
     compile: bool = False  # torch.compile the model
     # timm fused attention (F.scaled_dot_product_attention): auto = timm's default (fused where torch has it).
     # benchmarks/bench_pretrain.py measures on/off; on the shared 2-core CPU the difference was within run-to-run noise.
     fused_attn: Literal["auto", "on", "off"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
+    amp: Amp = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     log_every: PosInt = 1  # steps between synced loss/throughput logs (the hot loop never syncs otherwise)
     # kNN monitor (rank 0, after every knn_every-th epoch and the last; 0 = off): weighted kNN top-1 of the top tap's
     # pooled features, bank = first knn_train train samples, queries = first knn_val val samples (fixed subsets)
-    knn_every: Annotated[int, Field(ge=0)] = 0
+    knn_every: NonNegInt = 0
     knn_train: PosInt = 1000
     knn_val: PosInt = 500
     knn_k: PosInt = 20
-    knn_temperature: Annotated[float, Field(gt=0)] = 0.07
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
-        if self.lr is not None and self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
-        return self
-
-    def peak_lr(self, world_size: int) -> float:
-        """Absolute peak lr: ``lr`` if set, else ``blr × batch_size × accum_iter × world_size / 256`` (method §7)."""
-        if self.lr is not None:
-            return self.lr
-        return self.blr * self.batch_size * self.accum_iter * world_size / 256
+    knn_temperature: PosFloat = 0.07
 
     def model_overrides(self) -> dict:
         """Keyword overrides for ``localmim.models.create(self.model, ...)``."""
@@ -89,7 +66,3 @@ class PretrainConfig(Section):
         if self.hog_bias is not None:
             kw["hog_bias"] = self.hog_bias
         return kw
-
-    def run_key(self) -> dict:
-        """The params that define what a run computes (a resume must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}

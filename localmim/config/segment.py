@@ -9,67 +9,56 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-PosInt = Annotated[int, Field(ge=1)]
-NonNeg = Annotated[float, Field(ge=0)]
+from localmim.config.base import Amp, Betas, Device, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("segment")
 class SegmentConfig(Section):
+    runtime_keys = frozenset({"num_workers", "device", "log_every", "ckpt_every", "eval_every", "num_vis",
+                              "nproc_per_node", "on_bad", "inference", "slide_stride", "test_scale"})
     num_classes: Annotated[int, Field(ge=1, le=254)] = 150  # ADE20K: 150; the embedded data: synth.seg_classes
     # data pipeline (method §9.1): keep-ratio rescale of scale=(long, short) by r ~ U(ratio_range), crop, flip
     crop_size: PosInt = 512
     scale: tuple[PosInt, PosInt] = (2048, 512)
-    ratio_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.5, 2.0)
+    ratio_range: tuple[PosFloat, PosFloat] = (0.5, 2.0)
     cat_max_ratio: Annotated[float, Field(gt=0, le=1)] = 0.75  # 1.0 = plain random crop
     test_scale: tuple[PosInt, PosInt] = (2048, 512)
     on_bad: Literal["skip", "fail"] = "skip"
     # model
     channels: PosInt = 768  # UPerHead width (ViT-B 768, Swin-B 512)
-    aux_channels: Annotated[int, Field(ge=0)] = 256  # 0 = no auxiliary head
+    aux_channels: NonNegInt = 256  # 0 = no auxiliary head
     aux_weight: NonNeg = 0.4
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (a baseline)
     # optimisation: AdamW, layer-wise lr decay (1.0 = none), poly schedule with linear warm-up, per iteration
     iters: PosInt = 160000
     batch_size: PosInt = 2  # per device
-    lr: Annotated[float, Field(gt=0)] = 4e-4
+    lr: PosFloat = 4e-4
     min_lr: NonNeg = 0.0
-    power: Annotated[float, Field(gt=0)] = 1.0
-    warmup_iters: Annotated[int, Field(ge=0)] = 1500
+    power: PosFloat = 1.0
+    warmup_iters: NonNegInt = 1500
     warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 1e-6
     weight_decay: NonNeg = 0.05
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.65
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)  # AdamW (MMSeg's BEiT/MAE recipe)
     # evaluation: auto = slide for ViT, whole for Swin (method §9.1)
     inference: Literal["auto", "slide", "whole"] = "auto"
     slide_stride: PosInt = 341
-    eval_every: Annotated[int, Field(ge=0)] = 16000  # 0 = only at the end
-    num_vis: Annotated[int, Field(ge=0)] = 4  # val images in the image | ground truth | prediction grid
+    eval_every: NonNegInt = 16000  # 0 = only at the end
+    num_vis: NonNegInt = 4  # val images in the image | ground truth | prediction grid
     # runtime
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    num_workers: NonNegInt = 2
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    device: Device = "auto"
+    amp: Amp = "auto"
     ckpt_every: PosInt = 2000  # iterations between resumable checkpoints
     log_every: PosInt = 50
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
 
     @model_validator(mode="after")
     def _check(self):
-        if self.warmup_iters > self.iters:
-            raise ValueError(f"warmup_iters={self.warmup_iters} exceeds iters={self.iters}")
         if self.ratio_range[0] > self.ratio_range[1]:
             raise ValueError(f"ratio_range={list(self.ratio_range)} must be (low, high) with low <= high")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
         if self.slide_stride > self.crop_size:
             raise ValueError(f"slide_stride={self.slide_stride} exceeds crop_size={self.crop_size} (gaps)")
         return self
-
-    def run_key(self) -> dict:
-        """What defines a training run (resume only onto the same): everything but runtime knobs."""
-        skip = {"num_workers", "device", "log_every", "ckpt_every", "eval_every", "num_vis", "nproc_per_node",
-                "on_bad", "inference", "slide_stride", "test_scale"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}

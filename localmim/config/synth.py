@@ -5,9 +5,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Section
-
-PosInt = Annotated[int, Field(ge=1)]
+from localmim.config.base import PosInt, Section
 
 
 @register_section("synth")

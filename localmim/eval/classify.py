@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from localmim.train.engine import autocast
+
 
 def classification_metrics(num_classes: int, device: torch.device, ks: tuple[int, ...] = (1, 5)) -> dict:
     """``top{k}`` (torchmetrics micro ``MulticlassAccuracy``, k capped at ``num_classes``), ``loss`` (mean per-sample
@@ -45,7 +47,7 @@ def evaluate(
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()  # [B, C]
         metrics = metrics or classification_metrics(logits.shape[1], device)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from localmim.train.engine import autocast
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
 
@@ -84,7 +86,7 @@ def predict(model, loader, device: torch.device, label_to_cat: dict[int, int],
         if not images:  # every sample of the batch was left out at load time (a damaged file)
             continue
         images = [im.to(device, non_blocking=True) for im in images]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             outputs = model(images)
         for im, t, o in zip(images, targets, outputs, strict=True):
             results += to_coco_results(t["image_id"], o, label_to_cat)

@@ -4,10 +4,16 @@ Every query takes its ``k`` most cosine-similar bank features; neighbour ``j`` v
 ``exp(s_j / T)`` (``s_j`` the cosine similarity, ``T`` the temperature); the prediction is the class with the
 largest summed vote. Defaults ``k = 20``, ``T = 0.07`` are the values of InstDisc and DINO. Pure torch, no
 gradients; the bank and the queries stay on their device, and queries are processed in chunks so the similarity
-matrix never exceeds ``chunk x N_bank``.
+matrix never exceeds ``chunk x N_bank``. :func:`build_knn_hook` is the pretrain stage's monitor
+(``pretrain.knn_every``): the ``on_epoch_end`` callback of ``run_pretrain``, built from the params.
 """
 
 from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +98,11 @@ class KnnMonitor:
         self.size, self.num_classes, self.k, self.t, self.bs = input_size, num_classes, k, temperature, batch_size
 
     def _encode(self, model, i: int, device, amp_dtype):
+        from localmim.train.engine import autocast
+
         feats, labels = [], []
         for x, y in iter_labelled_uint8(self.dirs[i], self.n[i], self.size, self.bs):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 feats.append(pooled_features(model, x.to(device, non_blocking=True)))
             labels.append(y)
         return torch.cat(feats), torch.cat(labels)
@@ -109,3 +117,44 @@ class KnnMonitor:
         finally:
             model.train(was_training)
         return knn_top1(bank, bank_y, q, q_y, self.num_classes, k=self.k, temperature=self.t)
+
+
+def build_knn_hook(cfg, train_dir: Path, val_dir: str | None, log: Callable[[dict[str, float], int], None],
+                   is_main: bool) -> Callable | None:
+    """``on_epoch_end``: after every ``knn_every``-th epoch and the last, weighted kNN top-1 of the model's pooled
+    top-tap features is logged as ``knn_top1`` (and ``knn_seconds``, the monitor's cost) at step ``epoch_1000x``
+    (the x-axis of the pretrain run's other metrics) and returned as a row (``run_pretrain`` keeps the rows in its
+    checkpoints: ``PretrainResult.monitor``).
+
+    ``val_dir`` None: the ``val`` directory next to ``train_dir``; when that has no shards the monitor is turned
+    off with a warning (an explicit ``val_dir`` without shards is an error)."""
+    from localmim.data.classify import num_classes_of
+    from localmim.train.engine import amp_dtype
+
+    if cfg.knn_every == 0 or not is_main:
+        return None
+    num_classes = num_classes_of(train_dir)
+    has_val = lambda d: Path(d).is_dir() and any(Path(d).glob("*.tar"))
+    if val_dir is None:
+        val_dir = Path(train_dir).parent / "val"
+        if not has_val(val_dir):
+            print(f"pretrain: kNN monitor off: no val shards at {val_dir} (pass --knn-val)", file=sys.stderr)
+            return None
+    if not num_classes or not has_val(val_dir):
+        raise ValueError(f"pretrain.knn_every={cfg.knn_every} needs labelled shards: {train_dir} (with a manifest) "
+                         f"and {val_dir}; set pretrain.knn_every=0 to turn the kNN monitor off")
+    monitor = KnnMonitor(train_dir, val_dir, n_train=cfg.knn_train, n_val=cfg.knn_val, input_size=cfg.input_size,
+                         num_classes=num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+    def on_epoch_end(epoch: int, model) -> dict[str, float] | None:
+        if (epoch + 1) % cfg.knn_every and epoch + 1 != cfg.epochs:
+            return None
+        t0 = time.perf_counter()
+        top1 = monitor(model, amp_dtype(cfg.amp, next(model.parameters()).device))
+        row = {"epoch": epoch + 1, "knn_top1": top1, "knn_seconds": time.perf_counter() - t0}
+        log({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * 1000)
+        print(f"pretrain: epoch {epoch + 1}: kNN top-1 {top1:.2f} ({row['knn_seconds']:.1f}s)", file=sys.stderr,
+              flush=True)
+        return row
+
+    return on_epoch_end

@@ -1,12 +1,14 @@
 """Semantic-segmentation evaluation (method §9.1): inference modes and mIoU / mAcc / aAcc.
 
-- A confusion matrix ``[K, K]`` (rows: ground truth, columns: prediction) is accumulated on the device over the
-  pixels whose label is not the ignore value, summed across ranks once at the end.
+- A confusion matrix ``[K, K]`` (rows: ground truth, columns: prediction; torchmetrics' ``MulticlassConfusionMatrix``
+  with ``ignore_index=255``) is accumulated on the device over the pixels whose label is not the ignore value, summed
+  across ranks once at the end (torchmetrics' sync on ``compute``).
 - IoU_k = TP / (TP + FP + FN), Acc_k = TP / (TP + FN); mIoU averages over the classes present in the ground truth
   or the prediction (union > 0), mAcc over the classes present in the ground truth, aAcc = ΣTP / #labelled pixels.
 - Inference: ``whole`` (the image at the test scale in one pass) or ``slide`` (``crop × crop`` windows every
   ``stride`` pixels, logits averaged where windows overlap, MMSeg's grid); logits are resized (bilinear) to the
   annotation's size before the argmax.
+- :func:`render`: image | ground truth | prediction rows, label maps coloured with torchvision's palette.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localmim.utils.distributed import get_world_size
+from localmim.train.engine import autocast
 
 IGNORE = 255
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore: int = IGNORE) -> Tensor:
     """``[K, K]`` int64 counts of (target, pred) pairs over the labelled pixels (``target != ignore``)."""
-    t, p = target.reshape(-1).long(), pred.reshape(-1).long()
-    keep = t != ignore
-    idx = t[keep] * num_classes + p[keep]
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    return multiclass_confusion_matrix(pred.reshape(-1), target.reshape(-1).long(), num_classes, ignore_index=ignore,
+                                       validate_args=False)
 
 
 def scores(cm: Tensor) -> dict:
@@ -90,28 +92,48 @@ def evaluate(model, loader, device: torch.device, num_classes: int, *, mode: str
     ``on_pred(index, pred)`` receives every prediction (``[H, W]`` int64, on the device), e.g. to write it.
     Returns :func:`scores` plus ``images`` (over all ranks) and ``confusion`` (the summed matrix as lists).
     """
+    from torchmetrics.aggregation import SumMetric
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
     was_training = model.training
     model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    n = torch.zeros((), dtype=torch.int64, device=device)
+    cm = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE, validate_args=False).to(device)
+    n = SumMetric(nan_strategy="disable").to(device)  # images
     for images, labels, idx in loader:
         images = images.to(device, non_blocking=True)  # uint8 [1, 3, h, w]
         labels = labels.to(device, non_blocking=True)  # uint8 [1, H, W]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             pred = predict(model, images, labels.shape[-2:], mode=mode, num_classes=num_classes, crop=crop,
                            stride=stride)
-        cm += confusion_matrix(pred, labels, num_classes)
-        n += images.shape[0]
+        cm.update(pred.reshape(-1), labels.reshape(-1).long())
+        n.update(torch.full((), images.shape[0], dtype=torch.float32, device=device))
         if on_pred is not None:
             for i in range(pred.shape[0]):
                 on_pred(int(idx[i]), pred[i])
-    if get_world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(cm)
-        dist.all_reduce(n)
     model.train(was_training)
-    return {**scores(cm), "images": int(n), "confusion": cm.cpu().tolist()}
+    total = cm.compute()  # summed over ranks (a collective under DDP)
+    return {**scores(total), "images": int(n.compute()), "confusion": total.cpu().tolist()}
 
 
-__all__ = ["confusion_matrix", "evaluate", "predict", "scores", "slide_logits"]
+def colour_labels(labels: Tensor, num_labels: int) -> Tensor:
+    """``uint8 [3, H, W]``: label ``v`` of ``labels [H, W]`` in colour ``v`` of torchvision's mask palette (0, the
+    ignore / unlabelled value in ADE20K's convention, black); values ``>= num_labels`` stay black."""
+    from torchvision.utils import draw_segmentation_masks
+
+    masks = labels[None] == torch.arange(num_labels, device=labels.device)[:, None, None]  # [V, H, W]
+    canvas = torch.zeros(3, *labels.shape, dtype=torch.uint8, device=labels.device)
+    return draw_segmentation_masks(canvas, masks, alpha=1.0)
+
+
+def render(rows: list[tuple[Tensor, Tensor, Tensor]], num_labels: int, gap: int = 4) -> Tensor:
+    """A ``uint8 [3, H, W]`` grid with one row per ``(image uint8 [3, h, w], ground truth [h, w], prediction
+    [h, w])`` (label maps in ADE20K's convention): image | ground truth | prediction, tiles padded to the largest."""
+    from torchvision.utils import make_grid
+
+    tiles = [t for img, gt, pred in rows for t in (img, colour_labels(gt, num_labels), colour_labels(pred, num_labels))]
+    h, w = max(t.shape[-2] for t in tiles), max(t.shape[-1] for t in tiles)
+    tiles = [F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=255) for t in tiles]
+    return make_grid(tiles, nrow=3, padding=gap, pad_value=255)
+
+
+__all__ = ["colour_labels", "confusion_matrix", "evaluate", "predict", "render", "scores", "slide_logits"]

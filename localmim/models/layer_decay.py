@@ -87,7 +87,7 @@ def param_groups_with_decay(model: nn.Module, encoder: nn.Module, prefix: str, w
     """AdamW param groups for ``model`` holding ``encoder`` at ``prefix`` (``""``: the model is the encoder).
 
     No weight decay on ≤1-D tensors, biases, position embeddings and tokens. Every group carries ``lr_scale``
-    (applied by :class:`localmim.train.schedule.WarmupCosine` / the stage's schedule) and ``layer_id``.
+    (applied by :func:`localmim.train.engine.set_lr`) and ``layer_id``.
     """
     layer_id, top = encoder_layer_ids(encoder)
     groups: dict[tuple[int, bool], dict] = {}

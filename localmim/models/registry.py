@@ -31,6 +31,17 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
     return deco
 
 
+def register_variant(name: str, cls: Callable[..., nn.Module], base: dict) -> Callable[..., nn.Module]:
+    """Register ``name`` as the factory ``cls(**{**base, **overrides})`` (a named architecture + recipe variant)."""
+
+    def factory(**overrides) -> nn.Module:
+        return cls(**{**base, **overrides})
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: {base} (keyword overrides allowed)."
+    return register(name)(factory)
+
+
 def _load_builtin() -> None:
     # Factories register on import; importing here keeps registry.py free of model imports at load time.
     for mod in ("vit", "swin"):

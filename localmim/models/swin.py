@@ -23,7 +23,7 @@ from localmim.models.common import (
     masked_mse,
     resize_mask,
 )
-from localmim.models.registry import register
+from localmim.models.registry import register_variant
 from localmim.models.swin_encoder import SwinVisibleEncoder
 from localmim.models.swin_geometry import draw_cell_mask, to_device
 
@@ -272,19 +272,13 @@ _ARCHS = {
 _SMALL_TARGETS = dict(hog_nbins=9, hog_bias=False)
 
 
-def _make_factory(name: str, arch: str, mode: str):
+def _variant(arch: str, mode: str) -> dict:
     base = dict(_ARCHS[arch], mode=mode, **(_SMALL_TARGETS if arch.endswith("_64") else {}))
     if mode == "mae":
         base.update(target="pixel", hog_bias=False)  # SimMIM/GreenMIM-style baseline: normalised 8p0-pixel patches
-
-    def factory(**overrides) -> LocalMIMSwin:
-        return LocalMIMSwin(**{**base, **overrides})
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: {base} (keyword overrides allowed)."
-    return register(name)(factory)
+    return base
 
 
 for _arch in _ARCHS:
-    _make_factory(f"localmim_swin_{_arch}", _arch, "localmim")
-    _make_factory(f"mae_swin_{_arch}", _arch, "mae")
+    for _mode in ("localmim", "mae"):
+        register_variant(f"{_mode}_swin_{_arch}", LocalMIMSwin, _variant(_arch, _mode))

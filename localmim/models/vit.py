@@ -28,7 +28,7 @@ from localmim.models.common import (
     sincos_pos_embed_2d,
     vit_block,
 )
-from localmim.models.registry import register
+from localmim.models.registry import register_variant
 
 LOCALMIM_SCALES = (4, 2, 1, 0.5)
 
@@ -242,22 +242,16 @@ _MAE_DECODERS = {
 }
 
 
-def _make_factory(name: str, size: str, mode: str):
+def _variant(size: str, mode: str) -> dict:
     base = dict(_ENCODERS[size], **_TARGETS.get(size, {}), mode=mode)
     if mode == "localmim":
         base.update(_LOCALMIM_DECODERS.get(size, {}))
     else:
         base.update(_MAE_DECODERS.get(size, dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)))
         base.update(target="pixel", hog_bias=False)  # MAE baseline: normalised pixels at the patch scale
-
-    def factory(**overrides) -> LocalMIMViT:
-        return LocalMIMViT(**{**base, **overrides})
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: {base} (keyword overrides allowed)."
-    return register(name)(factory)
+    return base
 
 
 for _size in _ENCODERS:
-    _make_factory(f"localmim_vit_{_size}", _size, "localmim")
-    _make_factory(f"mae_vit_{_size}", _size, "mae")
+    for _mode in ("localmim", "mae"):
+        register_variant(f"{_mode}_vit_{_size}", LocalMIMViT, _variant(_size, _mode))

@@ -51,6 +51,32 @@ def flag(*flags: str, key: str | None = None, **kwargs: Any) -> Flag:
     return Flag(tuple(flags), key, kwargs)
 
 
+def shared_flags(stage: str, *names: str) -> list[Flag]:
+    """The flags several stages share, by name, in the order given: the paths ``encoder``, ``train``, ``val``,
+    ``out`` (``data/<stage>``), ``ckpt-dir`` (``data/checkpoints/<stage>``), ``metrics`` (``metrics/<stage>.json``);
+    the params ``epochs``, ``iters``, ``batch-size``, ``lr``, ``device``; and ``no-progress``."""
+    dflt = " (default: %(default)s)"
+    known = {
+        "encoder": flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt" + dflt),
+        "train": flag("--train", default="data/shards/train", help="train shard directory" + dflt),
+        "val": flag("--val", default="data/shards/val", help="val shard directory" + dflt),
+        "out": flag("--out", default=f"data/{stage}", help="output directory" + dflt),
+        "ckpt-dir": flag("--ckpt-dir", default=f"data/checkpoints/{stage}",
+                         help="resumable checkpoints, outside the DAG's outputs" + dflt),
+        "metrics": flag("--metrics", default=f"metrics/{stage}.json", help="metrics file" + dflt),
+        "epochs": flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
+        "iters": flag("--iters", key="iters", type=int, metavar="N", help="training iterations"),
+        "batch-size": flag("--batch-size", key="batch_size", type=int, metavar="N", help="batch size per device"),
+        "lr": flag("--lr", key="lr", type=float, metavar="LR", help="absolute peak lr"),
+        "device": flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+        "no-progress": flag("--no-progress", action="store_true", help="no progress bar"),
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"shared_flags: unknown {unknown}; known: {', '.join(known)}")
+    return [known[n] for n in names]
+
+
 @dataclass
 class StageDef:
     name: str

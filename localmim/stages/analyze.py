@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from localmim.config.analyze import AnalyzeConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
 @stage(
@@ -32,24 +32,22 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     config=AnalyzeConfig,
     help="per-layer probe/kNN, attention NMI and distance, tap reconstructions of a pre-trained encoder",
     flags=[
-        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
+        *shared_flags("analyze", "encoder"),
         flag("--checkpoint", default=None, help="pre-training checkpoint with the decoders (default: the one "
              "recorded in encoder.json; reconstructions are skipped when there is none)"),
-        flag("--train", default="data/shards/train", help="train shard directory (default: %(default)s)"),
-        flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
-        flag("--out", default="data/analyze", help="output directory (default: %(default)s)"),
-        flag("--metrics", default="metrics/analyze.json", help="metrics file (default: %(default)s)"),
+        *shared_flags("analyze", "train", "val", "out", "metrics"),
         flag("--plots", default="metrics/analyze_layers.csv", help="per-block CSV (DVC plot; default: %(default)s)"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+        *shared_flags("analyze", "device"),
     ],
 )
 def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.classify import num_classes_of
     from localmim.eval.analysis import is_swin, per_layer_scores
+    from localmim.eval.analysis_plots import plot_layers
+    from localmim.eval.layer_features import split_outputs
     from localmim.models.encoder_io import create_encoder, read_encoder
-    from localmim.stages._analyze_plots import plot_layers
     from localmim.utils.distributed import resolve_device
-    from localmim.utils.io import atomic_write_json, atomic_write_text
+    from localmim.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     args, t0 = ctx.args, time.time()
     try:
@@ -60,8 +58,9 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
             raise ValueError(f"{args.train}: class count unknown (no manifest 'classes')")
         net = create_encoder(enc, input_size=cfg.input_size).to(dev).eval()
         size = cfg.input_size or enc.img_size
-        train = _layer_outputs(net, args.train, cfg.probe_train, 0, size, cfg, dev)
-        val = _layer_outputs(net, args.val, cfg.probe_val, cfg.attn_images, size, cfg, dev)
+        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev)
+        train = split_outputs(net, args.train, cfg.probe_train, 0, size, **kw)
+        val = split_outputs(net, args.val, cfg.probe_val, cfg.attn_images, size, **kw)
         pretrain = _pretrain_model(args.checkpoint, Path(args.encoder), dev)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(f"analyze: {e}") from None
@@ -74,8 +73,8 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     taps = [int(t) for t in getattr(pretrain, "taps", [])] if pretrain is not None and not swin else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_layers(per_layer, taps, out / "layers.png", title=f"{enc.timm_name} ({len(train.labels)} train / "
-                f"{len(val.labels)} val images, {num_classes} classes)")
+    atomic_write_bytes(out / "layers.png", plot_layers(per_layer, taps, title=f"{enc.timm_name} ({len(train.labels)} "
+                       f"train / {len(val.labels)} val images, {num_classes} classes)"))
     recon = _reconstructions(pretrain, args.val, cfg, dev, out / "reconstructions.png")
     summary = _summary(per_layer, taps, num_classes)
     doc = {**summary, "per_layer": per_layer, "taps": taps, "architecture": "swin" if swin else "vit",
@@ -96,42 +95,12 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     return {**summary, "seconds": seconds}
 
 
-class _Split:
-    """Per-block features of one split (+ attention measures of its first images) and the labels."""
-
-    def __init__(self, feats, nmi, dist, labels):
-        self.feats, self.nmi, self.dist, self.labels = feats, nmi, dist, labels
-
-
-def _layer_outputs(net, shard_dir, limit: int, attn_images: int, size: int, cfg: AnalyzeConfig, dev) -> _Split:
-    """Per-block features of the first ``limit`` samples; attention measures of the first ``attn_images``."""
-    from localmim.eval.analysis import layer_outputs
-    from localmim.eval.knn import iter_labelled_uint8
-    from localmim.targets import normalize
-
-    feats, nmi, dist, labels, seen = [], [], [], [], 0
-    for x, y in iter_labelled_uint8(shard_dir, limit, size, cfg.batch_size, cfg.num_workers):
-        n_attn = max(0, min(len(y), attn_images - seen))
-        o = layer_outputs(net, normalize(x.to(dev)), attention=n_attn > 0)
-        feats.append([f.cpu() for f in o.feats])
-        if n_attn:
-            nmi.append([v[:n_attn] for v in o.nmi])
-            dist.append([v[:n_attn] for v in o.dist])
-        labels.append(y)
-        seen += len(y)
-    if not feats:
-        raise ValueError(f"{shard_dir}: no samples")
-    per_block = lambda parts: [torch.cat(xs) for xs in zip(*parts, strict=True)]  # per block, images joined
-    return _Split(per_block(feats), per_block(nmi), per_block(dist), torch.cat(labels))
-
-
 def _pretrain_model(checkpoint: str | None, encoder: Path, dev):
-    """The full pre-training model (encoder + decoders) from its checkpoint, or None when none is recorded."""
+    """The full pre-training model (encoder + decoders) of ``checkpoint`` or of the one recorded in
+    ``encoder.json``; None when there is none."""
     import json
 
-    from localmim.config.pretrain import PretrainConfig
-    from localmim.train import checkpoint as ckpt
-    from localmim.train.pretrain import build_model
+    from localmim.eval.layer_features import load_pretrain_model
 
     if checkpoint is None:
         meta = encoder / "encoder.json" if encoder.is_dir() else encoder.with_suffix(".json")
@@ -140,26 +109,25 @@ def _pretrain_model(checkpoint: str | None, encoder: Path, dev):
             print(f"localmim analyze: no pre-training checkpoint ({checkpoint or 'none recorded'}); "
                   "skipping reconstructions", file=sys.stderr)
             return None
-    payload = ckpt.load(checkpoint)
-    model = build_model(PretrainConfig.model_validate(payload["params"]))
-    model.load_state_dict(payload["model"])
-    return model.to(dev).eval()
+    return load_pretrain_model(checkpoint, dev)
 
 
 def _reconstructions(model, val_dir, cfg: AnalyzeConfig, dev, path: Path) -> str:
     from localmim.eval.analysis import reconstruct
-    from localmim.eval.knn import iter_labelled_uint8
+    from localmim.eval.analysis_plots import plot_reconstructions
+    from localmim.eval.layer_features import first_images
     from localmim.models.vit import LocalMIMViT
-    from localmim.stages._analyze_plots import plot_reconstructions
+    from localmim.utils.io import atomic_write_bytes
 
     if model is None or cfg.recon_images == 0:
         return "skipped: no pre-training checkpoint" if model is None else "skipped: recon_images = 0"
     if not isinstance(model, LocalMIMViT):
         return "skipped: reconstructions are drawn for ViT pre-training models only"
-    x, _ = next(iter_labelled_uint8(val_dir, cfg.recon_images, model.img_size, cfg.recon_images, 0))
+    x = first_images(val_dir, cfg.recon_images, model.img_size)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     mask, taps = reconstruct(model, x.to(dev), cfg.mask_ratio, gen)
-    plot_reconstructions(x, mask.cpu(), taps, model.patch_size, model.target, model.hog_nbins, path)
+    atomic_write_bytes(path, plot_reconstructions(x, mask.cpu(), taps, model.patch_size, model.target,
+                                                  model.hog_nbins))
     return f"{len(x)} images, taps {', '.join(t.name for t in taps)}, target {model.target}"
 
 

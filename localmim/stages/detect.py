@@ -8,7 +8,9 @@ Outputs (``OUT``): ``model.pt`` (the detector's state dict; ``model.json`` holds
 annotations found / used / skipped with reasons, load-time skips included, and notes on usable files worth
 naming) and ``params.yaml``; ``metrics/detect.json`` with COCOeval's
 AP, AP50, AP75, APs, APm, APl for ``bbox_*`` and ``segm_*`` (0..1, as pycocotools reports them). Resumable
-checkpoints live in ``--ckpt-dir``. Per-iteration losses and per-epoch metrics go to MLflow. Runs under torchrun.
+checkpoints live in ``--ckpt-dir/<run key>``. The stage checks both splits; :func:`localmim.train.detect.run_detect`
+builds the detector and the datasets from them. Per-iteration losses and per-epoch metrics go to MLflow. Runs under
+torchrun.
 
 Every image is fully decoded before training (rank 0, worker processes; cached in ``CKPT_DIR/image-check.json`` by
 path, size and mtime, so a rerun or resume decodes only new or changed files). A file that fails to load during
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.detect import DetectConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
 @stage(
@@ -32,41 +34,35 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     config=DetectConfig,
     help="COCO detection / instance segmentation: Mask R-CNN on the exported encoder (box and mask AP)",
     flags=[
-        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
+        *shared_flags("detect", "encoder"),
         flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/ "
                                                       "(default: %(default)s)"),
-        flag("--out", default="data/detect", help="output directory (default: %(default)s)"),
-        flag("--ckpt-dir", default="data/checkpoints/detect", help="resumable checkpoints (default: %(default)s)"),
-        flag("--metrics", default="metrics/detect.json", help="metrics file (default: %(default)s)"),
-        flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
-        flag("--batch-size", key="batch_size", type=int, metavar="N", help="batch size per device"),
-        flag("--lr", key="lr", type=float, metavar="LR", help="absolute peak lr"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
+        *shared_flags("detect", "out", "ckpt-dir", "metrics", "epochs", "batch-size", "lr", "device"),
     ],
     system_metrics=True,
 )
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
-    from localmim.utils.distributed import cleanup, init_distributed
+    from localmim.train.detect import run_detect
+    from localmim.utils.distributed import process_group
 
     args = ctx.args
     try:
         enc = read_encoder(args.encoder)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
-    dist = init_distributed(cfg.device)
-    try:
-        train, val, skips = _splits(cfg, args, ctx.is_main)
-        if ctx.is_main:
-            ctx.dump_params(cfg, args.out)
-        res = _train(cfg, ctx, enc, train, val, dist, skips)
-    except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
-        raise StageError(f"detect: {one_line(e)}") from None
-    except (ValueError, FloatingPointError) as e:
-        raise StageError(str(e)) from None
-    finally:
-        cleanup()
+    with process_group(cfg.device) as dist:
+        try:
+            train, val, skips = _splits(cfg, args, ctx.is_main)
+            if ctx.is_main:
+                ctx.dump_params(cfg, args.out)
+            res = run_detect(cfg, enc, train, val, args.ckpt_dir, dist=dist, log_fn=ctx.tracker.log_metrics,
+                             skips=skips)
+        except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
+            raise StageError(one_line(e)) from None
+        except (ValueError, FloatingPointError) as e:
+            raise StageError(str(e)) from None
     for name, split in (("train", train), ("val", val)):  # load-time skips move from used to skipped
         split.report.add_load_skips(split.coco, split.image_dir, skips[name].records())
     metrics = dict(res.metrics) | {"epochs": res.epochs, "seconds": res.seconds,
@@ -116,38 +112,11 @@ def _splits(cfg: DetectConfig, args, is_main: bool):
     return train, val, {s: LoadSkips(log, cfg.on_bad, s) for s in splits}
 
 
-def _train(cfg: DetectConfig, ctx: StageContext, enc, train, val, dist, skips):
-    from localmim.data.coco import ScoredGroundTruth, coco_dataset, eval_transforms, train_transforms
-    from localmim.models.detection import build_mask_rcnn
-    from localmim.train.detect import seed_everything, train_detector
-    from localmim.train.finetune import _sd_fingerprint
-
-    seed_everything(cfg.seed)  # the same initial model on every rank
-    model = build_mask_rcnn(enc, len(train.cat_ids), **_model_kwargs(cfg))
-    seed_everything(cfg.seed + dist.rank)
-    train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range),
-                             skips["train"], train=True)
-    val_set = coco_dataset(val, eval_transforms(val), skips["val"])
-    counts = {s: {"images": r.images_used, "annotations": r.annotations_used}
-              for s, r in (("train", train.report), ("val", val.report))}
-    params = {"detect": cfg.to_dict(), "encoder": _sd_fingerprint(enc.state_dict), "data": counts}
-    return train_detector(cfg, model, train_set, val_set, ScoredGroundTruth(val, skips["val"]), val.label_to_cat,
-                          ckpt_dir=ctx.args.ckpt_dir, params=params, dist=dist, log_fn=ctx.tracker.log_metrics)
-
-
-def _model_kwargs(cfg: DetectConfig) -> dict:
-    return dict(image_size=cfg.image_size, max_size=cfg.max_size, train_scales=list(cfg.train_scales),
-                drop_path=cfg.drop_path, pretrained=cfg.pretrained, anchor_size=cfg.anchor_size,
-                window_size=cfg.window_size, global_blocks=list(cfg.global_blocks),
-                rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-                box_batch_size_per_image=cfg.box_batch_size_per_image, detections_per_img=cfg.detections_per_img,
-                box_head_dim=cfg.box_head_dim, mask_head_channels=cfg.mask_head_channels)
-
-
 def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, metrics: dict) -> None:
     from torchvision.io import encode_png
 
     from localmim.eval.detection import render
+    from localmim.train.detect import model_kwargs
     from localmim.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
     out = Path(ctx.args.out)
@@ -160,7 +129,7 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
     atomic_write_json(out / "model.json", {
         "build": "localmim.models.detection.build_mask_rcnn", "timm_name": enc.timm_name,
         "timm_kwargs": dict(enc.timm_kwargs), "num_classes": len(val.cat_ids),
-        "kwargs": _model_kwargs(cfg) | {"pretrained": False},
+        "kwargs": model_kwargs(cfg) | {"pretrained": False},
         "label_to_category": {str(k): v for k, v in val.label_to_cat.items()}, "categories": cat_names,
         "note": "build_mask_rcnn(EncoderSpec(timm_name, timm_kwargs, {}), num_classes, **kwargs), then "
                 "load_state_dict(torch.load('model.pt', weights_only=True))"})

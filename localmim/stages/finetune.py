@@ -5,7 +5,7 @@ Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (state dicts of the model ``OUT/mod
 ``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``; Swin is timm's
 ``SwinTransformer`` with the method §8.2 pooled-LayerNorm head; ``load_state_dict(torch.load(p, weights_only=True))``),
 ``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds). Resumable
-checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
+checkpoints live in ``--ckpt-dir/<run key>`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
 Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun for DDP.
 """
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.finetune import FinetuneConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, shared_flags, stage
 
 
 @stage(
@@ -23,42 +23,30 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     section="finetune",
     config=FinetuneConfig,
     help="fine-tune a timm classifier from the exported encoder (layer decay, mixup/cutmix, RandAugment)",
-    flags=[
-        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
-        flag("--train", default="data/shards/train", help="train shard directory (default: %(default)s)"),
-        flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
-        flag("--out", default="data/finetune", help="output directory (default: %(default)s)"),
-        flag("--ckpt-dir", default="data/checkpoints/finetune", help="resumable checkpoints (default: %(default)s)"),
-        flag("--metrics", default="metrics/finetune.json", help="metrics file (default: %(default)s)"),
-        flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
-        flag("--batch-size", key="batch_size", type=int, metavar="N", help="batch size per device"),
-        flag("--lr", key="lr", type=float, metavar="LR", help="absolute peak lr"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
-    ],
+    flags=shared_flags("finetune", "encoder", "train", "val", "out", "ckpt-dir", "metrics", "epochs", "batch-size",
+                       "lr", "device"),
     system_metrics=True,
 )
 def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
     from localmim.train.finetune import FinetuneData, finetune
-    from localmim.utils.distributed import cleanup, init_distributed
+    from localmim.utils.distributed import process_group
 
     args = ctx.args
     try:
         enc = read_encoder(args.encoder)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
-    dist = init_distributed(cfg.device)
-    try:
-        if ctx.is_main:
-            ctx.dump_params(cfg, args.out)
-        res = finetune(cfg, enc, FinetuneData(args.train, args.val, args.ckpt_dir), log_fn=ctx.tracker.log_metrics,
-                       dist=dist)
-        if dist.is_main:
-            write_outputs(res, args.ckpt_dir, args.out)
-    except (ValueError, FloatingPointError) as e:
-        raise StageError(str(e)) from None
-    finally:
-        cleanup()
+    with process_group(cfg.device) as dist:
+        try:
+            if ctx.is_main:
+                ctx.dump_params(cfg, args.out)
+            res = finetune(cfg, enc, FinetuneData(args.train, args.val, args.ckpt_dir),
+                           log_fn=ctx.tracker.log_metrics, dist=dist)
+            if dist.is_main:
+                write_outputs(res, res.run_dir, args.out)
+        except (ValueError, FloatingPointError) as e:
+            raise StageError(str(e)) from None
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
                "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"]}
     if ctx.is_main:
@@ -71,7 +59,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
 
 
 def write_outputs(res, ckpt_dir: str | Path, out_dir: str | Path) -> None:
-    """Copy ``best.pt`` / ``last.pt`` from ``ckpt_dir`` into ``out_dir`` (temp name, then rename) and write
+    """Copy ``best.pt`` / ``last.pt`` from the run's ``ckpt_dir`` into ``out_dir`` (temp name, then rename) and write
     ``model.json`` (timm name + kwargs, best epoch / top-1) next to them."""
     import shutil
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.linprobe import LinprobeConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, shared_flags, stage
 
 
 @stage(
@@ -19,15 +19,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     section="linprobe",
     config=LinprobeConfig,
     help="linear probe of the frozen exported encoder (BatchNorm without affine + linear head, MAE protocol)",
-    flags=[
-        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
-        flag("--train", default="data/shards/train", help="train shard directory (default: %(default)s)"),
-        flag("--val", default="data/shards/val", help="val shard directory (default: %(default)s)"),
-        flag("--out", default="data/linprobe", help="output directory (default: %(default)s)"),
-        flag("--metrics", default="metrics/linprobe.json", help="metrics file (default: %(default)s)"),
-        flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
-    ],
+    flags=shared_flags("linprobe", "encoder", "train", "val", "out", "metrics", "epochs", "device"),
 )
 def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
@@ -38,7 +30,7 @@ def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     try:
         enc = read_encoder(args.encoder)
         res = linprobe(cfg, enc, train_dir=args.train, val_dir=args.val, log_fn=ctx.tracker.log_metrics)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise StageError(str(e)) from None
     out = Path(args.out)
     ctx.dump_params(cfg, out)

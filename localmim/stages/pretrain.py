@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.pretrain import PretrainConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
 @stage(
@@ -26,64 +26,67 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     config=PretrainConfig,
     help="masked-image-modeling pre-training (LocalMIM or MAE baseline); exports the encoder for timm",
     flags=[
-        flag("--out", default="data/pretrain", help="output directory for encoder.pt / encoder.json"),
+        *shared_flags("pretrain", "out"),
         flag("--shards", default="data/shards/train", help="raw train shards (data: online)"),
         flag("--views-dir", default="data/views", help="view shards of `localmim targets` (data: views)"),
-        flag("--ckpt-dir", default="data/checkpoints/pretrain", help="resumable checkpoints (not a DAG output)"),
-        flag("--metrics", default="metrics/pretrain.json", help="metrics JSON"),
+        *shared_flags("pretrain", "ckpt-dir", "metrics"),
         flag("--knn-val", default=None, help="val shards of the kNN monitor (default: val/ next to --shards)"),
         flag("--imported", default=None, metavar="DIR",
              help="start from an imported encoder: when DIR holds one (`localmim import`), copy it to --out instead "
                   "of training (the DAG's way to skip pre-training: imported.source)"),
-        flag("--epochs", key="epochs", type=int, metavar="N", help="pre-training epochs"),
+        *shared_flags("pretrain", "epochs"),
         flag("--data", key="data", choices=["online", "views"], help="input: raw shards or view shards"),
         flag("--model", key="model", metavar="NAME", help="localmim.models registry name"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
-        flag("--no-progress", action="store_true", help="no progress bar"),
+        *shared_flags("pretrain", "device", "no-progress"),
     ],
     system_metrics=True,
     inputs=lambda cfg, a: {"train": a.views_dir if cfg.data == "views" else a.shards, "imported": a.imported},
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.models.encoder_io import write_encoder
-    from localmim.stages._knn_monitor import build_knn_hook
+    from localmim.eval.knn import build_knn_hook
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
-    from localmim.utils.distributed import barrier, cleanup
-    from localmim.utils.io import atomic_write_json
+    from localmim.utils.distributed import barrier, process_group
 
     args = ctx.args
     if args.imported and (Path(args.imported) / "encoder.json").is_file():
         return _use_imported(Path(args.imported), Path(args.out), args.metrics, ctx)
     data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
-    try:
-        knn_hook = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
-        result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, on_epoch_end=knn_hook, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        raise StageError(f"pretrain: {e}") from None
-    knn_history = result.monitor  # every monitored epoch, those before a resume included
-    metrics = {k: float(v) for k, v in result.metrics.items()} | (knn_history[-1] if knn_history else {})
-    metrics.pop("epoch", None)
-    if ctx.is_main:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        # encoder.json is a DVC-tracked output: only what params, data and code determine (the git commit, run id
-        # and times are in the MLflow run and the checkpoint), so a rerun with equal weights leaves it unchanged
-        extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(),
-                 "checkpoint": str(result.checkpoint) if result.checkpoint else None}
-        write_encoder(result.model, out, extra)
-        ctx.dump_params(cfg, out)
-        ctx.write_metrics(args.metrics, metrics)
-        if knn_history:
-            # kNN top-1 per monitored epoch; its cost (knn_seconds) is a time: MLflow and the metrics file only
-            atomic_write_json(out / "knn.json", [{k: v for k, v in r.items() if k != "knn_seconds"}
-                                                 for r in knn_history])
-        ctx.tracker.log_artifact(out, artifact_path="encoder")
-        print(f"localmim pretrain: loss {metrics.get('final_loss', float('nan')):.4f} after "
-              f"{int(metrics.get('epochs_done', 0))} epochs -> {out}", file=sys.stderr)
-    barrier()
-    cleanup()
+    with process_group(cfg.device) as dist:
+        try:
+            knn_hook = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
+            result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, on_epoch_end=knn_hook,
+                                  progress=not args.no_progress, dist=dist)
+        except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+            raise StageError(str(e)) from None
+        knn_history = result.monitor  # every monitored epoch, those before a resume included
+        metrics = {k: float(v) for k, v in result.metrics.items()} | (knn_history[-1] if knn_history else {})
+        metrics.pop("epoch", None)
+        if ctx.is_main:
+            _write_outputs(cfg, ctx, result, metrics, knn_history)
+        barrier()
     return metrics if ctx.is_main else {}
+
+
+def _write_outputs(cfg: PretrainConfig, ctx: StageContext, result, metrics: dict, knn_history: list) -> None:
+    """The exported encoder, params and metrics (rank 0)."""
+    from localmim.models.encoder_io import write_encoder
+    from localmim.utils.io import atomic_write_json
+
+    out = Path(ctx.args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # encoder.json is a DVC-tracked output: only what params, data and code determine (the git commit, run id and
+    # times are in the MLflow run and the checkpoint), so a rerun with equal weights leaves it unchanged
+    extra = {"model": cfg.model, "pretrain_params": cfg.to_dict(),
+             "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    write_encoder(result.model, out, extra)
+    ctx.dump_params(cfg, out)
+    ctx.write_metrics(ctx.args.metrics, metrics)
+    if knn_history:  # kNN top-1 per monitored epoch; its cost (knn_seconds) is a time: MLflow and timing file only
+        atomic_write_json(out / "knn.json", [{k: v for k, v in r.items() if k != "knn_seconds"} for r in knn_history])
+    ctx.tracker.log_artifact(out, artifact_path="encoder")
+    print(f"localmim pretrain: loss {metrics.get('final_loss', float('nan')):.4f} after "
+          f"{int(metrics.get('epochs_done', 0))} epochs -> {out}", file=sys.stderr)
 
 
 def _use_imported(src: Path, out: Path, metrics_file: str, ctx: StageContext) -> dict[str, float]:
@@ -91,7 +94,7 @@ def _use_imported(src: Path, out: Path, metrics_file: str, ctx: StageContext) ->
     import only, not on the ``pretrain`` params (DVC sees the same output for any of them)."""
     import shutil
 
-    from localmim.utils.io import atomic_write_json, tmp_name
+    from localmim.utils.io import tmp_name
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def _use_imported(src: Path, out: Path, metrics_file: str, ctx: StageContext) ->
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp_name(out / name))
                 tmp_name(out / name).replace(out / name)
-        atomic_write_json(metrics_file, {"imported": 1.0})
+        ctx.write_metrics(metrics_file, {"imported": 1.0})
         ctx.tracker.set_tags({"imported": str(src)})
         print(f"localmim pretrain: {src} holds an imported encoder: copied to {out}, no pre-training", file=sys.stderr)
     return {"imported": 1.0} if ctx.is_main else {}

@@ -10,7 +10,7 @@ the whole directory appears at once: built under ``.<out>.staging`` and renamed)
 - ``OUT/model.pt`` (the segmenter's state dict, ``weights_only``-loadable) + ``OUT/model.json`` (how to rebuild it);
 - ``OUT/pred/<annotation name>.png``: one label map per val image in ADE20K's convention (class k -> k + 1,
   0 never predicted), at the annotation's size, so any ADE20K scorer can re-score them;
-- ``OUT/grid.png``: image | ground truth | prediction for the first ``num_vis`` val images (fixed palette);
+- ``OUT/grid.png``: image | ground truth | prediction for the first ``num_vis`` val images (torchvision's palette);
 - ``OUT/per_class.csv`` and ``OUT/params.yaml``;
 - ``metrics/segment.json``: mIoU, mAcc, aAcc (percent), per-class IoU/Acc (null: class left out), the split
   counts (found = used + skipped, load-time skips included) with every skipped file and its reason, notes on
@@ -29,15 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from localmim.config.segment import SegmentConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
-
-
-def palette(n: int = 256) -> np.ndarray:
-    """Fixed ``[n, 3]`` uint8 colours: 0 (ignore / unlabelled) black, then well-spread deterministic colours."""
-    rng = np.random.default_rng(20230228)
-    pal = rng.integers(40, 256, (n, 3), dtype=np.uint8)
-    pal[0] = 0
-    return pal
+from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
 def _png(path: Path, arr: np.ndarray, mode: str = "L") -> None:
@@ -52,33 +44,27 @@ def _png(path: Path, arr: np.ndarray, mode: str = "L") -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_grid(path: Path, rows: list[tuple[Path, Path, Path]]) -> None:
-    """One row per (image, annotation, prediction) file: image | ground truth | prediction, colours by
-    :func:`palette` (ADE20K label values, 0 black); rows whose files do not decode are left out."""
-    from localmim.data.imagefile import ImageFileError, read_image
+def write_grid(path: Path, rows: list[tuple[Path, Path, Path]], num_labels: int) -> None:
+    """One row per (image, annotation, prediction) file: image | ground truth | prediction
+    (:func:`localmim.eval.segmentation.render`; ADE20K label values, 0 black); rows whose files do not decode (a val
+    file that failed to load: skipped and reported) are left out."""
+    import torch
+    from torchvision.io import encode_png
 
-    pal = palette()
-    tiles = []
+    from localmim.data.imagefile import ImageFileError, read_image
+    from localmim.eval.segmentation import render
+    from localmim.utils.io import atomic_write_bytes
+
+    tensors = []
     for img_p, ann_p, pred_p in rows:
         try:
-            tiles.append([np.asarray(read_image(img_p)), pal[np.asarray(read_image(ann_p, None))],
-                          pal[np.asarray(read_image(pred_p, None))]])
-        except ImageFileError:  # a val file that failed to load (skipped and reported): no row
+            arrs = (np.asarray(read_image(img_p)).transpose(2, 0, 1), np.asarray(read_image(ann_p, None)),
+                    np.asarray(read_image(pred_p, None)))
+        except ImageFileError:
             continue
-    if not tiles:
-        return
-    gap = 4
-    width = max(sum(t.shape[1] for t in row) + gap * 2 for row in tiles)
-    height = sum(row[0].shape[0] for row in tiles) + gap * (len(tiles) - 1)
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    y = 0
-    for row in tiles:
-        x = 0
-        for t in row:
-            canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
-            x += t.shape[1] + gap
-        y += row[0].shape[0] + gap
-    _png(path, canvas, "RGB")
+        tensors.append(tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrs))
+    if tensors:
+        atomic_write_bytes(path, bytes(encode_png(render(tensors, num_labels)).numpy()))
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:
@@ -91,38 +77,53 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     config=SegmentConfig,
     help="ADE20K semantic segmentation: UperNet on the exported encoder (mIoU, label-map PNGs)",
     flags=[
-        flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
+        *shared_flags("segment", "encoder"),
         flag("--data", default="data/raw/ade20k", help="ADE20K release folder (default: %(default)s)"),
-        flag("--out", default="data/segment", help="output directory (default: %(default)s)"),
-        flag("--ckpt-dir", default="data/checkpoints/segment", help="resumable checkpoints (default: %(default)s)"),
-        flag("--metrics", default="metrics/segment.json", help="metrics file (default: %(default)s)"),
-        flag("--iters", key="iters", type=int, metavar="N", help="training iterations"),
-        flag("--device", key="device", choices=["auto", "cpu", "cuda"], help="device"),
-        flag("--no-progress", action="store_true", help="no progress bar"),
+        *shared_flags("segment", "out", "ckpt-dir", "metrics", "iters", "device", "no-progress"),
     ],
     system_metrics=True,
 )
 def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
-    from localmim.train.segment import run_segment
-    from localmim.utils.distributed import barrier, broadcast_object, cleanup, init_distributed
+    from localmim.utils.distributed import process_group
 
-    args = ctx.args
-    init_distributed(cfg.device)  # the process group, before the first collective
     try:
-        enc = read_encoder(args.encoder)
+        enc = read_encoder(ctx.args.encoder)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from None
-    scans = broadcast_object(_scan(cfg, args) if ctx.is_main else {})  # checked once, shared with the other ranks
+    with process_group(cfg.device) as dist:
+        scans = _scans(cfg, ctx)
+        out = Path(ctx.args.out)
+        staging = out.with_name(f".{out.name}.staging")
+        res = _train(cfg, ctx, enc, scans, staging, dist)
+    if not ctx.is_main:
+        return {}
+    metrics = _finish(cfg, ctx, enc, res, scans, staging, out)
+    print(f"localmim segment: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} "
+          f"after {res.metrics['iters']} iterations -> {out}", file=sys.stderr)
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _scans(cfg: SegmentConfig, ctx: StageContext) -> dict:
+    """Both splits, checked once on rank 0 (:func:`_scan`) and shared with the other ranks."""
+    from localmim.utils.distributed import broadcast_object
+
+    scans = broadcast_object(_scan(cfg, ctx.args) if ctx.is_main else {})
     if isinstance(scans, str):
         raise StageError(scans)
     for s, sc in scans.items():
         if (sc.skipped or sc.notes) and ctx.is_main:
             print(f"localmim segment: {s}: skipped {len(sc.skipped)} of {sc.found}, {len(sc.notes)} note(s) "
                   "(see the metrics file)", file=sys.stderr)
-    out = Path(args.out)
-    staging = out.with_name(f".{out.name}.staging")
+    return scans
+
+
+def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Path, dist):
+    """Train and evaluate; every val prediction is written into ``staging/pred`` as it comes."""
+    from localmim.data.imagefile import ImageFileError, one_line
+    from localmim.train.segment import run_segment
+    from localmim.utils.distributed import barrier
+
     val_pairs = scans["val"].pairs
     if ctx.is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,22 +136,15 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
         _png(staging / "pred" / val_pairs[idx].annotation.name, (pred + 1).to("cpu").numpy().astype(np.uint8))
 
     try:
-        res = run_segment(cfg, enc, scans["train"].pairs, val_pairs, args.ckpt_dir, on_pred=on_pred,
+        res = run_segment(cfg, enc, scans["train"].pairs, val_pairs, ctx.args.ckpt_dir, on_pred=on_pred,
                           log_fn=lambda m, step: ctx.tracker.log_metrics(m, step=step),
-                          progress=not args.no_progress)
+                          progress=not ctx.args.no_progress, dist=dist)
     except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
-        raise StageError(f"segment: {one_line(e)}") from None
+        raise StageError(one_line(e)) from None
     except (ValueError, FloatingPointError) as e:
-        raise StageError(f"segment: {e}") from None
-    finally:
-        barrier()
-        cleanup()
-    if not ctx.is_main:
-        return {}
-    metrics = _finish(cfg, ctx, enc, res, scans, staging, out)
-    print(f"localmim segment: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} "
-          f"after {res.metrics['iters']} iterations -> {out}", file=sys.stderr)
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        raise StageError(str(e)) from None
+    barrier()
+    return res
 
 
 def _scan(cfg: SegmentConfig, args) -> dict | str:
@@ -203,7 +197,7 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
     val = scans["val"].pairs
     rows = [(p.image, p.annotation, staging / "pred" / p.annotation.name) for p in val[:cfg.num_vis]]
     if rows:
-        write_grid(staging / "grid.png", rows)
+        write_grid(staging / "grid.png", rows, cfg.num_classes + 1)
     lines = ["class,ade_label,iou,acc"] + [
         f"{k},{k + 1},{'' if math.isnan(i) else f'{i:.4f}'},{'' if math.isnan(a) else f'{a:.4f}'}"
         for k, (i, a) in enumerate(zip(m["per_class_iou"], m["per_class_acc"], strict=True))]

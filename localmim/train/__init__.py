@@ -1,7 +1,10 @@
-"""Training machinery shared by every training stage (pretrain, finetune, linprobe).
+"""Training loops of every training stage: :mod:`.pretrain` (method §7), :mod:`.finetune` (§8), :mod:`.linprobe`
+(MAE's linear probe), :mod:`.segment` (UperNet, §9.1) and :mod:`.detect` (Mask R-CNN, §9.2).
 
-Generic, framework-level modules: :mod:`.schedule` (warm-up + cosine lr), :mod:`.checkpoint` (self-describing,
-atomic, auto-resumed checkpoints),
-:mod:`.optim` (AdamW with weight-decay groups) and the loops (:mod:`.pretrain`). Nothing here imports MLflow or
-``localmim.stages``: loops take plain arguments and a ``log_fn(metrics, step)`` callback.
+Each loop keeps only its method; what they share is :mod:`.engine` (seeding, the process group and the one DDP
+wrap, AMP with the loss scaler, the optimizer step, the non-finite-loss guard, the checkpoint identity rule and
+resume), on :mod:`.checkpoint` (self-describing, atomic, ``weights_only`` checkpoints), :mod:`.schedule` (the lr
+schedules) and :mod:`.optim` (AdamW with weight-decay groups). Nothing here imports MLflow, the pipeline or
+``localmim.stages``: loops take plain arguments and a ``log_fn(metrics, step)`` callback, and write nothing but
+checkpoints (and fine-tuning's best/last weights next to them).
 """

@@ -6,7 +6,8 @@ lists, strings and numbers only (RNG states are converted to tensors/ints). Keys
 ``format``, ``model`` (state dict of the unwrapped module), ``optimizer``, ``scaler`` (or None), ``epoch``
 (the epoch in progress), ``step`` (global iteration), ``data`` (data position: ``{"epoch", "batches"}`` consumed
 in that epoch), ``rng`` (one entry per rank: torch, cuda, numpy, python), ``params`` (resolved params),
-``git_commit``, ``extra`` (caller data), ``time``.
+``identity`` (what makes it resumable: :func:`localmim.train.engine.run_identity`), ``git_commit``, ``extra`` (caller
+data), ``time``.
 
 Files are ``ckpt-<step>.pt`` in a run's checkpoint directory, written via a temp file + rename, so a crash
 mid-save leaves the previous checkpoint intact; the newest ``keep`` are kept.
@@ -88,6 +89,7 @@ def make_payload(
     rng: list[dict[str, Any]],
     params: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a checkpoint dict (see module docstring)."""
     return {
@@ -100,6 +102,7 @@ def make_payload(
         "data": {"epoch": int(epoch), "batches": int(data_batches)},
         "rng": rng,
         "params": params,
+        "identity": identity,
         "git_commit": git_commit(),
         "extra": extra or {},
         "time": time.time(),

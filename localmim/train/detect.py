@@ -1,60 +1,45 @@
-"""Mask R-CNN training loop (method §9.2): AdamW with layer-wise lr decay, per-iteration warm-up + step or cosine
-schedule, bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing), DDP under torchrun, COCO evaluation
-every ``eval_every`` epochs and at the end, resumable checkpoints every ``ckpt_every`` epochs.
+"""Mask R-CNN training loop (method §9.2): AdamW (``betas``) with layer-wise lr decay, per-iteration warm-up + step or
+cosine schedule (:class:`~localmim.train.schedule.DetSchedule`), COCO evaluation every ``eval_every`` epochs and at
+the end, resumable checkpoints every ``ckpt_every`` epochs. The step, AMP, DDP, the non-finite-loss guard (losses read
+every ``log_every`` iterations and at each epoch's end) and the checkpoint rule are the engine's
+(:mod:`localmim.train.engine`; the run's identity holds the encoder and the used image/annotation counts).
 
-Determinism: the shuffle order comes from ``DistributedSampler(seed)``; augmentation draws from the loader's
-workers, seeded from a generator fixed by ``(seed, epoch, rank)`` (or from the restored global RNG when
-``num_workers = 0``), so a run resumed from an epoch checkpoint equals the uninterrupted one on CPU.
+The model and the datasets are built here from the checked COCO splits (as ``segment`` builds its own). Determinism:
+the model is built from ``seed`` (the same on every rank), the rest draws from ``seed + rank``; the shuffle order
+comes from ``DistributedSampler(seed)``; augmentation draws from the loader's workers, seeded from a generator fixed
+by ``(seed, epoch, rank)`` (or from the restored global RNG when ``num_workers = 0``), so a run resumed from an epoch
+checkpoint equals the uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from localmim.models.layer_decay import param_groups_with_decay
-from localmim.train import checkpoint as ckpt
-from localmim.utils.distributed import DistInfo, amp_dtype, make_scaler, unwrap
+from localmim.train.engine import (
+    Checkpoints,
+    Engine,
+    LogFn,
+    LossMeter,
+    Precision,
+    encoder_fingerprint,
+    seed_everything,
+    set_lr,
+    setup,
+    wrap_ddp,
+)
+from localmim.train.schedule import DetSchedule
+from localmim.utils.distributed import DistInfo
 
-LogFn = Callable[[dict[str, float], int], None]
 ENCODER_PREFIX = "backbone.body.encoder."
-
-
-@dataclass(frozen=True)
-class DetSchedule:
-    """lr at iteration ``it``: ``lr · warm(it) · decay(it)``. ``warm`` rises linearly from ``warmup_factor`` to 1
-    over ``warmup_iters``; ``step`` multiplies by 0.1 at each ``milestones`` fraction of ``total_iters``,
-    ``cosine`` falls from ``lr`` to ``min_lr`` over the run (Detectron2's conventions)."""
-
-    lr: float
-    total_iters: int
-    warmup_iters: int = 0
-    kind: str = "step"
-    milestones: tuple[float, ...] = ()
-    min_lr: float = 0.0
-    warmup_factor: float = 0.001
-
-    def __call__(self, it: int) -> float:
-        if self.kind == "step":
-            lr = self.lr * 0.1 ** sum(it >= m * self.total_iters for m in self.milestones)
-        else:
-            t = min(it / max(self.total_iters, 1), 1.0)
-            lr = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-        if it < self.warmup_iters:
-            a = it / self.warmup_iters
-            lr *= self.warmup_factor * (1 - a) + a
-        return lr
-
-    def apply(self, optimizer, it: int) -> float:
-        lr = self(it)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        return lr
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")  # torchvision's
 
 
 @dataclass
@@ -67,6 +52,16 @@ class DetectResult:
     train_images_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)  # the trained detector's weights
+
+
+def model_kwargs(cfg) -> dict:
+    """The ``detect`` params that shape the detector: ``build_mask_rcnn(enc, num_classes, **model_kwargs(cfg))``."""
+    return dict(image_size=cfg.image_size, max_size=cfg.max_size, train_scales=list(cfg.train_scales),
+                drop_path=cfg.drop_path, pretrained=cfg.pretrained, anchor_size=cfg.anchor_size,
+                window_size=cfg.window_size, global_blocks=list(cfg.global_blocks),
+                rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+                box_batch_size_per_image=cfg.box_batch_size_per_image, detections_per_img=cfg.detections_per_img,
+                box_head_dim=cfg.box_head_dim, mask_head_channels=cfg.mask_head_channels)
 
 
 def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
@@ -83,49 +78,50 @@ def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
                       collate_fn=collate, pin_memory=dist.device.type == "cuda", generator=gen)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, sched: DetSchedule, *, first_it: int, dev, amp,
-                    log_every: int, log_fn: LogFn | None, bar=None) -> tuple[int, float]:
-    """One pass over ``loader``; returns ``(images seen, seconds)``. Losses are read (a host sync) every
-    ``log_every`` iterations only; a non-finite loss stops the run there."""
-    model.train()
-    n_images, t0 = 0, time.perf_counter()
+def _losses(net, images: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    losses = net(images, targets)  # torchvision's dict of the RPN and ROI-head losses
+    return sum(losses.values()), losses
+
+
+def train_one_epoch(eng: Engine, loader, sched: DetSchedule, meter: LossMeter, *, first_it: int, log_every: int,
+                    log_fn: LogFn | None, bar=None) -> tuple[int, float]:
+    """One pass over ``loader``; returns ``(images seen, seconds)``. Losses are read (a host sync, the non-finite
+    guard) every ``log_every`` iterations and at the end of the epoch, and logged as means over the interval."""
+    eng.net.train()
+    n_images, t0, steps = 0, time.perf_counter(), len(loader)
     for i, (images, targets) in enumerate(loader):
         it = first_it + i
-        lr = sched.apply(optimizer, it)
-        images = [im.to(dev, non_blocking=True) for im in images]  # [3, H, W] each
-        targets = [{k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        lr = set_lr(eng.opt, sched(it))
+        images = [im.to(eng.device, non_blocking=True) for im in images]  # [3, H, W] each
+        targets = [{k: (v.to(eng.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
-        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, losses = eng.step(partial(_losses, eng.net, images, targets))
+        meter.add([loss, *(losses[n] for n in LOSS_NAMES)], it, len(images))
         n_images += len(images)
         if bar is not None:
             bar.update(1)
-        if (it + 1) % log_every == 0:
-            vals = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach()), "lr": lr}
-            if not math.isfinite(vals["loss"]):
-                raise FloatingPointError(f"detect: non-finite loss at iteration {it + 1}: {vals}")
+        if (it + 1) % log_every == 0 or i + 1 == steps:
+            vals = {k: v for k, v in meter.read(eng.dist.world_size, epoch=it // steps).items()
+                    if k.startswith("loss")} | {"lr": lr}
             if bar is not None:
                 bar.set_postfix({k.removeprefix("loss_"): f"{v:.3g}" for k, v in vals.items()})
-            if log_fn is not None:
+            if log_fn is not None and eng.dist.is_main:
                 log_fn(vals, it + 1)
     return n_images, time.perf_counter() - t0
 
 
-def evaluate(model, val_set, gt, label_to_cat, cfg, dist: DistInfo, amp, keep_images: int = 0):
-    """COCO metrics of ``model`` on ``val_set`` (each rank predicts a strided share, rank 0 scores all)."""
+def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
+    """COCO metrics of the model on ``val_set`` (each rank predicts a strided share, rank 0 scores all)."""
     from localmim.data.coco import collate
     from localmim.eval.detection import coco_eval, predict
     from localmim.utils.distributed import broadcast_object
 
+    dist = eng.dist
     share = torch.utils.data.Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))
     loader = torch.utils.data.DataLoader(share, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=collate, pin_memory=dist.device.type == "cuda")
-    results, kept = predict(unwrap(model), loader, dist.device, label_to_cat, amp, keep_images if dist.is_main else 0)
+    results, kept = predict(eng.model, loader, dist.device, label_to_cat, eng.prec.dtype,
+                            keep_images if dist.is_main else 0)
     if dist.distributed:
         gathered: list[Any] = [None] * dist.world_size
         torch.distributed.all_gather_object(gathered, results)
@@ -134,58 +130,66 @@ def evaluate(model, val_set, gt, label_to_cat, cfg, dist: DistInfo, amp, keep_im
     return broadcast_object(metrics), results, kept
 
 
-def seed_everything(seed: int) -> None:
-    """torch (model init, drop path, augmentation), NumPy and Python RNGs."""
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def train_detector(cfg, model, train_set, val_set, gt, label_to_cat: dict[int, int], *, ckpt_dir, params: dict,
-                   dist: DistInfo, log_fn: LogFn | None = None, on_epoch_end: Callable[[int], None] | None = None,
-                   progress: bool = True) -> DetectResult:
-    """Train ``model`` (a torchvision MaskRCNN on :class:`~localmim.models.detection.DetectionBackbone`) on
-    ``train_set`` and evaluate on ``val_set`` against the pycocotools index ``gt`` (see the module docstring).
-
-    ``params`` identifies the run: a checkpoint in ``ckpt_dir`` made with other params is never resumed.
-    The model must already be built (seeded by the caller) on the CPU; it is moved to ``dist.device`` here.
-    """
-    from tqdm import tqdm
-
+def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, Any, Any]:
+    """The detector (from ``seed`` on every rank) in an engine, and the train / val datasets (an image that fails
+    to load follows ``skips[split]``: training substitutes the next one, evaluation leaves it out)."""
+    from localmim.data.coco import coco_dataset, eval_transforms, train_transforms
+    from localmim.models.detection import build_mask_rcnn
     from localmim.train.optim import create_adamw
 
-    t_start = time.time()
-    dev = dist.device
-    model.to(dev)
-    groups = param_groups_with_decay(model, unwrap(model).backbone.body.encoder, ENCODER_PREFIX, cfg.weight_decay,
+    seed_everything(cfg.seed)  # the same initial model on every rank
+    model = build_mask_rcnn(enc, len(train.cat_ids), **model_kwargs(cfg))
+    seed_everything(cfg.seed + dist.rank)  # drop path, augmentation (num_workers = 0)
+    train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range),
+                             skips.get("train"), train=True)
+    val_set = coco_dataset(val, eval_transforms(val), skips.get("val"))
+    model.to(dist.device)
+    groups = param_groups_with_decay(model, model.backbone.body.encoder, ENCODER_PREFIX, cfg.weight_decay,
                                      cfg.layer_decay)
-    optimizer = create_adamw(groups, lr=0.0, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), device=dev)
-    amp = amp_dtype(cfg.amp, dev)
-    scaler = make_scaler(dev, amp)
+    opt = create_adamw(groups, lr=0.0, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), device=dist.device)
+    return Engine(model, wrap_ddp(model, dist), opt, Precision.of(cfg.amp, dist.device), dist), train_set, val_set
+
+
+def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, log_fn: LogFn | None = None,
+               on_epoch_end: Callable[[int], None] | None = None, progress: bool = True,
+               skips: dict | None = None) -> DetectResult:
+    """Train Mask R-CNN on the exported encoder ``enc`` (an ``EncoderSpec``) on the checked COCO split ``train``
+    (a :class:`~localmim.data.coco.CocoSplit`) and evaluate on ``val`` (see the module docstring), resuming this
+    run's newest checkpoint under ``ckpt_dir``. ``skips``: ``{split: LoadSkips}``, the load-time rule of each split
+    (default: a file that fails to load raises, naming it)."""
+    from tqdm import tqdm
+
+    from localmim.data.coco import ScoredGroundTruth
+    from localmim.data.imagefile import LoadSkips
+
+    t_start = time.time()
+    dist = setup(cfg.device, dist)
+    skips = skips or {}
+    eng, train_set, val_set = _build(cfg, enc, train, val, dist, skips)
+    gt = ScoredGroundTruth(val, skips.get("val") or LoadSkips())  # images that failed to load are not scored
+    counts = {s: {"images": r.images_used, "annotations": r.annotations_used}
+              for s, r in (("train", train.report), ("val", val.report))}
+    ckpts = Checkpoints.of(ckpt_dir, "detect", cfg, dist, encoder=encoder_fingerprint(enc),
+                           data=json.dumps(counts, sort_keys=True))
     steps = len(_train_loader(train_set, cfg, dist, 0))
     sched = DetSchedule(cfg.lr, steps * cfg.epochs, cfg.warmup_iters, cfg.schedule, tuple(cfg.milestones), cfg.min_lr)
-    state = _resume(ckpt_dir, params, model, optimizer, scaler, dist)
-    net = model
-    if dist.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    payload = ckpts.resume(eng)
+    state = (dict(payload["extra"]) | {"epoch": payload["epoch"]} if payload else
+             {"epoch": 0, "history": [], "seconds": 0.0, "images": 0, "train_seconds": 0.0, "metrics": {}})
+    meter = LossMeter("detect", ["loss", *LOSS_NAMES], dist.device, ckpts)
     metrics, results, kept, evaluated = state.get("metrics", {}), [], [], False
     for epoch in range(state["epoch"], cfg.epochs):
         bar = tqdm(total=steps, desc=f"detect epoch {epoch + 1}/{cfg.epochs}", unit="it", leave=False,
                    disable=not (progress and dist.is_main), dynamic_ncols=True)
-        n, secs = train_one_epoch(net, _train_loader(train_set, cfg, dist, epoch), optimizer, scaler, sched,
-                                  first_it=epoch * steps, dev=dev, amp=amp, log_every=cfg.log_every, log_fn=log_fn,
-                                  bar=bar)
+        n, secs = train_one_epoch(eng, _train_loader(train_set, cfg, dist, epoch), sched, meter,
+                                  first_it=epoch * steps, log_every=cfg.log_every, log_fn=log_fn, bar=bar)
         bar.close()
         state["images"] += n * dist.world_size
         state["train_seconds"] += secs
         row = {"epoch": epoch + 1, "train_images_per_s": n * dist.world_size / max(secs, 1e-9)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             keep = cfg.vis_images if epoch + 1 == cfg.epochs else 0
-            metrics, results, kept = evaluate(model, val_set, gt, label_to_cat, cfg, dist, amp, keep)
+            metrics, results, kept = evaluate(eng, val_set, gt, val.label_to_cat, cfg, keep)
             evaluated = True
             row |= metrics
         state["history"].append(row)
@@ -195,39 +199,12 @@ def train_detector(cfg, model, train_set, val_set, gt, label_to_cat: dict[int, i
         state["seconds"] += time.time() - t_start
         t_start = time.time()
         if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            _checkpoint(ckpt_dir, model, optimizer, scaler, epoch + 1, (epoch + 1) * steps, params, state, dist)
+            ckpts.save(eng, epoch=epoch + 1, step=(epoch + 1) * steps, extra={k: v for k, v in state.items()
+                                                                             if k != "epoch"})
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     if not evaluated:  # resumed after the last epoch: evaluate the restored weights again
-        metrics, results, kept = evaluate(model, val_set, gt, label_to_cat, cfg, dist, amp, cfg.vis_images)
+        metrics, results, kept = evaluate(eng, val_set, gt, val.label_to_cat, cfg, cfg.vis_images)
     ips = state["images"] / max(state["train_seconds"], 1e-9)
     return DetectResult(metrics, results, kept, len(state["history"]), state["seconds"], ips, state["history"],
-                        unwrap(model).state_dict())
-
-
-def _resume(ckpt_dir, params, model, optimizer, scaler, dist: DistInfo) -> dict[str, Any]:
-    """The newest checkpoint made with the same params (weights, optimizer, scaler, RNG); else a fresh state."""
-    fresh = {"epoch": 0, "history": [], "seconds": 0.0, "images": 0, "train_seconds": 0.0, "metrics": {}}
-    path = ckpt.find_latest(ckpt_dir)
-    if path is None:
-        return fresh
-    payload = ckpt.load(path, map_location=dist.device)
-    if payload["params"] != params:
-        print(f"detect: {path} was made with other params or another encoder; starting from scratch")
-        if dist.is_main:
-            for p in ckpt.list_checkpoints(ckpt_dir):
-                p.unlink(missing_ok=True)
-        return fresh
-    ckpt.restore(payload, model, optimizer, scaler, rank=dist.rank, world_size=dist.world_size)
-    state = dict(payload["extra"]) | {"epoch": payload["epoch"]}
-    print(f"detect: resumed from {path} (epoch {state['epoch']})")
-    return state
-
-
-def _checkpoint(ckpt_dir, model, optimizer, scaler, epoch, step, params, state, dist: DistInfo) -> None:
-    rng = ckpt.all_rng_states()  # collective
-    if dist.is_main:
-        extra = {k: v for k, v in state.items() if k != "epoch"}
-        payload = ckpt.make_payload(model=unwrap(model), optimizer=optimizer, scaler=scaler, epoch=epoch, step=step,
-                                    data_batches=0, rng=rng, params=params, extra=extra)
-        ckpt.save(ckpt_dir, payload)
+                        eng.model.state_dict())

@@ -7,8 +7,8 @@ is then trained on the cache. Deviation from MAE, for speed: MAE re-encodes Rand
 every epoch; caching un-augmented features makes the probe a cheap signal for comparing pre-training
 runs (seconds instead of a full-encoder pass per epoch). Optimizer: LARS as in MAE (timm's ``Lars``,
 trust ratio on the weight matrix only, as MAE excludes 1-D params) or SGD / AdamW. Feature extraction autocasts per
-``amp`` (``utils.distributed.amp_dtype``: bf16 where supported, else fp16; nothing is back-propagated through the
-encoder, so no loss scaling); the head trains in fp32 on the cached features.
+``amp`` (bf16 where supported, else fp16; nothing is back-propagated through the encoder, so no loss scaling); the
+head trains in fp32 on the cached features, its steps and non-finite-loss guard on :mod:`localmim.train.engine`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from localmim.models.encoder_io import EncoderSpec
+from localmim.train.engine import Engine, LossMeter, Precision, autocast, seed_everything, set_lr
 from localmim.train.finetune import FinetuneResult
-from localmim.train.schedule import WarmupCosine, cycle_length
+from localmim.train.schedule import WarmupCosine
+from localmim.utils.distributed import DistInfo
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -51,7 +54,7 @@ def extract_features(encoder, batches, device: torch.device, amp_dtype=None) -> 
     """Pooled features ``[N, d]`` (fp32, on ``device``) and labels ``[N]`` for every batch."""
     feats, labels = [], []
     for images, y in batches:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             f = encoder(images.to(device, non_blocking=True))  # [B, d]
         feats.append(f.float())
         labels.append(y.to(device, non_blocking=True))
@@ -68,8 +71,10 @@ def build_head(dim: int, num_classes: int) -> torch.nn.Module:
     return head
 
 
-def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float) -> torch.optim.Optimizer:
-    """LARS (MAE; trust ratio on the weight only), SGD with momentum 0.9, or AdamW; lr is set by the schedule."""
+def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """LARS (MAE; trust ratio on the weight only), SGD with momentum 0.9, or AdamW (``betas``); lr is set by the
+    schedule."""
     from timm.optim import Lars
 
     lin = head[1]
@@ -80,8 +85,12 @@ def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float) -> to
     if name == "sgd":
         return torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(head.parameters(), lr=0.0, weight_decay=weight_decay)
+        return torch.optim.AdamW(head.parameters(), lr=0.0, betas=tuple(betas), weight_decay=weight_decay)
     raise ValueError(f"linprobe optimizer must be lars|sgd|adamw, got {name!r}")
+
+
+def _probe_loss(head, crit, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return crit(head(x), y)  # [B, d] -> [B, C] logits
 
 
 def train_probe(
@@ -94,30 +103,28 @@ def train_probe(
     t0 = time.time()
     (x, y), (vx, vy) = train_xy, val_xy
     dev = x.device
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     head = build_head(x.shape[1], num_classes).to(dev)
-    opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay)
+    opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay, cfg.betas)
+    eng = Engine(head, head, opt, Precision.of("none", dev), DistInfo(0, 1, 0, dev))  # fp32, one process
     steps = max(1, len(x) // cfg.batch_size)  # drop_last, as MAE
     schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     crit = torch.nn.CrossEntropyLoss()
+    meter = LossMeter("linprobe", ["train_loss"], dev)
     history, best, best_epoch, best_head = [], -1.0, 0, None
     for epoch in range(cfg.epochs):
         head.train()
         perm = torch.randperm(len(x), generator=gen).to(dev)
-        loss_sum = torch.zeros((), device=dev)
         for it in range(steps):
             if it % cfg.accum_iter == 0:
-                schedule.apply(opt, epoch + it / steps)
+                set_lr(eng.opt, schedule(epoch + it / steps))
             idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-            loss = crit(head(x[idx]), y[idx])  # [B, d] -> [B, C]
-            (loss / cycle_length(it, cfg.accum_iter, steps)).backward()
-            if (it + 1) % cfg.accum_iter == 0 or it + 1 == steps:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss = eng.step(partial(_probe_loss, head, crit, x[idx], y[idx]), it=it, accum=cfg.accum_iter, steps=steps)
+            meter.add([loss], epoch * steps + it)
+        train_loss = meter.read(1, epoch=epoch)["train_loss"]
         ev = evaluate(head, [(vx, vy)], dev)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps, "lr": schedule(epoch + 1),
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": schedule(epoch + 1),
                "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"]}
         history.append(row)
         if ev["top1"] > best:
@@ -136,7 +143,8 @@ def linprobe(
 ) -> LinprobeResult:
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
-    from localmim.utils.distributed import amp_dtype, resolve_device
+    from localmim.train.engine import amp_dtype
+    from localmim.utils.distributed import resolve_device
 
     t0 = time.time()
     dev = resolve_device(cfg.device)

@@ -1,4 +1,5 @@
-"""torchrun / DDP helpers: process-group init from the torchrun environment, rank helpers, device choice.
+"""torchrun / DDP helpers: process-group init from the torchrun environment, rank helpers, device choice (the
+DDP wrap, autocast and loss scaling are :mod:`localmim.train.engine`'s).
 
 Under ``torchrun`` the environment carries ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without it we run as
 rank 0 of 1 and never create a process group. The backend is NCCL on CUDA and Gloo on CPU.
@@ -6,7 +7,9 @@ rank 0 of 1 and never create a process group. The backend is NCCL on CUDA and Gl
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +102,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """A stage's process group: started from torchrun's environment on entry (nothing to start in a single
+    process), destroyed on exit, also on error. Training loops take the yielded :class:`DistInfo`."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare module under DDP and/or ``torch.compile`` wrappers."""
     while True:
@@ -108,21 +122,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype every training stage uses (``amp``: ``auto`` | ``bf16`` | ``fp16`` | ``none``).
-
-    CPU: none (fp32). CUDA ``auto``: bf16 where the GPU supports it, else fp16 (pre-Ampere GPUs such as the
-    paper's V100s), which needs a ``torch.amp.GradScaler`` (:func:`make_scaler`).
-    """
-    if amp == "none" or device.type != "cuda":
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """Dynamic loss scaling, enabled only for fp16 autocast (a pass-through otherwise)."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,9 +1,9 @@
-"""Figures of ``localmim analyze``: curves per block and tap reconstructions (matplotlib, Agg, written atomically)."""
+"""Figures of ``localmim analyze``: curves per block and tap reconstructions (matplotlib, Agg), as PNG bytes (the
+stage writes them)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,18 +18,16 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _png(fig) -> bytes:
     import io
-
-    from localmim.utils.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def plot_layers(per_layer: dict[str, list[float]], taps: list[int], path: Path, title: str) -> None:
+def plot_layers(per_layer: dict[str, list[float]], taps: list[int], title: str) -> bytes:
     """Probe / kNN top-1, attention NMI and distance against the block index; tapped blocks marked."""
     plt = _plt()
     panels = [("top-1 (%)", [("probe_top1", "linear probe"), ("knn_top1", "kNN")])]
@@ -50,7 +48,7 @@ def plot_layers(per_layer: dict[str, list[float]], taps: list[int], path: Path, 
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
 def _unpatchify(tokens: torch.Tensor, grid: tuple[int, int], cell: int) -> np.ndarray:
@@ -88,8 +86,8 @@ def _hog_panel(ax, tokens, mask, grid, cell, nbins, scale: float) -> None:
     ax.set_ylim(h, 0)
 
 
-def plot_reconstructions(images: torch.Tensor, mask: torch.Tensor, taps, patch: int, target: str, nbins: int,
-                         path: Path) -> None:
+def plot_reconstructions(images: torch.Tensor, mask: torch.Tensor, taps, patch: int, target: str,
+                         nbins: int) -> bytes:
     """One row per image: the input with masked patches greyed, then target | prediction of every tap on its
     masked cells (pixels: per-patch-normalised values; HOG: orientation glyphs, one scale per tap and image)."""
     plt = _plt()
@@ -119,4 +117,4 @@ def plot_reconstructions(images: torch.Tensor, mask: torch.Tensor, taps, patch: 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
