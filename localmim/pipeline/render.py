@@ -45,6 +45,8 @@ def render_dvc(nodes: list[Node]) -> str:
         if n.params:
             st["params"] = list(n.params)
         st["outs"] = list(n.outs)
+        if n.always_changed:
+            st["always_changed"] = True
         if n.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in n.metrics]
         if n.plots:
@@ -122,6 +124,7 @@ def smk_params(n: Node) -> dict[str, str]:
     params = {k.replace(".", "_"): f"canonical({v})" for k, v in exprs.items()}
     if n.gpu:
         params["device"] = _cfg(f"{n.section}.device")
+    params.update(n.smk_triggers)
     params["file"] = f"params_file({_literal(tree)})"
     return params
 

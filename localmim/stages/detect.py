@@ -26,8 +26,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     help="COCO detection / instance segmentation: Mask R-CNN on the exported encoder (box and mask AP)",
     flags=[
         flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
-        flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/ "
-                                                      "(default: %(default)s)"),
+        flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/, or its dataset "
+                                                      "manifest (data/raw/coco.json) (default: %(default)s)"),
         flag("--out", default="data/detect", help="output directory (default: %(default)s)"),
         flag("--ckpt-dir", default="data/checkpoints/detect", help="resumable checkpoints (default: %(default)s)"),
         flag("--metrics", default="metrics/detect.json", help="metrics file (default: %(default)s)"),
@@ -40,22 +40,24 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
 )
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.coco import CocoError, load_coco
+    from localmim.data.datasets import dataset_root
     from localmim.models.encoder_io import read_encoder
     from localmim.utils.distributed import cleanup, init_distributed
 
     args = ctx.args
     try:
         enc = read_encoder(args.encoder)
-        train = load_coco(args.data, "train", cfg.on_bad, train=True)
-        val = load_coco(args.data, "val", cfg.on_bad)
+        data = dataset_root(args.data)  # a manifest names the folder
+        train = load_coco(data, "train", cfg.on_bad, train=True)
+        val = load_coco(data, "val", cfg.on_bad)
     except (ValueError, FileNotFoundError, CocoError) as e:
         raise StageError(str(e)) from None
     for name, split in (("train", train), ("val", val)):
         if not split.report.images_used:
-            raise StageError(f"{args.data}: no usable {name} images (see the skipped list: "
+            raise StageError(f"{data}: no usable {name} images (see the skipped list: "
                              f"{split.report.skipped[:3]})")
         if split.cat_ids != train.cat_ids:
-            raise StageError(f"{args.data}: train and val list different categories")
+            raise StageError(f"{data}: train and val list different categories")
     dist = init_distributed(cfg.device)
     try:
         if ctx.is_main:

@@ -83,7 +83,8 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     help="ADE20K semantic segmentation: UperNet on the exported encoder (mIoU, label-map PNGs)",
     flags=[
         flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt (default: %(default)s)"),
-        flag("--data", default="data/raw/ade20k", help="ADE20K release folder (default: %(default)s)"),
+        flag("--data", default="data/raw/ade20k", help="ADE20K release folder, or its dataset manifest "
+                                                        "(data/raw/ade20k.json) (default: %(default)s)"),
         flag("--out", default="data/segment", help="output directory (default: %(default)s)"),
         flag("--ckpt-dir", default="data/checkpoints/segment", help="resumable checkpoints (default: %(default)s)"),
         flag("--metrics", default="metrics/segment.json", help="metrics file (default: %(default)s)"),
@@ -95,6 +96,7 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
 )
 def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.ade20k import scan_split
+    from localmim.data.datasets import dataset_root
     from localmim.models.encoder_io import read_encoder
     from localmim.train.segment import run_segment
     from localmim.utils.distributed import barrier, broadcast_object, cleanup, init_distributed
@@ -108,7 +110,8 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     scans: dict | str = {}
     if ctx.is_main:  # validated once (every annotation is decoded), shared with the other ranks
         try:
-            scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad) for s in ("train", "val")}
+            data = dataset_root(args.data)  # a manifest names the folder
+            scans = {s: scan_split(data, s, cfg.num_classes, cfg.on_bad) for s in ("train", "val")}
         except (ValueError, FileNotFoundError) as e:
             scans = str(e)
     scans = broadcast_object(scans)
