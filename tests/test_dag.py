@@ -32,6 +32,33 @@ def test_dag_has_the_targets_node_and_pretrain_reads_through_it():
             assert not ignored, f"{path} is git-ignored: experiments would lose it"
 
 
+def test_datasets_enter_the_dag_only_as_manifests():
+    """Real datasets are read where they are: no stage depends on or outputs a dataset folder, the stages reading a
+    dataset depend on its manifest (and take the root from it), and the manifest stages run on every `dvc repro`."""
+    stages = _dvc_yaml()["stages"]
+    for name in ("imagenet", "ade20k", "coco"):
+        st = stages[f"dataset_{name}"]
+        assert st["always_changed"] is True and {f"datasets.{name}", "datasets.fingerprint"} == set(st["params"])
+        assert st["outs"] == [f"data/raw/{name}.json", f"data/raw/{name}.files.tsv.gz"]
+    readers = {"shard_train": "imagenet", "shard_val": "imagenet", "segment": "ade20k", "detect": "coco"}
+    for stage, name in readers.items():
+        assert f"data/raw/{name}.json" in stages[stage]["deps"]
+        assert f"data/raw/{name}.json" in stages[stage]["cmd"]
+    embedded_readers = {s for s, st in stages.items() for d in st.get("deps", []) if d in {
+        "data/raw/imagenet", "data/raw/ade20k", "data/raw/coco"}}  # fmt: skip
+    assert embedded_readers == {"dataset_imagenet", "dataset_ade20k", "dataset_coco"}
+    smk = (ROOT / "workflow/rules/stages.smk").read_text()
+    assert smk.count("state=lambda wildcards: dataset_state(") == 3
+
+
+def test_missing_dataset_stops_snakemake_before_any_job(repo_copy):
+    p = subprocess.run([str(BIN / "snakemake"), "-n", "--config", "datasets={coco: /nonexistent/coco}"],
+                       cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "datasets.coco: /nonexistent/coco: not a directory (expected the folder holding train2017/" in out
+
+
 def test_conda_env_mirrors_the_pinned_stack():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     env = yaml.safe_load((ROOT / "workflow/envs/localmim.yaml").read_text())

@@ -238,7 +238,7 @@ def fingerprint(entries: list[tuple[str, int, int]], shas: list[str] | None = No
 def state(name: str, root: str, mode: str = "stat", outdir: str | Path | None = None) -> str:
     """The fingerprint of dataset ``name`` at ``root`` as :func:`write_manifest` into ``outdir`` computes it
     (Snakemake's rerun trigger of the ``dataset_<name>`` rule; content mode shares the manifest's hash cache)."""
-    entries, _ = scan(name, root)
+    entries, _ = scan(name, root, f"datasets.{name}")
     return fingerprint(entries, _shas(name, root, entries, mode, outdir))
 
 
