@@ -139,5 +139,7 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
         gpu = re.search(r"\bgpu=(\d+)", res)
         if rule in torchrun_rules:
             assert gpu and int(gpu.group(1)) == tree[rule]["nproc_per_node"], res
+        elif rule in ("linprobe", "analyze"):  # one process: feature passes on one GPU
+            assert gpu and int(gpu.group(1)) == 1, res
         else:
             assert gpu is None, res

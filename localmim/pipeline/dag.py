@@ -53,6 +53,9 @@ class Node:
     always_changed: bool = False
     # Snakemake-only rerun triggers (param name -> expression, e.g. a function of wildcards), not in the params file
     smk_triggers: dict[str, str] = field(default_factory=dict)
+    # one process on one GPU when ``<section>.device`` is not cpu (feature passes of linprobe / analyze): on a
+    # cluster the job asks for 1 GPU on the GPU partition
+    one_gpu: bool = False
 
     @property
     def section(self) -> str:
@@ -183,7 +186,7 @@ def evaluation_nodes() -> list[Node]:
              threads=2, launcher=TORCHRUN),
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
-             threads=2),
+             threads=2, one_gpu=True),
     ]
 
 
@@ -192,7 +195,7 @@ def analyze_node() -> Node:
     from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
     return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
                 deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
-                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
+                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2, one_gpu=True)
 
 
 def detect_node() -> Node:

@@ -137,13 +137,15 @@ def _literal(tree: dict[str, Any]) -> str:
 def smk_resources(n: Node) -> dict[str, str]:
     """Snakemake resources: GPUs and torchrun processes from params, the rest from the ``cluster`` section."""
     res: dict[str, str] = {}
-    if n.gpu:
-        nproc = _cfg(f"{n.section}.nproc_per_node")
+    if n.gpu or n.one_gpu:
+        nproc = _cfg(f"{n.section}.nproc_per_node") if n.gpu else "1"
         res["gpu"] = f'{nproc} if {_cfg(f"{n.section}.device")} != "cpu" else 0'
-        res["nproc"] = nproc
+        if n.gpu:
+            res["nproc"] = nproc
     q = json.dumps(n.name)
     res.update(cpus_per_task=f'cluster_resource({q}, "cpus")', mem_mb=f'cluster_resource({q}, "mem_mb")',
-               runtime=f'cluster_resource({q}, "runtime")', slurm_partition=f"cluster_partition({n.gpu})")
+               runtime=f'cluster_resource({q}, "runtime")',
+               slurm_partition=f"cluster_partition({n.gpu or n.one_gpu})")
     for k, v in n.resources.items():
         res[k] = v if isinstance(v, str) else json.dumps(v)
     return res

@@ -100,7 +100,7 @@ rule linprobe:
     params: linprobe=canonical(config["linprobe"]), file=params_file({"linprobe": config["linprobe"]})
     log: "logs/linprobe.log"
     threads: 2
-    resources: cpus_per_task=cluster_resource("linprobe", "cpus"), mem_mb=cluster_resource("linprobe", "mem_mb"), runtime=cluster_resource("linprobe", "runtime"), slurm_partition=cluster_partition(False)
+    resources: gpu=1 if config["linprobe"]["device"] != "cpu" else 0, cpus_per_task=cluster_resource("linprobe", "cpus"), mem_mb=cluster_resource("linprobe", "mem_mb"), runtime=cluster_resource("linprobe", "runtime"), slurm_partition=cluster_partition(True)
     conda: "../envs/localmim.yaml"
     shell: "python -m localmim.cli linprobe --encoder data/pretrain --out data/linprobe --params {params.file} 2>&1 | tee {log}"
 
@@ -110,7 +110,7 @@ rule analyze:
     params: analyze=canonical(config["analyze"]), file=params_file({"analyze": config["analyze"]})
     log: "logs/analyze.log"
     threads: 2
-    resources: cpus_per_task=cluster_resource("analyze", "cpus"), mem_mb=cluster_resource("analyze", "mem_mb"), runtime=cluster_resource("analyze", "runtime"), slurm_partition=cluster_partition(False)
+    resources: gpu=1 if config["analyze"]["device"] != "cpu" else 0, cpus_per_task=cluster_resource("analyze", "cpus"), mem_mb=cluster_resource("analyze", "mem_mb"), runtime=cluster_resource("analyze", "runtime"), slurm_partition=cluster_partition(True)
     conda: "../envs/localmim.yaml"
     shell: "python -m localmim.cli analyze --encoder data/pretrain --out data/analyze --params {params.file} 2>&1 | tee {log}"
 
