@@ -125,9 +125,10 @@ def test_dvc_sync_records_only_stages_whose_params_match(tmp_path, monkeypatch):
 
 
 def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
-    """`--workflow-profile workflow/profiles/slurm -n`: the SLURM executor plugin loads and training rules ask for
+    """`--profile workflow/profiles/slurm -n` (combined with the default workflow profile, which must not cap GPUs;
+    tests/test_pipeline.py runs `--workflow-profile`): the SLURM executor plugin loads and training rules ask for
     GPUs (<stage>.nproc_per_node) while the data rules ask for none."""
-    p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", "-F"],
+    p = subprocess.run([str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "-n", "-F"],
                        cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
