@@ -125,6 +125,11 @@ def test_content_mode_hashes_only_new_files_and_ignores_mtime(tree, tmp_path, mo
     again = write_manifest("coco", str(root), tmp_path, mode="content")
     assert calls == [img] and again["fingerprint"] == first["fingerprint"]
     assert ds.state("coco", str(root), "content", outdir=tmp_path) == first["fingerprint"]  # Snakemake's trigger
+    assert calls == [img]  # the trigger used the cache too
+    other = shutil.copytree(root, tmp_path / "other")  # same paths, sizes and mtimes: a cache is per root
+    calls.clear()
+    assert write_manifest("coco", str(other), tmp_path, mode="content")["fingerprint"] == first["fingerprint"]
+    assert len(calls) == first["num_files"]
     assert ds.state("coco", str(root)) == write_manifest("coco", str(root), tmp_path / "s")["fingerprint"]
 
 
@@ -268,3 +273,24 @@ def test_flat_val_with_devkit_gives_the_class_folder_shards(tree, tmp_path, clas
     shutil.rmtree(devkit)
     assert ds.find_val_labels(root / "val") == [root / "ILSVRC2012_devkit_t12.tar.gz"]
     assert read_val_labels(ds.find_val_labels(root / "val")) == truth
+
+
+def test_dataset_stage_embedded_copy_survives_a_checkout(tree, tmp_path):
+    """``localmim dataset NAME OUT`` with an empty param describes OUT/NAME by content: a DVC checkout rewrites the
+    files (same bytes, new mtimes) and the manifest stays byte-identical. With a path, the param's folder is used."""
+    from tests.conftest import ROOT, run_cli
+
+    shutil.copytree(tree / "coco", tmp_path / "raw" / "coco")
+    args = ("dataset", "coco", "raw", "--params", str(ROOT / "params.yaml"))
+    run_cli(*args, cwd=tmp_path, check=True, LOCALMIM_TRACKING="0")
+    first = (tmp_path / "raw" / "coco.json").read_bytes()
+    assert json.loads(first)["source"] == "embedded" and json.loads(first)["root"] == "raw/coco"
+    for p in (tmp_path / "raw" / "coco").rglob("*.jpg"):
+        data = p.read_bytes()
+        p.unlink()
+        p.write_bytes(data)
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    run_cli(*args, cwd=tmp_path, check=True, LOCALMIM_TRACKING="0")
+    assert (tmp_path / "raw" / "coco.json").read_bytes() == first
+    p = run_cli(*args, "--set", f"datasets.coco={tree / 'ade20k'}", cwd=tmp_path, LOCALMIM_TRACKING="0")
+    assert p.returncode == 1 and f"datasets.coco: {tree / 'ade20k'}: missing train2017/, " in p.stderr

@@ -190,9 +190,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_hash_cache(path: Path) -> dict[str, tuple[int, int, str]]:
+def _read_hash_cache(path: Path, root: Path) -> dict[str, tuple[int, int, str]]:
+    """The cache of :func:`content_hashes` if it was written for ``root`` (its first line names it), else empty."""
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
+            if f.readline().rstrip("\n") != f"# root\t{root.resolve()}":
+                return {}
             rows = [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
         return {r[0]: (int(r[1]), int(r[2]), r[3]) for r in rows if len(r) == 4}
     except (OSError, ValueError, EOFError):
@@ -200,9 +203,9 @@ def _read_hash_cache(path: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def content_hashes(root: Path, entries: list[tuple[str, int, int]], cache: Path | None) -> list[str]:
-    """sha256 of every entry's bytes; a file whose path, size and mtime are in ``cache`` is not read again.
-    The cache is rewritten with the current entries."""
-    old = _read_hash_cache(cache) if cache else {}
+    """sha256 of every entry's bytes; a file whose path, size and mtime are in ``cache`` (written for this root) is
+    not read again. The cache is rewritten with the current entries."""
+    old = _read_hash_cache(cache, root) if cache else {}
 
     def one(e: tuple[str, int, int]) -> str:
         hit = old.get(e[0])
@@ -211,8 +214,8 @@ def content_hashes(root: Path, entries: list[tuple[str, int, int]], cache: Path 
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         shas = list(pool.map(one, entries, chunksize=64))
     if cache is not None:
-        _write_gz_lines(cache, ["# path\tsize\tmtime_ns\tsha256"] + [f"{p}\t{s}\t{m}\t{h}" for (p, s, m), h
-                                                                    in zip(entries, shas, strict=True)])  # fmt: skip
+        rows = [f"{p}\t{s}\t{m}\t{h}" for (p, s, m), h in zip(entries, shas, strict=True)]
+        _write_gz_lines(cache, [f"# root\t{root.resolve()}", "# path\tsize\tmtime_ns\tsha256", *rows])
     return shas
 
 
