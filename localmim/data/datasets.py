@@ -27,6 +27,7 @@ import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ EXPECTED = {
 }  # fmt: skip
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # = ImageFolder's
 SCAN_THREADS = 16  # stat calls in flight (a network file system answers them in parallel)
+Progress = Callable[[int], None] | None  # called with the number of files just done
 
 # ImageNet validation ground truth (flat layout): Kaggle's CSV, or the devkit's text file + meta.mat (as a folder or
 # as torchvision's ILSVRC2012_devkit_t12.tar.gz).
@@ -72,8 +74,8 @@ def parts(name: str, root: Path) -> list[Part]:
         return found
     if name == "ade20k":  # ade20k.dataset_root also accepts the ADEChallengeData2016 folder itself
         base = "ADEChallengeData2016/" if (root / "ADEChallengeData2016").is_dir() else ""
-        return [Part(f"{base}{kind}/{ade}", split, kind) for split, ade in (("train", "training"), ("val", "validation"))
-                for kind in ("images", "annotations")]  # fmt: skip
+        splits = (("train", "training"), ("val", "validation"))
+        return [Part(f"{base}{kind}/{ade}", split, kind) for split, ade in splits for kind in ("images", "annotations")]
     if name == "coco":
         return [p for split in ("train", "val") for p in (
             Part(f"{split}2017", split, "images"),
@@ -136,8 +138,10 @@ def _scan_dir(root: Path, rel: str) -> tuple[list[tuple[str, int, int]], list[st
     return files, dirs
 
 
-def list_tree(root: Path, rel: str, threads: int = SCAN_THREADS) -> list[tuple[str, int, int]]:
-    """Every file below ``root/rel`` as (path relative to ``root``, size, mtime_ns), folders scanned in parallel."""
+def list_tree(root: Path, rel: str, threads: int = SCAN_THREADS,
+              progress: Progress = None) -> list[tuple[str, int, int]]:  # fmt: skip
+    """Every file below ``root/rel`` as (path relative to ``root``, size, mtime_ns), folders scanned in parallel;
+    ``progress(n)`` is called with the number of files of every folder done."""
     out: list[tuple[str, int, int]] = []
     with ThreadPoolExecutor(threads) as pool:
         pending = {pool.submit(_scan_dir, root, rel)}
@@ -146,6 +150,8 @@ def list_tree(root: Path, rel: str, threads: int = SCAN_THREADS) -> list[tuple[s
             for fut in done:
                 files, dirs = fut.result()
                 out += files
+                if progress is not None:
+                    progress(len(files))
                 pending |= {pool.submit(_scan_dir, root, d) for d in dirs}
     return out
 
@@ -155,7 +161,8 @@ def _stat_file(root: Path, rel: str) -> tuple[str, int, int]:
     return rel, st.st_size, st.st_mtime_ns
 
 
-def scan(name: str, root: str | Path, what: str | None = None) -> tuple[list[tuple[str, int, int]], list[Part]]:
+def scan(name: str, root: str | Path, what: str | None = None,
+         progress: Progress = None) -> tuple[list[tuple[str, int, int]], list[Part]]:  # fmt: skip
     """All files the stages read of dataset ``name`` at ``root``, sorted by path, with the parts they belong to.
 
     ``what`` names the root in errors (e.g. ``datasets.imagenet``).
@@ -174,7 +181,7 @@ def scan(name: str, root: str | Path, what: str | None = None) -> tuple[list[tup
         raise DatasetError(f"{what}: missing {', '.join(missing)} (expected {EXPECTED[name]})")
     entries: list[tuple[str, int, int]] = []
     for p in found:
-        entries += list_tree(root_p, p.path) if p.is_dir else [_stat_file(root_p, p.path)]
+        entries += list_tree(root_p, p.path, progress=progress) if p.is_dir else [_stat_file(root_p, p.path)]
     entries = sorted(set(entries))
     return entries, found
 
@@ -202,14 +209,18 @@ def _read_hash_cache(path: Path, root: Path) -> dict[str, tuple[int, int, str]]:
         return {}
 
 
-def content_hashes(root: Path, entries: list[tuple[str, int, int]], cache: Path | None) -> list[str]:
+def content_hashes(root: Path, entries: list[tuple[str, int, int]], cache: Path | None,
+                   progress: Progress = None) -> list[str]:  # fmt: skip
     """sha256 of every entry's bytes; a file whose path, size and mtime are in ``cache`` (written for this root) is
     not read again. The cache is rewritten with the current entries."""
     old = _read_hash_cache(cache, root) if cache else {}
 
     def one(e: tuple[str, int, int]) -> str:
         hit = old.get(e[0])
-        return hit[2] if hit and hit[:2] == e[1:] else _sha256_file(root / e[0])
+        sha = hit[2] if hit and hit[:2] == e[1:] else _sha256_file(root / e[0])
+        if progress is not None:
+            progress(1)
+        return sha
 
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
         shas = list(pool.map(one, entries, chunksize=64))
@@ -245,13 +256,14 @@ def state(name: str, root: str, mode: str = "stat", outdir: str | Path | None = 
     return fingerprint(entries, _shas(name, root, entries, mode, outdir))
 
 
-def _shas(name: str, root: str | Path, entries: list, mode: str, outdir: str | Path | None) -> list[str] | None:
+def _shas(name: str, root: str | Path, entries: list, mode: str, outdir: str | Path | None,
+          progress: Progress = None) -> list[str] | None:  # fmt: skip
     if mode not in MODES:
         raise DatasetError(f"datasets.fingerprint={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "stat":
         return None
     cache = Path(outdir) / ".cache" / f"{name}.sha256.tsv.gz" if outdir is not None else None
-    return content_hashes(Path(root).expanduser(), entries, cache)
+    return content_hashes(Path(root).expanduser(), entries, cache, progress)
 
 
 # ------------------------------------------------------------------------------------------------------- manifest
@@ -271,7 +283,8 @@ def _part_info(part: Part, paths: list[str], sizes: dict[str, int], root: Path) 
     lo, hi = _range(paths, part.path)
     sel = paths[lo:hi]
     images = [p for p in sel if p.lower().endswith(IMAGE_SUFFIXES)]
-    info: dict[str, Any] = {part.kind: part.path, f"num_{part.kind}": len(images) if part.kind == "images" else len(sel)}
+    info: dict[str, Any] = {part.kind: part.path,
+                            f"num_{part.kind}": len(images) if part.kind == "images" else len(sel)}  # fmt: skip
     if part.path in ("train", "val"):  # ImageNet: the layout, and the class counts of class folders
         info["layout"] = layout_of(root / part.path)
         info["num_other_files"] = len(sel) - len(images)
@@ -311,12 +324,12 @@ def build_manifest(name: str, root: str, entries: list[tuple[str, int, int]], fo
 
 
 def write_manifest(name: str, root: str, outdir: str | Path, *, mode: str = "stat", source: str = "params",
-                   what: str | None = None) -> dict[str, Any]:  # fmt: skip
+                   what: str | None = None, progress: Callable[[str], Progress] | None = None) -> dict[str, Any]:
     """Scan dataset ``name`` at ``root`` and write ``outdir/<name>.files.tsv.gz`` and, last, ``outdir/<name>.json``
-    (see the module docstring). Returns the manifest."""
+    (see the module docstring). Returns the manifest. ``progress(pass_name)`` gives the counter of a pass."""
     outdir = Path(outdir)
-    entries, found = scan(name, root, what)
-    shas = _shas(name, root, entries, mode, outdir)
+    entries, found = scan(name, root, what, progress("stat") if progress else None)
+    shas = _shas(name, root, entries, mode, outdir, progress("sha256") if progress else None)
     head = "# path\tsize\tmtime_ns" + ("\tsha256" if shas is not None else "")
     rows = [f"{p}\t{s}\t{m}" + (f"\t{shas[i]}" if shas is not None else "") for i, (p, s, m) in enumerate(entries)]
     _write_gz_lines(outdir / f"{name}.files.tsv.gz", [head, *rows])

@@ -10,6 +10,7 @@ every byte is hashed once and the hashes are cached).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
     tracked=lambda cfg, a: bool(cfg.path_of(a.name)),
 )
 def run(cfg: DatasetsConfig, ctx: StageContext) -> dict[str, float]:
+    from tqdm import tqdm
+
     from localmim.data.datasets import DatasetError, write_manifest
 
     name, out = ctx.args.name, Path(ctx.args.out)
@@ -48,11 +51,17 @@ def run(cfg: DatasetsConfig, ctx: StageContext) -> dict[str, float]:
     # so its fingerprint is always by content.
     mode = cfg.fingerprint if given else "content"
     t0 = time.time()
-    try:
-        man = write_manifest(name, root, out, mode=mode, source=source,
-                             what=f"datasets.{name}" if given else "embedded copy")
-    except (DatasetError, OSError) as e:
-        raise StageError(str(e)) from None
+    with contextlib.ExitStack() as bars:
+
+        def progress(what: str):  # one bar per pass (stat, then sha256 in content mode), rates in files/s
+            return bars.enter_context(tqdm(unit="file", desc=f"{what} {name}", file=sys.stderr, mininterval=0.5,
+                                           dynamic_ncols=True)).update  # fmt: skip
+
+        try:
+            man = write_manifest(name, root, out, mode=mode, source=source, progress=progress,
+                                 what=f"datasets.{name}" if given else "embedded copy")
+        except (DatasetError, OSError) as e:
+            raise StageError(str(e)) from None
     seconds = time.time() - t0
     ctx.tracker.log_artifact(out / f"{name}.json")
     counts = ", ".join(f"{s}: {v.get('num_images', 0)} images" for s, v in man["splits"].items())
