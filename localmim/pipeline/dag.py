@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 TORCHRUN = "torchrun"
+RAW = "data/raw"  # the embedded datasets (synth) and the dataset manifests
+DATASETS = ("imagenet", "ade20k", "coco")
 
 
 @dataclass
@@ -121,10 +123,6 @@ def pipeline() -> list[Node]:
     nodes.append(detect_node())
     nodes.append(summary_node(nodes))  # last: it reads every metrics file above
     return nodes
-
-
-RAW = "data/raw"
-DATASETS = ("imagenet", "ade20k", "coco")
 
 
 def manifest(name: str) -> str:
