@@ -353,7 +353,9 @@ def test_real_imagenet_by_params_with_snakemake_and_dvc(repo, real_tree):
     # DVC with the path in params.yaml: the touched file reruns the shards, then an unchanged folder nothing.
     ws = (repo / "params.yaml").read_text()
     try:
-        (repo / "params.yaml").write_text(ws.replace('  imagenet: ""', f"  imagenet: {imagenet}", 1))
+        tree = yaml.safe_load(ws)
+        tree["datasets"]["imagenet"] = str(imagenet)
+        (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
         assert _ran_dvc(_dvc(repo, "repro", "shard_train", "shard_val")) == {"dataset_imagenet", "shard_train",
                                                                              "shard_val"}  # fmt: skip
         assert _ran_dvc(_dvc(repo, "repro", "shard_train", "shard_val")) == {"dataset_imagenet"}
