@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_shards.py", "bench_image_check.py", "bench_targets.py", "bench_models.py", "bench_swin.py",
-         "bench_pretrain.py", "bench_segment.py", "bench_detect.py"]
+ORDER = ["bench_shards.py", "bench_manifest.py", "bench_image_check.py", "bench_targets.py", "bench_models.py",
+         "bench_swin.py", "bench_pretrain.py", "bench_segment.py", "bench_detect.py"]
 
 
 def machine() -> str:

@@ -36,6 +36,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return results.report(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from localmim.pipeline import plan
+
+    return plan.main(args)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from localmim.tracking import compare
 
@@ -70,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", action="store_true", help="(re)write dvc.yaml and workflow/rules/stages.smk")
     g.add_argument("--check", action="store_true", help="exit 1 if the committed files differ from the registry")
     p.set_defaults(_run=_cmd_dag)
+
+    p = sub.add_parser("plan", help="images processed and projected device-hours per stage, from the params' recipe "
+                                    "and stated or measured images/s (each rate's source is printed)")
+    base.add_common_args(p)
+    from localmim.pipeline import plan
+
+    plan.add_args(p)
+    p.set_defaults(_run=_cmd_plan)
 
     p = sub.add_parser("report", help="print the results table from metrics/*.json")
     p.add_argument("--metrics-dir", default="metrics")

@@ -32,6 +32,33 @@ def test_dag_has_the_targets_node_and_pretrain_reads_through_it():
             assert not ignored, f"{path} is git-ignored: experiments would lose it"
 
 
+def test_datasets_enter_the_dag_only_as_manifests():
+    """Real datasets are read where they are: no stage depends on or outputs a dataset folder, the stages reading a
+    dataset depend on its manifest (and take the root from it), and the manifest stages run on every `dvc repro`."""
+    stages = _dvc_yaml()["stages"]
+    for name in ("imagenet", "ade20k", "coco"):
+        st = stages[f"dataset_{name}"]
+        assert st["always_changed"] is True and {f"datasets.{name}", "datasets.fingerprint"} == set(st["params"])
+        assert st["outs"] == [f"data/raw/{name}.json", f"data/raw/{name}.files.tsv.gz"]
+    readers = {"shard_train": "imagenet", "shard_val": "imagenet", "segment": "ade20k", "detect": "coco"}
+    for stage, name in readers.items():
+        assert f"data/raw/{name}.json" in stages[stage]["deps"]
+        assert f"data/raw/{name}.json" in stages[stage]["cmd"]
+    embedded_readers = {s for s, st in stages.items() for d in st.get("deps", []) if d in {
+        "data/raw/imagenet", "data/raw/ade20k", "data/raw/coco"}}  # fmt: skip
+    assert embedded_readers == {"dataset_imagenet", "dataset_ade20k", "dataset_coco"}
+    smk = (ROOT / "workflow/rules/stages.smk").read_text()
+    assert smk.count("state=lambda wildcards: dataset_state(") == 3
+
+
+def test_missing_dataset_stops_snakemake_before_any_job(repo_copy):
+    p = subprocess.run([str(BIN / "snakemake"), "-n", "--config", "datasets={coco: /nonexistent/coco}"],
+                       cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "datasets.coco: /nonexistent/coco: not a directory (expected the folder holding train2017/" in out
+
+
 def test_conda_env_mirrors_the_pinned_stack():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     env = yaml.safe_load((ROOT / "workflow/envs/localmim.yaml").read_text())
@@ -98,9 +125,10 @@ def test_dvc_sync_records_only_stages_whose_params_match(tmp_path, monkeypatch):
 
 
 def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
-    """`--workflow-profile workflow/profiles/slurm -n`: the SLURM executor plugin loads and training rules ask for
+    """`--profile workflow/profiles/slurm -n` (combined with the default workflow profile, which must not cap GPUs;
+    tests/test_pipeline.py runs `--workflow-profile`): the SLURM executor plugin loads and training rules ask for
     GPUs (<stage>.nproc_per_node) while the data rules ask for none."""
-    p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", "-F"],
+    p = subprocess.run([str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "-n", "-F"],
                        cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
@@ -112,5 +140,7 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
         gpu = re.search(r"\bgpu=(\d+)", res)
         if rule in torchrun_rules:
             assert gpu and int(gpu.group(1)) == tree[rule]["nproc_per_node"], res
+        elif rule in ("linprobe", "analyze"):  # one process: feature passes on one GPU
+            assert gpu and int(gpu.group(1)) == 1, res
         else:
             assert gpu is None, res

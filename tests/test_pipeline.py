@@ -8,7 +8,9 @@ reach the stages. Slow (a few minutes on 2 cores): marked ``slow``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, cli_env, copy_repo, run_cli
+from tests.conftest import BIN, ROOT, cli_env, copy_repo, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +36,8 @@ TINY = {
     "detect": {"epochs": 1, "image_size": 32, "num_workers": 0, "vis_images": 2},
 }  # fmt: skip
 GENERATED = ["dvc.yaml", "Snakefile", "workflow"]
+# The manifest stages run on every `dvc repro` (DVC cannot see inside a dataset folder without scanning it).
+DATASET_STAGES = {"dataset_imagenet", "dataset_ade20k", "dataset_coco"}
 
 
 def _tiny_params(repo: Path) -> dict:
@@ -90,6 +94,16 @@ def _ran_smk(output: str) -> set[str]:
     return set(re.findall(r"Finished jobid: \d+ \(Rule: ([\w-]+)\)", output)) - {"all"}
 
 
+def _dvc_status(repo: Path, *targets: str) -> dict:
+    """``dvc status --json`` without the manifest stages' "always changed" (their only entry when up to date)."""
+    p = subprocess.run([str(BIN / "dvc"), "status", "--json", *targets], cwd=repo, env=cli_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    status = json.loads(p.stdout)
+    assert all(status[s] == ["always changed"] for s in DATASET_STAGES & set(status)), status
+    return {k: v for k, v in status.items() if k not in DATASET_STAGES}
+
+
 def _git(repo: Path, *args: str) -> str:
     return _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo)
 
@@ -130,7 +144,7 @@ def test_snakemake_run_leaves_dvc_clean(repo):
 
     # Snakemake has nothing left to do (no mtime trigger) and DVC sees the same working copy as up to date.
     assert "Nothing to be done" in _smk(repo, "-n")
-    assert "Data and pipelines are up to date" in _dvc(repo, "status")
+    assert _dvc_status(repo) == {}
 
     # A shard param change plans the shard stages first, nothing upstream (`--dry` cannot see further: the
     # downstream stages rerun when the new shards differ, as the experiments below show for pretrain).
@@ -140,7 +154,7 @@ def test_snakemake_run_leaves_dvc_clean(repo):
         planned = _ran_dvc(_dvc(repo, "repro", "--dry"))
     finally:
         (repo / "params.yaml").write_text(params)
-    assert planned == {"shard_train", "shard_val"}
+    assert planned == {"shard_train", "shard_val"} | DATASET_STAGES
 
 
 def _lock_outs(repo: Path) -> dict[str, str]:
@@ -161,15 +175,14 @@ def test_forced_rerun_with_identical_outputs_leaves_dependants_up_to_date(repo):
     after = _lock_outs(repo)
     for path in ("data/shards/train", "data/pretrain"):
         assert after[path] == before[path], f"{path}: rerun with identical inputs changed its DVC hash"
-    status = _dvc(repo, "status")
-    assert "Data and pipelines are up to date" in status, status
+    assert _dvc_status(repo) == {}
 
 
 def test_dvc_exp_run_reruns_only_downstream_and_keeps_metrics(repo):
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     out = _dvc(repo, "exp", "run", "-n", "mask06", "-S", "pretrain.mask_ratio=0.6")
     downstream = {"pretrain", "finetune", "linprobe", "analyze", "segment", "detect", "summary"}
-    assert _ran_dvc(out) == _downstream(dvc_yaml, {"pretrain"}) == downstream
+    assert _ran_dvc(out) - DATASET_STAGES == _downstream(dvc_yaml, {"pretrain"}) == downstream
 
     show = json.loads(_dvc(repo, "exp", "show", "--json"))
     exps = {r["name"]: r["data"] for base in show for e in base.get("experiments") or [] for r in e["revs"]}
@@ -293,6 +306,91 @@ def test_slurm_profile_submits_training_jobs_with_their_gpus(repo, tmp_path):
         assert f"--cpus-per-task={res['cpus']}" in args
     assert all((state / f"{f.stem}.rc").read_text().strip() == "0" for f in state.glob("*.args"))
     assert "[default0]:localmim pretrain: loss" in (repo / "logs" / "pretrain.log").read_text()
+
+
+# ------------------------------------------------------------------------------------ a real dataset by params
+
+
+@pytest.fixture(scope="module")
+def real_tree(tmp_path_factory) -> Path:
+    """Dataset folders outside the repository, in the real layouts, with other counts and another seed than the
+    embedded data (so that no image of it equals an embedded one)."""
+    d = tmp_path_factory.mktemp("datasets")
+    sets = ["synth.num_classes=3", "synth.train_per_class=6", "synth.val_per_class=2", "synth.min_side=40",
+            "synth.max_side=64", "synth.seg_train=3", "synth.seg_val=2", "synth.coco_train=3", "synth.coco_val=2"]
+    args = [a for kv in sets for a in ("--set", kv)]
+    run_cli("synth", str(d), "--seed", "7", "--params", str(ROOT / "params.yaml"), *args, cwd=d, check=True,
+            LOCALMIM_TRACKING="0")
+    return d
+
+
+def _shard_paths(shards: Path, split: str) -> list[str]:
+    """The source path of every sample in the shards of ``split`` (from the samples' json members)."""
+    import tarfile
+
+    paths = []
+    for tar in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(tar) as t:
+            paths += [json.loads(t.extractfile(m).read())["path"] for m in t if m.name.endswith(".json")]
+    return sorted(paths)
+
+
+def _images(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.JPEG"))
+
+
+def _planned_smk(output: str) -> set[str]:
+    """Rules in the job table of a dry run."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return set(re.findall(r"^(\w+)\s+\d+\s*$", table, flags=re.M))
+
+
+def _dvc_cache_md5s(repo: Path) -> set[str]:
+    return {p.parent.name + p.name for p in (repo / ".dvc/cache/files/md5").glob("*/*") if not p.suffix}
+
+
+def test_real_imagenet_by_params_with_snakemake_and_dvc(repo, real_tree):
+    """``datasets.imagenet`` pointing at a folder outside the repository: the shards hold exactly its images and
+    pretraining reads them, no file of it enters the DVC cache, a touched file reruns the shards and what follows,
+    an unchanged folder reruns nothing, and the empty param brings the embedded data back."""
+    imagenet = real_tree / "imagenet"
+    cfg = ["--config", f"datasets={{imagenet: {imagenet}}}"]
+    out = _smk(repo, *cfg, "--", "data/pretrain")
+    assert _ran_smk(out) == {"dataset_imagenet", "shard_train", "shard_val", "targets", "pretrain"}
+    for split in ("train", "val"):
+        assert _shard_paths(repo / "data/shards" / split, split) == _images(imagenet / split)
+    train = yaml.safe_load((repo / "data/shards/train/train.json").read_text())
+    assert train["source"] == str(imagenet / "train") and len(train["classes"]) == 3
+    assert json.loads((repo / "metrics/pretrain.json").read_text())["steps_per_epoch"] == 18 // 8  # its 18 images
+    assert "Nothing to be done" in _smk(repo, "-n", *cfg, "--", "data/pretrain")  # unchanged: nothing reruns
+
+    img = imagenet / "train" / _images(imagenet / "train")[0]
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the manifest changes
+    planned = _planned_smk(_smk(repo, "-n", *cfg, "--", "data/pretrain"))
+    assert planned == {"dataset_imagenet", "shard_train", "shard_val", "targets", "pretrain"}
+
+    # DVC with the path in params.yaml: the touched file reruns the shards, then an unchanged folder nothing.
+    ws = (repo / "params.yaml").read_text()
+    try:
+        tree = yaml.safe_load(ws)
+        tree["datasets"]["imagenet"] = str(imagenet)
+        (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        assert _ran_dvc(_dvc(repo, "repro", "shard_train", "shard_val")) == {"dataset_imagenet", "shard_train",
+                                                                             "shard_val"}  # fmt: skip
+        assert _ran_dvc(_dvc(repo, "repro", "shard_train", "shard_val")) == {"dataset_imagenet"}
+        assert _dvc_status(repo, "shard_train", "shard_val") == {}
+    finally:
+        (repo / "params.yaml").write_text(ws)
+    cached = _dvc_cache_md5s(repo)
+    assert hashlib.md5((repo / "data/raw/imagenet.json").read_bytes()).hexdigest() in cached  # the manifest is
+    assert not {hashlib.md5(p.read_bytes()).hexdigest() for p in imagenet.rglob("*") if p.is_file()} & cached
+
+    # Back to the embedded data (the param is empty again in params.yaml): its images are sharded again.
+    out = _smk(repo, "data/shards/train", "data/shards/val")
+    assert _ran_smk(out) == {"dataset_imagenet", "shard_train", "shard_val"}
+    for split in ("train", "val"):
+        assert _shard_paths(repo / "data/shards" / split, split) == _images(repo / "data/raw/imagenet" / split)
 
 
 def test_dag_starts_from_an_imported_encoder(repo):

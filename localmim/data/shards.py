@@ -235,7 +235,7 @@ def _manifest(inv: Inventory, acc: _Packed, src: str | Path, split: str, opts: S
 
 
 def write_shards(
-    src: str | Path,
+    src: str | Path | Inventory,
     out: str | Path,
     split: str,
     opts: ShardOptions,
@@ -246,7 +246,8 @@ def write_shards(
     """Shard the ImageFolder tree ``src`` into ``out/<split>-NNNNNN.tar`` (see module docstring).
 
     Args:
-        src: ImageFolder root (one sub-directory per class).
+        src: ImageFolder root (one sub-directory per class), or an :class:`Inventory` already listed (e.g. the
+            flat ImageNet val folder of :mod:`localmim.data.imagenet_val`).
         out: output directory (shared by splits; each split owns ``<split>*`` files and its ``_info.json`` entry).
         split: split name, used in file names and sample keys.
         opts: sharding options.
@@ -262,7 +263,8 @@ def write_shards(
     """
     from tqdm import tqdm
 
-    inv = scan_image_folder(src)
+    inv = src if isinstance(src, Inventory) else scan_image_folder(src)
+    src = inv.root
     out = Path(out)
     if out.resolve().is_relative_to(inv.root.resolve()):
         raise ValueError(f"output {out} is inside the ImageFolder {inv.root}: it would be read as a class")

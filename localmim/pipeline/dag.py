@@ -6,9 +6,10 @@
 Every node runs one ``localmim`` CLI command and declares the params keys it reads (DVC ``params:`` and the
 Snakemake ``params:`` rerun trigger), its inputs and outputs; paths are relative to the repository root. The DAG
 has the same nodes whatever the params say (a param never requires regenerating files): ``targets`` always exists
-and is a cheap placeholder while ``pretrain.data`` is ``online``. Snakemake hands every command the config it
-sees (``--params`` of a file holding the rule's params, named by their hash); DVC's commands read ``params.yaml``,
-which ``dvc exp run -S`` edits. See docs/reproducing.md.
+and is a cheap placeholder while ``pretrain.data`` is ``online``; the ``dataset_<name>`` nodes always write the
+manifest that later nodes read the dataset root from, of a real dataset (``datasets.<name>``) or of the embedded
+one. Snakemake hands every command the config it sees (``--params`` of a file holding the rule's params, named by
+their hash); DVC's commands read ``params.yaml``, which ``dvc exp run -S`` edits. See docs/reproducing.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 TORCHRUN = "torchrun"
+RAW = "data/raw"  # the embedded datasets (synth) and the dataset manifests
+DATASETS = ("imagenet", "ade20k", "coco")
 
 
 @dataclass
@@ -47,6 +50,14 @@ class Node:
     launcher: str | None = None  # "torchrun": run ``cmd`` under torch.distributed through localmim.utils.launch
     smk_params: dict[str, str] | None = None
     report: list[str] = field(default_factory=list)  # outputs shown in `snakemake --report` (besides metrics)
+    # DVC reruns the stage on every `dvc repro` (what it reads lies outside the repository; downstream stages
+    # still rerun only when its outputs change)
+    always_changed: bool = False
+    # Snakemake-only rerun triggers (param name -> expression, e.g. a function of wildcards), not in the params file
+    smk_triggers: dict[str, str] = field(default_factory=dict)
+    # one process on one GPU when ``<section>.device`` is not cpu (feature passes of linprobe / analyze): on a
+    # cluster the job asks for 1 GPU on the GPU partition
+    one_gpu: bool = False
 
     @property
     def section(self) -> str:
@@ -87,19 +98,20 @@ def pipeline() -> list[Node]:
     nodes = [
         Node(
             "synth",
-            "localmim synth data/raw",
+            f"localmim synth {RAW}",
             params=["synth"],
             deps=["localmim/data/synth"],
-            outs=["data/raw/imagenet", "data/raw/ade20k", "data/raw/coco"],
+            outs=[f"{RAW}/{name}" for name in DATASETS],
         ),
     ]
+    nodes += dataset_nodes()
     for split in ("train", "val"):
         nodes.append(
             Node(
                 f"shard_{split}",
-                f"localmim shard data/raw/imagenet/{split} data/shards/{split} --split {split}",
+                f"localmim shard {manifest('imagenet')} data/shards/{split} --split {split}",
                 params=["shard"],
-                deps=["data/raw/imagenet"],
+                deps=[manifest("imagenet")],
                 outs=[f"data/shards/{split}"],
                 threads=2,
             )
@@ -111,6 +123,27 @@ def pipeline() -> list[Node]:
     nodes.append(detect_node())
     nodes.append(summary_node(nodes))  # last: it reads every metrics file above
     return nodes
+
+
+def manifest(name: str) -> str:
+    """The manifest of raw dataset ``name``: what every node reading it depends on (it names the dataset's root)."""
+    return f"{RAW}/{name}.json"
+
+
+def dataset_nodes() -> list[Node]:
+    """One manifest node per raw dataset: ``localmim dataset NAME data/raw`` describes the folder ``datasets.<name>``
+    (or the embedded copy, synth's output, when that is empty) in ``data/raw/<name>.json`` and its file list, without
+    reading or copying an image; the real dataset never becomes a DVC or Snakemake output.
+
+    A change inside a folder outside the repository is seen only by scanning it: DVC reruns these stages on every
+    ``dvc repro`` (``always_changed``; an unchanged manifest stops there), and Snakemake's trigger ``state`` is the
+    folder's fingerprint, computed when the DAG is built (``dataset_state`` in workflow/rules/common.smk).
+    """
+    return [Node(f"dataset_{name}", f"localmim dataset {name} {RAW}",
+                 params=[f"datasets.{name}", "datasets.fingerprint"], deps=[f"{RAW}/{name}"],
+                 outs=[manifest(name), f"{RAW}/{name}.files.tsv.gz"], always_changed=True,
+                 smk_triggers={"state": f"lambda wildcards: dataset_state({name!r})"})
+            for name in DATASETS]
 
 
 def summary_node(nodes: list[Node]) -> Node:
@@ -162,7 +195,7 @@ def evaluation_nodes() -> list[Node]:
              threads=2, launcher=TORCHRUN),
         Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
              deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
-             threads=2),
+             threads=2, one_gpu=True),
     ]
 
 
@@ -171,22 +204,22 @@ def analyze_node() -> Node:
     from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
     return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
                 deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
-                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2)
+                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2, one_gpu=True)
 
 
 def detect_node() -> Node:
     """COCO detection / instance segmentation with Mask R-CNN on the exported encoder (torchrun, one process per
     GPU); its checkpoints (data/checkpoints/detect) are not declared."""
-    return Node("detect", "localmim detect --encoder data/pretrain --data data/raw/coco --out data/detect "
+    return Node("detect", f"localmim detect --encoder data/pretrain --data {manifest('coco')} --out data/detect "
                 "--ckpt-dir data/checkpoints/detect --metrics metrics/detect.json", params=["detect"],
-                deps=["data/pretrain", "data/raw/coco"], outs=["data/detect"], metrics=["metrics/detect.json"],
+                deps=["data/pretrain", manifest("coco")], outs=["data/detect"], metrics=["metrics/detect.json"],
                 threads=2, launcher=TORCHRUN)
 
 
 def segment_node() -> Node:
     """ADE20K semantic segmentation (method §9.1) on the exported encoder, under torchrun like fine-tuning."""
-    return Node("segment", "localmim segment --encoder data/pretrain --data data/raw/ade20k --out data/segment",
-                params=["segment"], deps=["data/pretrain", "data/raw/ade20k"], outs=["data/segment"],
+    return Node("segment", f"localmim segment --encoder data/pretrain --data {manifest('ade20k')} --out data/segment",
+                params=["segment"], deps=["data/pretrain", manifest("ade20k")], outs=["data/segment"],
                 metrics=["metrics/segment.json"], threads=2, launcher=TORCHRUN)
 
 

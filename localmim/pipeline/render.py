@@ -45,6 +45,8 @@ def render_dvc(nodes: list[Node]) -> str:
         if n.params:
             st["params"] = list(n.params)
         st["outs"] = list(n.outs)
+        if n.always_changed:
+            st["always_changed"] = True
         if n.metrics:
             st["metrics"] = [{m: {"cache": False}} for m in n.metrics]
         if n.plots:
@@ -122,6 +124,7 @@ def smk_params(n: Node) -> dict[str, str]:
     params = {k.replace(".", "_"): f"canonical({v})" for k, v in exprs.items()}
     if n.gpu:
         params["device"] = _cfg(f"{n.section}.device")
+    params.update(n.smk_triggers)
     params["file"] = f"params_file({_literal(tree)})"
     return params
 
@@ -134,13 +137,15 @@ def _literal(tree: dict[str, Any]) -> str:
 def smk_resources(n: Node) -> dict[str, str]:
     """Snakemake resources: GPUs and torchrun processes from params, the rest from the ``cluster`` section."""
     res: dict[str, str] = {}
-    if n.gpu:
-        nproc = _cfg(f"{n.section}.nproc_per_node")
+    if n.gpu or n.one_gpu:
+        nproc = _cfg(f"{n.section}.nproc_per_node") if n.gpu else "1"
         res["gpu"] = f'{nproc} if {_cfg(f"{n.section}.device")} != "cpu" else 0'
-        res["nproc"] = nproc
+        if n.gpu:
+            res["nproc"] = nproc
     q = json.dumps(n.name)
     res.update(cpus_per_task=f'cluster_resource({q}, "cpus")', mem_mb=f'cluster_resource({q}, "mem_mb")',
-               runtime=f'cluster_resource({q}, "runtime")', slurm_partition=f"cluster_partition({n.gpu})")
+               runtime=f'cluster_resource({q}, "runtime")',
+               slurm_partition=f"cluster_partition({n.gpu or n.one_gpu})")
     for k, v in n.resources.items():
         res[k] = v if isinstance(v, str) else json.dumps(v)
     return res

@@ -8,7 +8,8 @@ A stage is one function ``run(cfg, ctx) -> metrics`` registered with :func:`stag
 2. validate the stage's section (unknown key / bad value -> one line naming the key, exit 2);
 3. check the MLflow store is reachable (fail fast, before any work);
 4. run the stage inside one MLflow run (params logged, tags: stage, git commit, params hash, pipeline group,
-   the upstream runs found in the inputs' lineage files, input datasets; see ``lineage.py``);
+   the upstream runs found in the inputs' lineage files, input datasets; see ``lineage.py``), unless the stage's
+   ``tracked(cfg, args)`` says this invocation is bookkeeping (the embedded copy's dataset manifest);
 5. log the returned metrics; write the curves, register an exported encoder, leave a lineage file in every
    output directory.
 
@@ -89,6 +90,8 @@ class StageDef:
     system_metrics: bool = False
     # Input paths for lineage, ``inputs(cfg, args) -> {context: path}``; default: the args named in INPUT_ARGS.
     inputs: Callable[[Any, argparse.Namespace], dict[str, str]] | None = None
+    # Whether this invocation is an MLflow run, ``tracked(cfg, args)``; default: always.
+    tracked: Callable[[Any, argparse.Namespace], bool] | None = None
 
 
 # Conventional arg names (argparse dests) of stage inputs and output directories, for lineage.
@@ -108,6 +111,7 @@ def stage(
     run_name: Callable[[argparse.Namespace], str] | None = None,
     system_metrics: bool = False,
     inputs: Callable[[Any, argparse.Namespace], dict[str, str]] | None = None,
+    tracked: Callable[[Any, argparse.Namespace], bool] | None = None,
 ) -> Callable:
     """Register ``run(cfg, ctx)`` as the stage command ``localmim <name>``.
 
@@ -115,7 +119,8 @@ def stage(
     (:data:`INPUT_ARGS`) do not say it (e.g. an input chosen by a param)."""
 
     def deco(fn: Callable) -> Callable:
-        STAGES[name] = StageDef(name, section, config, fn, help, flags or [], run_name, system_metrics, inputs)
+        STAGES[name] = StageDef(name, section, config, fn, help, flags or [], run_name, system_metrics, inputs,
+                                tracked)
         return fn
 
     return deco
@@ -249,7 +254,8 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
     _HANDLER_PID.append(os.getpid())
     previous = signal.signal(signal.SIGTERM, _sigterm_to_exit) if is_main else None
     try:
-        with StageRun(run_name, sd.section, cfg, enabled=is_main, system_metrics=sd.system_metrics,
+        tracked = sd.tracked is None or sd.tracked(cfg, args)
+        with StageRun(run_name, sd.section, cfg, enabled=is_main and tracked, system_metrics=sd.system_metrics,
                       inputs=inputs, outputs=outputs, curves_dir=curves) as tracker:
             ctx = StageContext(sd.name, sd.section, args, Path(args.params), overrides, tracker, tree)
             metrics = sd.run(cfg, ctx) or {}

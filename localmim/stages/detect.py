@@ -35,8 +35,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
     help="COCO detection / instance segmentation: Mask R-CNN on the exported encoder (box and mask AP)",
     flags=[
         *shared_flags("detect", "encoder"),
-        flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/ "
-                                                      "(default: %(default)s)"),
+        flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/, or its dataset "
+                                                      "manifest (data/raw/coco.json) (default: %(default)s)"),
         *shared_flags("detect", "out", "ckpt-dir", "metrics", "epochs", "batch-size", "lr", "device"),
     ],
     system_metrics=True,
@@ -78,32 +78,35 @@ def _splits(cfg: DetectConfig, args, is_main: bool):
     """Both splits checked (rank 0 decodes every image, cached in the checkpoint directory; the other ranks reuse
     its results) and each split's load-time rule."""
     from localmim.data.coco import CocoError, load_coco
+    from localmim.data.datasets import dataset_root
     from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
     from localmim.utils.distributed import broadcast_object
 
     splits: dict = {}
     checks: dict | str = {}
+    data = args.data
     if is_main:
         try:
+            data = dataset_root(args.data)  # a manifest names the folder
             cache = Path(args.ckpt_dir) / "image-check.json"
-            splits = {s: load_coco(args.data, s, cfg.on_bad, train=s == "train", cache=cache, progress=True)
+            splits = {s: load_coco(data, s, cfg.on_bad, train=s == "train", cache=cache, progress=True)
                       for s in ("train", "val")}
             checks = {s: sp.checks for s, sp in splits.items()}
         except (ValueError, FileNotFoundError, CocoError) as e:
             checks = str(e)
-    checks = broadcast_object(checks)
+    checks, data = broadcast_object((checks, str(data)))
     if isinstance(checks, str):
         raise StageError(checks)
     if not is_main:
-        splits = {s: load_coco(args.data, s, cfg.on_bad, train=s == "train", checks=checks[s])
+        splits = {s: load_coco(data, s, cfg.on_bad, train=s == "train", checks=checks[s])
                   for s in ("train", "val")}
     train, val = splits["train"], splits["val"]
     for name, split in splits.items():
         if not split.report.images_used:
-            raise StageError(f"{args.data}: no usable {name} images (see the skipped list: "
+            raise StageError(f"{data}: no usable {name} images (see the skipped list: "
                              f"{split.report.skipped[:3]})")
         if split.cat_ids != train.cat_ids:
-            raise StageError(f"{args.data}: train and val list different categories")
+            raise StageError(f"{data}: train and val list different categories")
         if is_main and (split.report.skipped or split.report.notes):
             print(f"localmim detect: {name}: {len(split.report.skipped)} skipped, {len(split.report.notes)} "
                   "note(s) (see data_report.json)", file=sys.stderr)

@@ -78,7 +78,8 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     help="ADE20K semantic segmentation: UperNet on the exported encoder (mIoU, label-map PNGs)",
     flags=[
         *shared_flags("segment", "encoder"),
-        flag("--data", default="data/raw/ade20k", help="ADE20K release folder (default: %(default)s)"),
+        flag("--data", default="data/raw/ade20k", help="ADE20K release folder, or its dataset manifest "
+                                                        "(data/raw/ade20k.json) (default: %(default)s)"),
         *shared_flags("segment", "out", "ckpt-dir", "metrics", "iters", "device", "no-progress"),
     ],
     system_metrics=True,
@@ -150,11 +151,13 @@ def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Pat
 def _scan(cfg: SegmentConfig, args) -> dict | str:
     """Both splits checked (cached in the checkpoint directory), each with its load-time rule; or the error."""
     from localmim.data.ade20k import scan_split
+    from localmim.data.datasets import dataset_root
     from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
 
     cache = Path(args.ckpt_dir) / "image-check.json"
     try:
-        scans = {s: scan_split(args.data, s, cfg.num_classes, cfg.on_bad, cache=cache, progress=not args.no_progress)
+        data = dataset_root(args.data)  # a manifest names the folder
+        scans = {s: scan_split(data, s, cfg.num_classes, cfg.on_bad, cache=cache, progress=not args.no_progress)
                  for s in ("train", "val")}
     except (ValueError, FileNotFoundError) as e:
         return str(e)

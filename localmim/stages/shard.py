@@ -22,13 +22,42 @@ def _warn(msg: str) -> None:
     print(f"localmim shard: warning: {msg}", file=sys.stderr)
 
 
+def source_inventory(src: str, split: str):
+    """The images to shard: ``src`` itself (class folders, or ImageNet's flat val folder), or the ``<split>`` folder
+    of the dataset a manifest (``localmim dataset``) names, checked against the manifest's file list: a file
+    added or removed since the manifest was written is an error (the DAG would not rerun for it)."""
+    from localmim.data.datasets import IMAGE_SUFFIXES, is_manifest, listed_files, read_manifest, split_info
+    from localmim.data.imagenet_val import scan_imagenet_split
+
+    if not is_manifest(src):
+        return scan_imagenet_split(src, split)
+    man = read_manifest(src)
+    info = split_info(man, split, src)
+    root = Path(man["root"]).expanduser()
+    labels = [root / p for p in info.get("labels", [])] or None
+    train_classes = sorted(split_info(man, "train", src).get("class_counts", {})) or None
+    inv = scan_imagenet_split(root / info["images"], split, labels=labels, classes=train_classes)
+    now = {rel for rel, _ in inv.files}
+    in_class = info.get("layout", "classes") == "classes"  # class folders: files directly in the split are unread
+    listed = {rel for p in listed_files(src, info["images"]) if (rel := p[len(info["images"]) + 1:])
+              .lower().endswith(IMAGE_SUFFIXES) and ("/" in rel) == in_class}  # fmt: skip
+    if now != listed:
+        new, gone = sorted(now - listed), sorted(listed - now)
+        raise ValueError(f"{root}: the dataset changed after its manifest {src} was written ({len(new)} images "
+                         f"added{', e.g. ' + new[0] if new else ''}; {len(gone)} removed"
+                         f"{', e.g. ' + gone[0] if gone else ''}); rerun the DAG (snakemake / dvc repro) to refresh it")
+    return inv
+
+
 @stage(
     "shard",
     section="shard",
     config=ShardConfig,
     help="pack an ImageFolder tree (class sub-directories) into WebDataset tar shards + manifest",
     flags=[
-        flag("src", help="ImageFolder root: one sub-directory per class"),
+        flag("src", help="ImageFolder root (one sub-directory per class; for --split val also ImageNet's flat "
+                         "folder of JPEGs with its ground truth), or a dataset manifest (data/raw/imagenet.json, "
+                         "`localmim dataset`): its root's <split>/ folder"),
         flag("out", help="output directory for <split>-NNNNNN.tar, <split>.json and _info.json"),
         flag("--split", required=True, choices=["train", "val"], help="split name (file names and sample keys)"),
         flag("--max-samples-per-shard", key="max_samples_per_shard", type=int, metavar="N", help="samples per shard"),
@@ -50,7 +79,8 @@ def run(cfg: ShardConfig, ctx: StageContext) -> dict[str, float]:
     ctx.dump_params(cfg, out, name=f"{args.split}.params.yaml")
     t0 = time.time()
     try:
-        manifest = write_shards(args.src, out, args.split, ShardOptions(**cfg.to_dict()), warn=_warn)
+        inv = source_inventory(args.src, args.split)
+        manifest = write_shards(inv, out, args.split, ShardOptions(**cfg.to_dict()), warn=_warn)
     except (BadImageError, FileNotFoundError, ValueError) as e:
         raise StageError(str(e)) from None
     seconds = time.time() - t0

@@ -1,6 +1,7 @@
 # Helpers of the generated rules (workflow/rules/stages.smk); included by the Snakefile before them.
 import hashlib
 import os
+import sys
 
 import yaml
 
@@ -72,3 +73,24 @@ def coerce_cli_config(node, schema, defs):
     if isinstance(node, str) and not {"string", "any"} & _schema_types(schema, defs):
         return yaml.safe_load(node)
     return node
+
+
+_DATASET_STATES = {}
+
+
+def dataset_state(name):
+    """Rerun trigger of the dataset_<name> rule: the fingerprint of the folder `datasets.<name>`, from a stat scan
+    when the DAG is built (localmim.data.datasets.state; content mode hashes only files not in its cache), or
+    "embedded" when the param is empty (then the rule's input, synth's output, decides). Scanned once per process."""
+    ds = config.get("datasets") or {}
+    root, mode = ds.get(name) or "", ds.get("fingerprint") or "stat"
+    if not root:
+        return "embedded"
+    key = (name, root, mode)
+    if key not in _DATASET_STATES:
+        if workflow.basedir not in sys.path:  # this checkout's package (as the rules' `python -m localmim.cli`)
+            sys.path.insert(0, workflow.basedir)
+        from localmim.data.datasets import state
+
+        _DATASET_STATES[key] = state(name, root, mode, outdir="data/raw")
+    return _DATASET_STATES[key]
