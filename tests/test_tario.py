@@ -14,6 +14,7 @@ import pytest
 from localmim.data import shards as sh
 from localmim.data import tario
 from localmim.data.manifest import shard_set
+from localmim.utils.parallel import ordered_map
 from tests.shard_data import (
     make_good_folder,
     read_tars,
@@ -129,7 +130,7 @@ def test_ordered_map_keeps_order_and_bounds_work_in_flight():
             yield i
 
     ahead = []
-    for k, r in enumerate(sh._ordered_map(abs, items(), workers=2, window=32, chunksize=4)):
+    for k, r in enumerate(ordered_map(abs, items(), workers=2, window=32, chunksize=4)):
         assert r == k
         ahead.append(consumed - k)
     assert max(ahead) <= 32 + 1 and consumed == 400
@@ -142,7 +143,7 @@ def test_ordered_map_stops_cleanly_when_the_consumer_stops_early():
     done = threading.Event()
 
     def run():
-        g = sh._ordered_map(abs, iter(range(100_000)), workers=2, window=16, chunksize=2)
+        g = ordered_map(abs, iter(range(100_000)), workers=2, window=16, chunksize=2)
         assert [r for _, r in zip(range(5), g, strict=False)] == [0, 1, 2, 3, 4]
         g.close()
         done.set()

@@ -170,7 +170,7 @@ def check_image_files(tasks: Iterable[tuple[str | Path, str]], *, cache: str | P
     """
     from tqdm import tqdm
 
-    from localmim.data.shards import _ordered_map
+    from localmim.utils.parallel import ordered_map
 
     cache = Path(cache) if cache is not None else None
     entries = _read_cache(cache)
@@ -188,7 +188,7 @@ def check_image_files(tasks: Iterable[tuple[str | Path, str]], *, cache: str | P
     last = time.monotonic()
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not (progress and todo), file=sys.stderr,
               mininterval=1.0, dynamic_ncols=True) as bar:  # fmt: skip
-        for (p, _), res in zip(todo, _ordered_map(_check_task, todo, workers, chunksize=16), strict=True):
+        for (p, _), res in zip(todo, ordered_map(_check_task, todo, workers, chunksize=16), strict=True):
             out[p] = entries[os.path.abspath(p)] = res
             bar.update(1)
             if cache is not None and time.monotonic() - last > save_every_s:

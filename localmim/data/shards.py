@@ -47,6 +47,7 @@ from localmim.data.imagefolder import BadImageError, Inventory, Prepared, prepar
 from localmim.data.manifest import MANIFEST_FORMAT
 from localmim.data.tario import ShardSink, tar_members
 from localmim.utils.io import atomic_write_json, clean_stale_tmp
+from localmim.utils.parallel import ordered_map
 
 __all__ = ["BadImageError", "ShardOptions", "scan_image_folder", "write_shards"]
 
@@ -105,38 +106,6 @@ def _prepare_file(task: _Task) -> Prepared:
     return res
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, window: int = 256, chunksize: int = 8) -> Iterator:
-    """``map(fn, items)`` over a process pool, in input order, with at most ``window`` items in flight."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    window = max(window, 2 * chunksize * workers)
-    slots, stop = threading.Semaphore(window), threading.Event()
-
-    def throttled() -> Iterator:
-        for it in items:  # runs in the pool's task-feeder thread; blocks while the window is full
-            slots.acquire()
-            if stop.is_set():
-                return
-            yield it
-
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        try:
-            for result in pool.imap(fn, throttled(), chunksize=chunksize):
-                slots.release()
-                yield result
-            # Done: the workers leave on their end sentinels. Pool.__exit__'s terminate() (SIGTERM to each worker)
-            # is then a no-op; it stays the path only when the consumer stopped early. Terminating workers that
-            # wait on the task queue's lock hung a run once (a worker that never left its lock wait).
-            pool.close()
-            pool.join()
-        finally:
-            # The consumer stopped (done, error, or generator closed): unblock the feeder so that the pool's
-            # shutdown, which joins the feeder thread, cannot wait forever.
-            stop.set()
-            slots.release(window)
-
-
 # ---------------------------------------------------------------------------------------------------- writing
 
 
@@ -193,7 +162,7 @@ def _pack(inv: Inventory, order: list[int], out: Path, split: str, opts: ShardOp
     """Append the prepared samples, in ``order``, to shards that roll over at the count / byte limits."""
     acc = _Packed()
     with ShardSink(out, split, opts.max_samples_per_shard, opts.max_shard_bytes) as sink:
-        for pos, res in zip(order, _ordered_map(_prepare_file, _tasks(inv, order, split, opts), opts.workers),
+        for pos, res in zip(order, ordered_map(_prepare_file, _tasks(inv, order, split, opts), opts.workers),
                             strict=True):  # fmt: skip
             bar.update(1)
             rel, cls = inv.files[pos]
