@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_args(p)
     p.set_defaults(_run=_cmd_plan)
 
-    p = sub.add_parser("report", help="print the results table from metrics/*.json")
+    p = sub.add_parser("report", help="print the headline results from metrics/*.json next to their baselines")
     p.add_argument("--metrics-dir", default="metrics")
+    p.add_argument("--all", action="store_true", help="also print every numeric metric")
     p.add_argument("--out", metavar="DIR", help="also write DIR/metrics.tsv and DIR/metrics.png")
     p.set_defaults(_run=_cmd_report)
 

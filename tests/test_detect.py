@@ -224,11 +224,21 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
         ev.accumulate()
         ev.summarize()
         assert [m[f"{t}_{k}"] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == list(ev.stats[:6])
+    from localmim.data.coco import load_coco
+    from localmim.eval.detection import prior_results
+
+    prior = prior_results(load_coco(root, "train").coco, gt)  # the chance level the report shows next to AP
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    ev = COCOeval(gt, gt.loadRes(str(tmp_path / "prior.json")), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert {r["image_id"] for r in prior} == set(gt.imgs) and m["bbox_AP50_prior"] == ev.stats[1]
     info = json.loads((out / "model.json").read_text())
     model = build_mask_rcnn(EncoderSpec(info["timm_name"], info["timm_kwargs"], {}), info["num_classes"],
                             **info["kwargs"])
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    from localmim.data.coco import coco_dataset, collate, eval_transforms, load_coco
+    from localmim.data.coco import coco_dataset, collate, eval_transforms
     from localmim.eval.detection import to_coco_results
 
     val = load_coco(root, "val")

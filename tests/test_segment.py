@@ -306,6 +306,9 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
         preds.append(pred.astype(int) - 1)
         gts.append(np.where(gt == 0, 255, gt.astype(int) - 1))
     assert m["mIoU"] == pytest.approx(_numpy_scores(preds, gts, 4)["mIoU"], rel=1e-9)
+    counts = np.bincount(np.concatenate([g[g != 255] for g in gts]), minlength=4)  # the baseline of the report
+    majority = [np.full_like(g, counts.argmax()) for g in gts]
+    assert m["mIoU_majority"] == pytest.approx(_numpy_scores(majority, gts, 4)["mIoU"], rel=1e-9)
     assert {"model.pt", "model.json", "grid.png", "per_class.csv", "params.yaml"} <= {
         f.name for f in (tmp_path / "seg").iterdir()}
     state = torch.load(tmp_path / "seg" / "model.pt", weights_only=True)

@@ -75,6 +75,40 @@ def coco_eval(gt, results: list[dict[str, Any]], iou_types=IOU_TYPES) -> dict[st
     return metrics
 
 
+def prior_results(train_gt, val_gt, max_per_image: int = 100) -> list[dict[str, Any]]:
+    """COCO results of a detector that never looks at the image: the chance level of box and mask AP.
+
+    Every val image gets the same guesses: the training objects (not crowd, polygon masks), each box and polygon in
+    coordinates relative to its own image, rescaled to the val image, scored by the share of its category among the
+    training objects; the most frequent categories first, at most ``max_per_image`` (COCOeval's ``maxDets``).
+    """
+    from collections import Counter
+
+    from pycocotools import mask as mask_util
+
+    anns = [a for a in train_gt.dataset["annotations"]
+            if not a.get("iscrowd", 0) and isinstance(a["segmentation"], list)]
+    share, total = Counter(a["category_id"] for a in anns), max(len(anns), 1)
+    anns = sorted(anns, key=lambda a: -share[a["category_id"]])[:max_per_image]  # stable: file order within a class
+    rel = []  # (category, relative box, relative polygons, score)
+    for a in anns:
+        img = train_gt.imgs[a["image_id"]]
+        w, h = float(img["width"]), float(img["height"])
+        x, y, bw, bh = a["bbox"]
+        polys = [[v / (w if i % 2 == 0 else h) for i, v in enumerate(p)] for p in a["segmentation"]]
+        rel.append((a["category_id"], (x / w, y / h, bw / w, bh / h), polys, share[a["category_id"]] / total))
+    out = []
+    for img in val_gt.dataset["images"]:
+        w, h = img["width"], img["height"]
+        for cat, (x, y, bw, bh), polys, score in rel:
+            scaled = [[v * (w if i % 2 == 0 else h) for i, v in enumerate(p)] for p in polys]
+            rle = mask_util.merge(mask_util.frPyObjects(scaled, h, w))
+            out.append({"image_id": img["id"], "category_id": cat, "score": round(score, 5),
+                        "bbox": [round(x * w, 2), round(y * h, 2), round(bw * w, 2), round(bh * h, 2)],
+                        "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}})
+    return out
+
+
 @torch.no_grad()
 def predict(model, loader, device: torch.device, label_to_cat: dict[int, int],
             amp_dtype: torch.dtype | None = None, keep_images: int = 0):

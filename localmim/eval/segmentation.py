@@ -115,6 +115,19 @@ def evaluate(model, loader, device: torch.device, num_classes: int, *, mode: str
     return {**scores(total), "images": int(n.compute()), "confusion": total.cpu().tolist()}
 
 
+def baseline_scores(cm: Tensor) -> dict[str, float]:
+    """mIoU (percent) of two predictors that never look at the image, on the ground truth of the confusion matrix
+    ``cm`` (rows: ground truth; only its row sums are read): ``mIoU_majority``, the most frequent ground-truth class
+    on every pixel, and ``mIoU_chance``, a uniformly random class per pixel (its expected confusion matrix: ``n_t / K``
+    in every column of row t). Both are scored by :func:`scores`, as the model is."""
+    gt = cm.double().cpu().sum(1)  # [K] labelled pixels per class
+    k = gt.numel()
+    majority = torch.zeros(k, k, dtype=torch.float64)
+    majority[:, int(gt.argmax())] = gt
+    chance = gt.unsqueeze(1).expand(k, k) / k  # [K, K]
+    return {"mIoU_majority": scores(majority)["mIoU"], "mIoU_chance": scores(chance)["mIoU"]}
+
+
 def colour_labels(labels: Tensor, num_labels: int) -> Tensor:
     """``uint8 [3, H, W]``: label ``v`` of ``labels [H, W]`` in colour ``v`` of torchvision's mask palette (0, the
     ignore / unlabelled value in ADE20K's convention, black); values ``>= num_labels`` stay black."""
@@ -136,4 +149,5 @@ def render(rows: list[tuple[Tensor, Tensor, Tensor]], num_labels: int, gap: int 
     return make_grid(tiles, nrow=3, padding=gap, pad_value=255)
 
 
-__all__ = ["colour_labels", "confusion_matrix", "evaluate", "predict", "render", "scores", "slide_logits"]
+__all__ = ["baseline_scores", "colour_labels", "confusion_matrix", "evaluate", "predict", "render", "scores",
+           "slide_logits"]

@@ -1,6 +1,9 @@
-"""``localmim report [--out DIR]``: one results table from every stage's ``metrics/<stage>.json``.
+"""``localmim report [--all] [--out DIR]``: the results of every stage's ``metrics/<stage>.json``.
 
-Prints the table; with ``--out`` also writes ``DIR/metrics.tsv`` (stage, metric, value) and ``DIR/metrics.png``
+Prints each headline metric (``localmim.tracking.metrics``) next to the baselines that could beat it (chance, the
+most frequent class, the training boxes guessed on every image: ``BASELINES``), as far as the stages wrote them;
+``--all`` prints every numeric metric first. With ``--out`` it also writes ``DIR/metrics.tsv`` (stage, metric, value)
+and ``DIR/metrics.png``
 (the headline metrics of every evaluation stage, ``localmim.tracking.metrics``, and pretraining's final loss per
 tap). The DAG's ``summary`` node writes them
 to ``reports/`` for the Snakemake report (``snakemake --report report.html``) and ``dvc plots show``.
@@ -32,12 +35,13 @@ def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from localmim.tracking.metrics import PERCENT, is_headline
+    from localmim.tracking.metrics import FRACTION, PERCENT, as_percent, is_headline
     from localmim.utils.io import atomic_open, atomic_write_text
 
     lines = [f"{s}\t{k}\t{v:.6g}\n" for s, k, v in rows]
     atomic_write_text(out / "metrics.tsv", "stage\tmetric\tvalue\n" + "".join(lines))
-    scores = [(f"{s}\n{k}", v) for s, k, v in rows if s != "pretrain" and k in PERCENT and is_headline(s, k)]
+    scores = [(f"{s}\n{k}", as_percent(k, v)) for s, k, v in rows
+              if s != "pretrain" and k in PERCENT | FRACTION and is_headline(s, k)]
     taps = sorted((k.removeprefix("final_loss_"), v) for s, k, v in rows if s == "pretrain" and
                   k.startswith("final_loss_tap"))
     fig, axes = plt.subplots(1, 2, figsize=(4 + 0.9 * len(scores), 3.8), width_ratios=(max(len(scores), 2), 3))
@@ -57,16 +61,39 @@ def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
     plt.close(fig)
 
 
+def headline_table(rows: list[tuple[str, str, float]]) -> list[str]:
+    """Markdown lines: every headline metric in ``rows`` (scores in percent, COCO's 0-1 x100), next to the
+    baselines its stage wrote (``<what> <value>`` each; a baseline the stage did not write is left out)."""
+    from localmim.tracking.metrics import FRACTION, PERCENT, as_percent, baselines, is_headline, metric_order
+
+    values = {(s, k): v for s, k, v in rows}
+
+    def fmt(k: str, v: float) -> str:
+        return f"{as_percent(k, v):.1f}" if k in PERCENT | FRACTION else f"{v:.4g}"
+
+    heads = sorted(((s, k) for s, k in values if is_headline(s, k)), key=lambda sk: metric_order(f"{sk[0]}.{sk[1]}"))
+    lines = ["| stage | metric | value | baselines that could beat it |", "|---|---|---:|---|"]
+    for s, k in heads:
+        unit = " (%)" if k in PERCENT | FRACTION else ""
+        base = [f"{what} {fmt(k, values[(s, b)])}" for b, what in baselines(s, k) if (s, b) in values]
+        lines.append(f"| {s} | {k}{unit} | {fmt(k, values[(s, k)])} | {'; '.join(base) or '-'} |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
     mdir = Path(args.metrics_dir)
     rows = collect(mdir)
     if not rows:
         print(f"no metrics under {mdir}/ yet (run `make demo` or `snakemake`)")
         return 1
-    print(f"| {'stage':<12} | {'metric':<28} | {'value':>12} |")
-    print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|")
-    for stage, k, v in rows:
-        print(f"| {stage:<12} | {k:<28} | {v:>12.4g} |")
+    if getattr(args, "all", False):
+        print(f"| {'stage':<12} | {'metric':<28} | {'value':>12} |")
+        print(f"|{'-' * 14}|{'-' * 30}|{'-' * 14}|")
+        for stage, k, v in rows:
+            print(f"| {stage:<12} | {k:<28} | {v:>12.4g} |")
+        print()
+    print("\n".join(headline_table(rows)))
+    print(f"\n({len(rows)} numbers in {mdir}/*.json; `localmim report --all` lists them all)")
     if getattr(args, "out", None):
         write_outputs(rows, Path(args.out))
         print(f"wrote {args.out}/metrics.tsv and {args.out}/metrics.png")

@@ -7,7 +7,8 @@ Outputs (``OUT``): ``model.pt`` (the detector's state dict; ``model.json`` holds
 ``val_predictions.png`` (a few val images with predicted masks and boxes), ``data_report.json`` (images and
 annotations found / used / skipped with reasons, load-time skips included, and notes on usable files worth
 naming) and ``params.yaml``; ``metrics/detect.json`` with COCOeval's
-AP, AP50, AP75, APs, APm, APl for ``bbox_*`` and ``segm_*`` (0..1, as pycocotools reports them). Resumable
+AP, AP50, AP75, APs, APm, APl for ``bbox_*`` and ``segm_*`` (0..1, as pycocotools reports them) and their chance
+level (``{bbox,segm}_{AP,AP50}_prior``: the training boxes and masks guessed on every val image). Resumable
 checkpoints live in ``--ckpt-dir/<run key>``. The stage checks both splits; :func:`localmim.train.detect.run_detect`
 builds the detector and the datasets from them. Per-iteration losses and per-epoch metrics go to MLflow. Runs under
 torchrun.
@@ -70,8 +71,21 @@ def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
                                    "train_images": train.report.images_used, "val_images": val.report.images_used,
                                    "skipped": len(train.report.skipped) + len(val.report.skipped)}
     if ctx.is_main:
+        metrics |= _prior_metrics(train, val, skips["val"])
         _write_outputs(cfg, ctx, enc, train, val, res, metrics)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _prior_metrics(train, val, val_skips) -> dict[str, float]:
+    """Box and mask AP / AP50 of guesses that never look at the image (the training boxes on every val image,
+    :func:`localmim.eval.detection.prior_results`), scored on the val images the detector was scored on: the chance
+    level of the headline numbers (``*_prior``)."""
+    from localmim.data.coco import ScoredGroundTruth
+    from localmim.eval.detection import coco_eval, prior_results
+
+    gt = ScoredGroundTruth(val, val_skips)
+    m = coco_eval(gt, prior_results(train.coco, gt))
+    return {f"{k}_prior": m[k] for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")}
 
 
 def _splits(cfg: DetectConfig, args, is_main: bool):

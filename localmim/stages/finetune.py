@@ -4,9 +4,10 @@ Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (state dicts of the model ``OUT/mod
 ``localmim.models.encoder_io.create_timm_model(timm_name, head, **timm_kwargs)``, which for ViT is plain timm,
 ``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``; Swin is timm's
 ``SwinTransformer`` with the method §8.2 pooled-LayerNorm head; ``load_state_dict(torch.load(p, weights_only=True))``),
-``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds). Resumable
-checkpoints live in ``--ckpt-dir/<run key>`` (outside the DAG's declared outputs, which DVC deletes before a re-run).
-Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun for DDP.
+``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds, chance_top1 = 100 /
+classes). Resumable checkpoints live in ``--ckpt-dir/<run key>`` (outside the DAG's declared outputs, which DVC
+deletes before a re-run). Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun
+for DDP.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
         except (ValueError, FloatingPointError) as e:
             raise StageError(str(e)) from None
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-               "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"]}
+               "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"],
+               "chance_top1": 100.0 / res.recipe["timm_kwargs"]["num_classes"]}  # the baseline of top1
     if ctx.is_main:
         ctx.write_metrics(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")

@@ -1,8 +1,8 @@
 """``localmim linprobe --encoder data/pretrain --out data/linprobe``: MAE linear probe of the frozen encoder.
 
 Outputs: ``OUT/head.pt`` (the best probe head: BatchNorm1d(affine=False) + Linear state dict), ``OUT/params.yaml``
-and ``metrics/linprobe.json`` (top1, top5, best_top1, epochs, seconds); per-epoch metrics to MLflow.
-Single process (features are extracted once and cached; see :mod:`localmim.train.linprobe`).
+and ``metrics/linprobe.json`` (top1, top5, best_top1, epochs, seconds, chance_top1 = 100 / classes); per-epoch
+metrics to MLflow. Single process (features are extracted once and cached; see :mod:`localmim.train.linprobe`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from localmim.pipeline.stage import StageContext, StageError, shared_flags, stag
     flags=shared_flags("linprobe", "encoder", "train", "val", "out", "metrics", "epochs", "device"),
 )
 def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
+    from localmim.data.classify import num_classes_of
     from localmim.models.encoder_io import read_encoder
     from localmim.train.linprobe import linprobe
     from localmim.utils.io import atomic_torch_save
@@ -36,7 +37,8 @@ def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     ctx.dump_params(cfg, out)
     atomic_torch_save(res.head, out / "head.pt")
     metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-               "epochs": res.epochs, "seconds": res.seconds}
+               "epochs": res.epochs, "seconds": res.seconds,
+               "chance_top1": 100.0 / num_classes_of(args.train)}  # known: linprobe() raises without it
     ctx.write_metrics(args.metrics, metrics)
     print(f"localmim linprobe: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
           f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {out}", file=sys.stderr)

@@ -12,7 +12,9 @@ the whole directory appears at once: built under ``.<out>.staging`` and renamed)
   0 never predicted), at the annotation's size, so any ADE20K scorer can re-score them;
 - ``OUT/grid.png``: image | ground truth | prediction for the first ``num_vis`` val images (torchvision's palette);
 - ``OUT/per_class.csv`` and ``OUT/params.yaml``;
-- ``metrics/segment.json``: mIoU, mAcc, aAcc (percent), per-class IoU/Acc (null: class left out), the split
+- ``metrics/segment.json``: mIoU, mAcc, aAcc (percent), per-class IoU/Acc (null: class left out), the mIoU of two
+  predictors that never look at the image on the same val pixels (``mIoU_majority``: the most frequent class
+  everywhere; ``mIoU_chance``: a uniformly random class per pixel), the split
   counts (found = used + skipped, load-time skips included) with every skipped file and its reason, notes on
   usable files worth naming (a PNG under a ``.jpg`` name), throughput.
 
@@ -186,6 +188,9 @@ def _split_counts(scans, val_images: int) -> dict:
 
 def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -> dict:
     """Model, grid, per-class table and params into ``staging``, renamed to ``out``; the metrics file."""
+    import torch
+
+    from localmim.eval.segmentation import baseline_scores
     from localmim.train.segment import inference_mode
     from localmim.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -213,7 +218,8 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
     staging.replace(out)
     shutil.rmtree(old, ignore_errors=True)
     val_images = len(list((out / "pred").glob("*.png")))  # scored in the final pass (placeholders write none)
-    metrics = {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"], "iters": m["iters"],
+    metrics = {"mIoU": m["mIoU"], **baseline_scores(torch.tensor(m["confusion"])), "mAcc": m["mAcc"],
+               "aAcc": m["aAcc"], "iters": m["iters"],
                "val_images": val_images, "train_seconds": m["train_seconds"],
                "images_per_s": m.get("final_images_per_s", float("nan")), "world_size": m["world_size"],
                "inference": inference_mode(cfg, res.model)}

@@ -20,7 +20,19 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 }
 STAGE_ORDER: tuple[str, ...] = tuple(HEADLINE)
 # Metrics that are percentages (0-100): axis labels say "(%)".
-PERCENT = {"top1", "mIoU", "bbox_AP", "bbox_AP50", "segm_AP", "probe_top1_best", "knn_top1_best"}
+PERCENT = {"top1", "mIoU", "probe_top1_best", "knn_top1_best"}
+# COCO metrics as pycocotools reports them (0-1): `localmim report` shows them x100, in percent.
+FRACTION = {"bbox_AP", "bbox_AP50", "segm_AP"}
+# Stage -> headline metric -> the baselines that could beat it, as (key in the same metrics file, what it is). The
+# stages write these keys (each a function of the data only); `localmim report` prints them next to the headline
+# number (method §17, row 34). The randomly initialised encoder is measured in benchmarks/RESULTS.md, not per run.
+BASELINES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "finetune": {"top1": (("chance_top1", "chance"),)},
+    "linprobe": {"top1": (("chance_top1", "chance"),)},
+    "analyze": {"probe_top1_best": (("chance_top1", "chance"),), "knn_top1_best": (("chance_top1", "chance"),)},
+    "segment": {"mIoU": (("mIoU_majority", "most frequent class"), ("mIoU_chance", "uniform random class"))},
+    "detect": {k: ((f"{k}_prior", "training boxes, image unseen"),) for k in ("bbox_AP", "bbox_AP50", "segm_AP")},
+}
 # Metrics logged per step during training (curves); the x axis is named by the stage's step unit (STEP_UNIT).
 CURVE_KEYS = ("top1", "mIoU", "bbox_AP", "segm_AP")
 # The unit of the ``step`` a stage logs its curves at (segment and detect step per iteration; pretraining logs
@@ -60,7 +72,17 @@ def all_keys() -> list[str]:
 
 
 def axis_label(key: str) -> str:
-    return f"{key} (%)" if key in PERCENT else key
+    return f"{key} (%)" if key in PERCENT else f"{key} (0-1)" if key in FRACTION else key
+
+
+def as_percent(key: str, value: float) -> float:
+    """``value`` of metric ``key`` in percent (COCO's 0-1 metrics x100; the others unchanged)."""
+    return 100.0 * value if key in FRACTION else value
+
+
+def baselines(stage: str, key: str) -> tuple[tuple[str, str], ...]:
+    """``((baseline key, what it is), ...)`` of headline metric ``key`` of ``stage`` (empty: none defined)."""
+    return BASELINES.get(stage, {}).get(key, ())
 
 
 # Measurements of the run rather than results of the computation: times, rates, memory. They differ between two
