@@ -34,7 +34,7 @@ def _cli(work: Path, *args: str) -> float:
     return time.perf_counter() - t
 
 
-def run(work: Path, detect_sets: list[str], reuse: bool = False) -> dict:
+def run(work: Path, detect_sets: list[str], reuse: bool = False, data: str = "data/raw/coco") -> dict:
     pre_s = None
     if not (reuse and (work / "data" / "pretrain" / "encoder.pt").is_file()):
         shutil.copy(ROOT / "params.yaml", work / "params.yaml")
@@ -42,29 +42,41 @@ def run(work: Path, detect_sets: list[str], reuse: bool = False) -> dict:
         _cli(work, "shard", "data/raw/imagenet/train", "data/shards/train", "--split", "train")
         pre_s = _cli(work, "pretrain", "--out", "data/pretrain", "--ckpt-dir", "data/ck/pretrain",
                      "--metrics", "metrics/pretrain.json")
-    out = {"pretrain_seconds": pre_s, "detect_overrides": detect_sets, "runs": {}}
+    ann = {s: json.loads((work / data / "annotations" / f"instances_{s}2017.json").read_text())
+           for s in ("train", "val")}
+    out = {"pretrain_seconds": pre_s, "detect_overrides": detect_sets, "data": data, "runs": {},
+           "images": {s: len(a["images"]) for s, a in ann.items()}, "classes": len(ann["train"]["categories"])}
     for pretrained in (True, False):
         name = "pretrained" if pretrained else "random_init"
         sets = [a for s in [f"detect.pretrained={str(pretrained).lower()}", *detect_sets] for a in ("--set", s)]
-        wall = _cli(work, "detect", "--encoder", "data/pretrain", "--data", "data/raw/coco", "--out", f"data/{name}",
+        wall = _cli(work, "detect", "--encoder", "data/pretrain", "--data", data, "--out", f"data/{name}",
                     "--ckpt-dir", f"data/ck/{name}", "--metrics", f"metrics/{name}.json", *sets)
         m = json.loads((work / "metrics" / f"{name}.json").read_text())
         m |= json.loads((work / "metrics" / f"{name}.timing.json").read_text())  # times and rates
-        out["runs"][name] = m | {"stage_wall_seconds": wall}
+        dets = json.loads((work / "data" / name / "detections_val.json").read_text())
+        out["runs"][name] = m | {"stage_wall_seconds": wall, "detections": len(dets),
+                                 "max_score": max((d["score"] for d in dets), default=0.0)}
     return out
 
 
 def markdown(res: dict) -> str:
-    rows = ["| encoder | " + " | ".join(KEYS) + " | train images/s | stage wall s |", "|---" * (len(KEYS) + 3) + "|"]
+    head = "| encoder | " + " | ".join(KEYS) + " | detections (max score) | train images/s | stage wall s |"
+    rows = [head, "|---" * (len(KEYS) + 4) + "|"]
     for name, m in res["runs"].items():
         vals = " | ".join(f"{100 * m[k]:.2f}" for k in KEYS)
-        rows.append(f"| {name} | {vals} | {m['train_images_per_s']:.2f} | {m['stage_wall_seconds']:.0f} |")
+        rows.append(f"| {name} | {vals} | {m['detections']} ({m['max_score']:.2f}) | {m['train_images_per_s']:.2f} "
+                    f"| {m['stage_wall_seconds']:.0f} |")
     any_run = next(iter(res["runs"].values()))
+    if all(f"{k}_prior" in any_run for k in KEYS):  # the training boxes guessed on every val image (method §17)
+        rows.append("| prior (no image) | " + " | ".join(f"{100 * any_run[f'{k}_prior']:.2f}" for k in KEYS)
+                    + " | - | - | - |")
     extra = ", ".join(res["detect_overrides"]) or "none"
+    n = res.get("images", {"train": 40, "val": 16})
     return "\n".join([
-        "Embedded data (mini COCO: 40 train / 16 val images, 8 shape classes), `params.yaml` defaults: the "
-        "encoder from `localmim pretrain` (embedded default) vs the same architecture randomly initialised, same "
-        f"detect recipe and seed (overrides: {extra}; {any_run['epochs']:.0f} epochs). AP in percent (COCOeval x100).",
+        f"Embedded-layout data (`{res.get('data', 'data/raw/coco')}`: {n['train']} train / {n['val']} val images, "
+        f"{res.get('classes', 10)} shape classes), `params.yaml` defaults: the encoder from `localmim pretrain` "
+        "(embedded default) vs the same architecture randomly initialised, same detect recipe and seed "
+        f"(overrides: {extra}; {any_run['epochs']:.0f} epochs). AP in percent (COCOeval x100).",
         "",
         *rows,
         "",
@@ -80,11 +92,12 @@ def main() -> int:
                     help="extra detect overrides, e.g. detect.epochs=6 (repeatable)")
     ap.add_argument("--work", help="keep the run here instead of a temp directory")
     ap.add_argument("--reuse", action="store_true", help="with --work: reuse its data/pretrain (skip synth/pretrain)")
+    ap.add_argument("--data", default="data/raw/coco", help="COCO-layout folder, relative to the work directory")
     args = ap.parse_args()
     if args.work:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        res = run(work, args.sets, args.reuse)
+        res = run(work, args.sets, args.reuse, args.data)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_detect_") as d:
             res = run(Path(d), args.sets)
