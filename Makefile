@@ -42,7 +42,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check localmim tests benchmarks
 	$(BIN)/localmim dag --check
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## BENCH_ARGS=--with-mae also reruns the LocalMIM-vs-MAE comparison
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
