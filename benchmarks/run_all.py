@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--with-mae", action="store_true",
                     help="also rerun localmim_vs_mae.py (about an hour on 2 free cores)")
+    ap.add_argument("--with-transfer", action="store_true",
+                    help="also rerun transfer.py (segment and detect from LocalMIM, MAE, random init; about an hour)")
     args = ap.parse_args()
     scripts = [s for s in ORDER if (HERE / s).is_file() and (not args.only or s in args.only)]
     (HERE / "results").mkdir(exist_ok=True)
@@ -57,14 +59,15 @@ def main() -> int:
         f"Produced by `make bench` on {datetime.date.today()} ({machine()}).\n"
         "Numbers are for this machine; compare ratios, not absolutes.\n\n"
     )
-    if args.with_mae:
-        subprocess.run([sys.executable, str(HERE / "localmim_vs_mae.py"), "--json", str(HERE / "localmim_vs_mae.json")])
-    # The LocalMIM-vs-MAE comparison (its own one command, long) is included as last measured.
-    mae = HERE / "localmim_vs_mae.md"
+    # The long comparisons (each its own one command) are included as last measured, rerun only when asked.
     tail = ""
-    if mae.is_file():
-        body = mae.read_text().strip()
-        tail = f"\n## localmim_vs_mae.py\n\n{body}\n"  # the .md ends with its plot
+    for name, rerun in (("localmim_vs_mae", args.with_mae), ("transfer", args.with_transfer)):
+        if rerun:
+            extra = ["--json", str(HERE / "localmim_vs_mae.json")] if name == "localmim_vs_mae" else []
+            subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra])
+        md = HERE / f"{name}.md"
+        if md.is_file():
+            tail += f"\n## {name}.py\n\n{md.read_text().strip()}\n"  # each .md ends with its plot
     Path(args.out).write_text(head + "\n".join(sections) + tail)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
