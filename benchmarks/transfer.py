@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
 ENCODERS = ("LocalMIM", "MAE", "random init")
-PRESETS = {  # pool/pretrain as localmim_vs_mae's cpu preset (its epoch-6 encoders: kNN 20.1 vs MAE 11.4, chance 10)
+# The pre-trained encoder folder of each arm, per seed (random init: the LocalMIM folder, for its architecture only).
+ENCODER_DIR = {"LocalMIM": "localmim", "MAE": "mae", "random init": "localmim"}
+PRESETS = {  # pool as localmim_vs_mae's cpu preset; there, epoch 6 of 12 gave kNN 20.1 (LocalMIM) vs 11.4 (MAE)
     "cpu": dict(size="tiny_patch8", classes=10, pool_per_class=1000, val_per_class=50, min_side=32, max_side=48,
                 pt_input=32, pt_epochs=6, seeds=3, seg_train=400, seg_val=100, coco_train=200, coco_val=100,
                 seg_iters=300, det_epochs=3),
@@ -96,7 +99,7 @@ def downstream_job(a, work: Path, dense: Path, stage: str, encoder: str, seed: i
     metrics = work / "metrics" / f"{name}.json"
     if metrics.is_file():
         return
-    enc = work / "enc" / f"{'mae' if encoder == 'MAE' else 'localmim'}_s{seed}"  # random init: only the architecture
+    enc = work / "enc" / f"{ENCODER_DIR[encoder]}_s{seed}"
     common = dict(seed=seed, pretrained=str(encoder != "random init").lower(), device="cpu", num_workers=1)
     if stage == "segment":
         extra = sets("segment", iters=a.seg_iters, warmup_iters=max(1, a.seg_iters // 10), eval_every=a.seg_iters,
@@ -124,14 +127,15 @@ def token_stats(work: Path, dense: Path, seeds: int) -> dict:
     from localmim.models.encoder_io import create_encoder, create_timm_model, read_encoder
 
     torch.set_num_threads(2)
+    x = load_images(dense / "coco" / "val2017", 16, 64)  # [16, 3, 64, 64], the same images for every encoder
     out: dict[str, list] = {e: [] for e in ENCODERS}
     for s in range(seeds):
-        for e, m in (("LocalMIM", "localmim"), ("MAE", "mae"), ("random init", None)):
-            spec = read_encoder(work / "enc" / f"{m or 'localmim'}_s{s}")
+        for e in ENCODERS:
+            spec = read_encoder(work / "enc" / f"{ENCODER_DIR[e]}_s{s}")
             torch.manual_seed(s)
-            net = create_encoder(spec, input_size=64) if m else create_timm_model(
+            net = create_encoder(spec, input_size=64) if e != "random init" else create_timm_model(
                 spec.timm_name, **{**spec.timm_kwargs, "img_size": 64})
-            top = block_stats(net.eval(), load_images(dense / "coco" / "val2017", 16, 64))[-1]
+            top = block_stats(net.eval(), x)[-1]
             out[e].append({"cos": top["cos"], "spread": top["spread"]})
     return out
 
@@ -149,10 +153,11 @@ def collect(a, work: Path, dense: Path, seconds: float) -> dict:
                    "mIoU_chance": seg["mIoU_chance"]}
             row |= {k: 100 * det[k] for k in ("bbox_AP50", "bbox_AP", "segm_AP50", "bbox_AP50_prior")}
             if e != "random init":
-                pt = load(f"pretrain_{'mae' if e == 'MAE' else 'localmim'}_s{s}")
+                pt = load(f"pretrain_{ENCODER_DIR[e]}_s{s}")
                 row["pretrain_knn"] = pt.get("knn_top1", float("nan"))
             runs.append(row)
-    return {"args": vars(a), "runs": runs, "tokens": token_stats(work, dense, a.seeds), "seconds": seconds}
+    args = {k: v for k, v in vars(a).items() if k not in ("work", "out", "replot")}  # no machine paths
+    return {"args": args, "runs": runs, "tokens": token_stats(work, dense, a.seeds), "seconds": seconds}
 
 
 METRICS = (("mIoU", "segment mIoU"), ("bbox_AP50", "detect box AP50"), ("bbox_AP", "detect box AP"),
@@ -198,8 +203,8 @@ def table(raw: dict) -> str:
         cells = ["-"] * len(METRICS)
         cells[col] = f"{v.mean():.2f}"
         head.append(f"| baseline: {label} | - | " + " | ".join(cells) + " |")
-    head += ["", "Paired differences over seeds (mean, 90% bootstrap interval; with 3 seeds the bootstrap has 10 "
-             "distinct resamples, so read it as a spread, not a test):", "",
+    head += ["", f"Paired differences over seeds (mean, 90% bootstrap interval; with {n} seeds the bootstrap has "
+             f"{math.comb(2 * n - 1, n)} distinct resamples, so read it as a spread, not a test):", "",
              "| difference | " + " | ".join(t for _, t in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for x, y in (("LocalMIM", "random init"), ("MAE", "random init"), ("LocalMIM", "MAE")):
         cells = ["{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired(values(raw, x, k), values(raw, y, k))) for k, _ in METRICS]
