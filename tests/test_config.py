@@ -49,6 +49,7 @@ def test_repo_params_validate_every_section():
         ("shard.max_samples_per_shard=0", "shard.max_samples_per_shard: Input should be greater than or equal to 1"),
         ("shard.workers=two", "shard.workers: Input should be a valid integer"),
         ("synth.min_side=200", "min_side (200) must be <= max_side"),
+        ("synth.dense_min_side=200", "dense_min_side (200) must be <= dense_max_side"),
         ("bogus_section.x=1", "bogus_section: unknown section"),
     ],
 )

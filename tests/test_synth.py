@@ -16,7 +16,7 @@ from tests.conftest import ROOT, run_cli
 
 TINY = dict(
     num_classes=10, train_per_class=3, val_per_class=2, min_side=40, max_side=96, seg_classes=5, seg_train=4,
-    seg_val=2, coco_train=6, coco_val=3, jpeg_quality=90,
+    seg_val=2, coco_train=6, coco_val=3, jpeg_quality=90, dense_min_side=56, dense_max_side=120,
 )  # fmt: skip
 
 
@@ -68,6 +68,13 @@ def test_imagenet_layout_classes_and_sizes(tiny):
     assert all(Image.open(p).format == "JPEG" and Image.open(p).mode == "RGB" for p in root.rglob("*.JPEG"))
     assert all(40 <= s <= 96 for wh in sizes for s in wh)
     assert len({w / h for w, h in sizes}) > 10 and any(w != h for w, h in sizes)  # varying size and aspect
+
+
+def test_dense_sides_bound_ade20k_and_coco_only(tiny):
+    imagenet = [s for p in (tiny / "imagenet").rglob("*.JPEG") for s in Image.open(p).size]
+    dense = [s for d in ("ade20k", "coco") for p in (tiny / d).rglob("*.jpg") for s in Image.open(p).size]
+    assert len(dense) == 2 * (6 + 9) and all(56 <= s <= 120 for s in dense)
+    assert any(s < 56 for s in imagenet) and all(40 <= s <= 96 for s in imagenet)  # min_side/max_side: ImageNet
 
 
 def test_same_seed_byte_identical_other_seed_differs(tiny, tmp_path):
@@ -169,7 +176,8 @@ def test_cli_synth(tiny, tmp_path):
     p = run_cli("synth", str(out), "--seed", "0", "--params", str(ROOT / "params.yaml"), *sets, cwd=tmp_path,
                 LOCALMIM_TRACKING="0")  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert _tree_digest(out / "imagenet") == _tree_digest(tiny / "imagenet")  # CLI == library, same seed
+    for name in ("imagenet", "ade20k", "coco"):  # CLI == library, same seed (the dense sides reach the library)
+        assert _tree_digest(out / name) == _tree_digest(tiny / name), name
     assert json.loads((out / "synth.json").read_text())["counts"]["imagenet_train"] == 30
     assert "seed: 0" in (out / "synth.params.yaml").read_text()
     assert not list(out.glob(".*"))

@@ -173,27 +173,34 @@ def generate_all(
     coco_val: int,
     jpeg_quality: int,
     colour_prior: float = IMAGENET_COLOUR_PRIOR,
+    dense_min_side: int | None = None,
+    dense_max_side: int | None = None,
 ) -> dict[str, int]:
     """Write ``out/imagenet``, ``out/ade20k`` and ``out/coco``; each appears atomically (built in a temp dir,
-    then renamed into place, replacing an older copy).
+    then renamed into place, replacing an older copy). ``min_side``/``max_side`` bound the ImageNet images,
+    ``dense_min_side``/``dense_max_side`` the ADE20K and COCO ones (None: the ImageNet bounds).
 
     Returns:
         image counts, e.g. ``{"imagenet_train": 600, ...}``.
     """
-    if min_side > max_side:
-        raise ValueError(f"min_side ({min_side}) must be <= max_side ({max_side})")
+    dense_min_side = min_side if dense_min_side is None else dense_min_side
+    dense_max_side = max_side if dense_max_side is None else dense_max_side
+    for lo, hi, a, b in (("min_side", "max_side", min_side, max_side),
+                         ("dense_min_side", "dense_max_side", dense_min_side, dense_max_side)):
+        if a > b:
+            raise ValueError(f"{lo} ({a}) must be <= {hi} ({b})")
     if not 0.0 <= colour_prior <= 1.0:
         raise ValueError(f"colour_prior={colour_prior} must be in [0, 1]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out)  # temp dirs of a killed earlier run
     tmp = out / f".synth.tmp-{os.getpid()}"
-    common = dict(seed=seed, min_side=min_side, max_side=max_side, quality=jpeg_quality)
+    common = dict(seed=seed, min_side=dense_min_side, max_side=dense_max_side, quality=jpeg_quality)
     try:
         counts = {}
         n = write_imagenet(
             tmp / "imagenet", num_classes=num_classes, per_class={"train": train_per_class, "val": val_per_class},
-            colour_prior=colour_prior, **common,
+            colour_prior=colour_prior, seed=seed, min_side=min_side, max_side=max_side, quality=jpeg_quality,
         )
         counts.update({f"imagenet_{k}": v for k, v in n.items()})
         n = write_ade20k(tmp / "ade20k", num_classes=seg_classes, sizes={"train": seg_train, "val": seg_val}, **common)
