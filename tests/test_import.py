@@ -114,7 +114,8 @@ def _swin_stages(net: torch.nn.Module, images: torch.Tensor) -> list[torch.Tenso
 
 def test_swin_every_stage_equals_the_reference_finetuning_swin(imported):
     """Plain timm (LayerNorm eps 1e-5 everywhere) within 1e-3; with the reference fine-tuning model's eps (1e-6,
-    but 1e-5 in each block's norm2; method §13.10) every stage is equal to 1e-6: eps is the only difference."""
+    but 1e-5 in each block's norm2; method §13.10) every stage is equal to 1e-5 (fp32 kernels differ by CPU: 2.3e-6
+    seen on an AMD EPYC), while plain timm's eps differs by more: eps is the only difference."""
     exp = EXPECTED["localmim_swin"]
     with torch.no_grad():
         got = _swin_stages(_plain(imported["localmim_swin"]), exp["images"])
@@ -126,7 +127,8 @@ def test_swin_every_stage_equals_the_reference_finetuning_swin(imported):
     assert [g.shape for g in got] == [w.shape for w in exp["stages"]] and len(got) == 4
     for g, e, want in zip(got, exact, exp["stages"], strict=True):
         torch.testing.assert_close(g, want, atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(e, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(e, want, atol=1e-5, rtol=1e-5)
+        assert (g - want).abs().max() > 1e-5  # the plain-timm eps is a visible difference at this tolerance
 
 
 def test_swin_accounting_agrees_with_the_reference_finetuning_load(imported):

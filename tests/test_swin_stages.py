@@ -15,8 +15,9 @@ def test_swin_pretrain_then_finetune_through_params_only(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     make_shards(tmp_path / "shards", "train", per_class=8, size=48)
     make_shards(tmp_path / "shards", "val", per_class=4, size=48, seed=1)
-    common = ["--set", "pretrain.model=localmim_swin_nano_p2_64", "--set", "pretrain.epochs=1",
-              "--set", "pretrain.batch_size=8", "--set", "pretrain.num_workers=1"]  # fmt: skip
+    common = ["--set", "pretrain.model=localmim_swin_nano_p2_64", "--set", "pretrain.input_size=64",
+              "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8",
+              "--set", "pretrain.num_workers=1"]  # fmt: skip
     run_cli("pretrain", "--shards", "shards/train", "--out", "pre", "--ckpt-dir", "ck", "--metrics", "m/pre.json",
             "--no-progress", *common, cwd=tmp_path, check=True, LOCALMIM_TRACKING="0")  # fmt: skip
     desc = json.loads((tmp_path / "pre" / "encoder.json").read_text())
