@@ -6,7 +6,7 @@ brightness of the three real photographs shipped with matplotlib and scikit-lear
 quality 95 so that the mean file is near COCO's ~160 KB: Huffman decoding, most of the check, scales with the
 bytes) and as many ADE20K-like label maps (8-bit PNG, 30 Voronoi regions). Timed, in one process, rounds alternated:
 
-* ``check`` - :func:`localmim.data.imagefile.check_image_files` with 2 worker processes and no cache (the first
+* ``check`` - :func:`localmim.data.raw.imagefile.check_image_files` with 2 worker processes and no cache (the first
   run of a stage), images and label maps separately;
 * ``cached`` - the same call with the cache filled (a rerun or a resume: a ``stat`` per file, no decode);
 * the scans it replaces, for scale: ``Image.verify()`` + header (ADE20K before) and header only (COCO before);
@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from localmim.data.imagefile import check_image_files
+    from localmim.data.raw.imagefile import check_image_files
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from localmim.data.datasets import list_tree, write_manifest
+from localmim.data.raw.datasets import list_tree, write_manifest
 
 
 def make_tree(root: Path, classes: int, per_class: int) -> int:

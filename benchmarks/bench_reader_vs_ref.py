@@ -1,6 +1,6 @@
 """The shard reader of this tree against the one of a reference commit, in one process (prints markdown).
 
-Issue 8 replaced the benchmark-only reader of commit b180301 (``localmim.data.shards.wds_pipeline``: webdataset
+Issue 8 replaced the benchmark-only reader of commit b180301 (``localmim.data.shards.write.wds_pipeline``: webdataset
 ``SimpleShardList -> split_by_worker -> mmap tar parse -> map``) by the one reader every stage uses, and asked that
 read throughput not drop. Separate ``bench_shards.py`` runs differ by a few percent from run to run, as much as
 the readers do, so this one imports both readers into one process (the reference commit's package extracted with
@@ -51,9 +51,9 @@ def loaders(src: Path, shard_dir: Path, size: int, workers: int, batch: int) -> 
     from torchvision.datasets import ImageFolder
 
     from localmim.data.classify import ClassifyShards, make_loader
-    from localmim.data.imagefile import read_image  # the one reader of image files (issue 21)
-    from localmim.data.manifest import shard_set
-    from localmim.data.stream import raw_samples
+    from localmim.data.raw.imagefile import read_image  # the one reader of image files (issue 21)
+    from localmim.data.shards.manifest import shard_set
+    from localmim.data.shards.stream import raw_samples
 
     tf = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])
     items = [(s["jpg"], int(s["cls"])) for s in raw_samples(shard_set(shard_dir, "train"))]
@@ -78,7 +78,7 @@ def bench_sharding(src: Path, tmp: Path, n: int, rounds: int) -> dict[str, dict[
     from bench_shards import _cpu
     from localmim_ref.data import shards as ref
 
-    from localmim.data import shards as cur
+    from localmim.data.shards import write as cur
 
     writers = {"this tree": cur, "reference": ref}
     out: dict[str, dict[str, list[float]]] = {k: {"img_s": [], "cpu_us": []} for k in writers}
@@ -111,7 +111,7 @@ def main() -> int:
     import torch
     from bench_shards import _epoch, make_images
 
-    from localmim.data.shards import ShardOptions, write_shards
+    from localmim.data.shards.write import ShardOptions, write_shards
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

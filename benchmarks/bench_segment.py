@@ -47,8 +47,8 @@ def most_frequent_class(cfg, train, val) -> dict:
     """Predict the most frequent training class everywhere; scored like the model."""
     import torch
 
-    from localmim.data.ade20k import reduce_zero_label
-    from localmim.data.imagefile import read_image
+    from localmim.data.dense.ade20k import reduce_zero_label
+    from localmim.data.raw.imagefile import read_image
     from localmim.eval.segmentation import confusion_matrix, scores
 
     counts = np.zeros(256, np.int64)
@@ -72,7 +72,7 @@ def main() -> int:
 
     from localmim.config import load_section
     from localmim.config.segment import SegmentConfig
-    from localmim.data.ade20k import scan_split
+    from localmim.data.dense.ade20k import scan_split
     from localmim.models.encoder_io import read_encoder
     from localmim.train.segment import run_segment
 

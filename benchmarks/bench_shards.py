@@ -1,11 +1,11 @@
 """Sharding and shard-reading throughput on the synthetic ImageNet layout (``make bench``; prints markdown).
 
-1. Sharding (``localmim.data.shards.write_shards``, verify-decode of every image, 2 worker processes) against
+1. Sharding (``localmim.data.shards.write.write_shards``, verify-decode of every image, 2 worker processes) against
    ``tar -cf`` of the same files (pure pass-through: the ceiling for any packer).
 2. Reading, 2 DataLoader workers, decode + RandomResizedCrop + flip + to-tensor, for (a) the shards through the
    project's one reader (``ClassifyShards`` + ``make_loader``: the webdataset pipeline of
-   :mod:`localmim.data.stream`, as fine-tuning, linear probing and pretraining read), (b) the same pipeline with
-   webdataset's own tar reader (``tarfile_to_samples``) in place of :mod:`localmim.data.tario`, (c) torchvision
+   :mod:`localmim.data.shards.stream`, as fine-tuning, linear probing and pretraining read), (b) the same pipeline with
+   webdataset's own tar reader (``tarfile_to_samples``) in place of :mod:`localmim.data.shards.tario`, (c) torchvision
    ``ImageFolder`` on the same images with the same transforms, (d) the same JPEG bytes held in memory (no file
    system, no tar parsing: the decode ceiling). Goal: (a) >= 1.0x (c) and >= 80% of (d).
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_images(root: Path, classes: int, per_class: int, min_side: int, max_side: int) -> int:
-    from localmim.data.synth import write_imagenet
+    from localmim.synth import write_imagenet
 
     n = write_imagenet(root, seed=0, num_classes=classes, per_class={"train": per_class}, min_side=min_side,
                        max_side=max_side, quality=90)  # fmt: skip
@@ -44,7 +44,7 @@ def _cpu() -> float:
 
 
 def bench_sharding(src: Path, out: Path, workers: int, n: int) -> dict[str, float]:
-    from localmim.data.shards import ShardOptions, write_shards
+    from localmim.data.shards.write import ShardOptions, write_shards
 
     per_shard = -(-n // (4 * workers))  # 4 shards per reader worker: balanced DataLoader workers
     c, t = _cpu(), time.perf_counter()
@@ -99,7 +99,7 @@ def _wds_tar_shards(shard_dir: Path, tf, batch: int):
     import webdataset as wds
 
     from localmim.data.classify import ClassifyShards
-    from localmim.data.stream import worker_shards
+    from localmim.data.shards.stream import worker_shards
 
     class WdsTar(ClassifyShards):
         def samples(self, wid: int = 0, nw: int = 1):
@@ -119,9 +119,9 @@ def bench_reading(src: Path, shard_dir: Path, size: int, workers: int, batch: in
     from torchvision.datasets import ImageFolder
 
     from localmim.data.classify import ClassifyShards, make_loader
-    from localmim.data.imagefile import read_image  # the one reader of image files (issue 21)
-    from localmim.data.manifest import shard_set
-    from localmim.data.stream import raw_samples
+    from localmim.data.raw.imagefile import read_image  # the one reader of image files (issue 21)
+    from localmim.data.shards.manifest import shard_set
+    from localmim.data.shards.stream import raw_samples
 
     torch.set_num_threads(1)
     tf = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()])

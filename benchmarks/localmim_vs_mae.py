@@ -2,7 +2,7 @@
 
 ``python benchmarks/localmim_vs_mae.py [--preset cpu|smoke|gpu]``:
 
-1. data: the embedded shapes task (``localmim.data.synth``) with the class-hue prior OFF (colour carries no class
+1. data: the embedded shapes task (``localmim.synth``) with the class-hue prior OFF (colour carries no class
    information: only shape does), a large unlabelled pre-training pool, and few labels: the first
    ``--label-train`` train samples (kNN bank / probe training set) and every val sample;
 2. pre-trains ``localmim_vit_<size>`` and ``mae_vit_<size>`` (the same encoder architecture and seed, the params.yaml
@@ -52,8 +52,8 @@ PRESETS = {
 
 def make_data(args, work: Path) -> Path:
     """Synth ImageNet layout without the colour prior -> shards ``work/shards/{train,val}`` (reused when present)."""
-    from localmim.data.shards import ShardOptions, write_shards
-    from localmim.data.synth import write_imagenet
+    from localmim.data.shards.write import ShardOptions, write_shards
+    from localmim.synth import write_imagenet
 
     key = f"c{args.classes}_p{args.pool_per_class}_v{args.val_per_class}_s{args.min_side}-{args.max_side}"
     out = work / "shards" / key

@@ -38,7 +38,7 @@ def hand_coco(root: Path, split: str = "val", size: tuple[int, int] = (100, 80),
 
 def synth_coco(root: Path, train: int = 6, val: int = 3, seed: int = 0) -> Path:
     """The embedded generator's COCO layout (8 shape classes) with ``train`` / ``val`` images."""
-    from localmim.data.synth import write_coco
+    from localmim.synth import write_coco
 
     write_coco(root, seed=seed, num_classes=8, sizes={"train": train, "val": val}, min_side=40, max_side=72,
                quality=90)

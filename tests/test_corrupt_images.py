@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from localmim.data import ade20k as A
-from localmim.data import imagefile as F
-from localmim.data.coco import ScoredGroundTruth, coco_dataset, collate, eval_transforms, load_coco
-from localmim.data.synth import write_ade20k
+from localmim.data.dense import ade20k as A
+from localmim.data.dense.coco import ScoredGroundTruth, coco_dataset, collate, eval_transforms, load_coco
+from localmim.data.raw import imagefile as F
+from localmim.synth import write_ade20k
 from tests.coco_data import synth_coco
 from tests.conftest import cli_env, run_cli
 from tests.encoders import micro_encoder

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from localmim.data import datasets as ds
-from localmim.data.datasets import DatasetError, write_manifest
-from localmim.data.imagenet_val import LabelsError, read_val_labels, scan_flat_val, scan_imagenet_split
-from localmim.data.shards import ShardOptions, write_shards
-from localmim.data.synth.datasets import write_ade20k, write_coco, write_imagenet
+from localmim.data.raw import datasets as ds
+from localmim.data.raw.datasets import DatasetError, write_manifest
+from localmim.data.raw.imagenet_val import LabelsError, read_val_labels, scan_flat_val, scan_imagenet_split
+from localmim.data.shards.write import ShardOptions, write_shards
+from localmim.synth.datasets import write_ade20k, write_coco, write_imagenet
 
 TINY = dict(min_side=32, max_side=40, quality=90)
 
@@ -150,7 +150,7 @@ def test_missing_part_is_named(tree, tmp_path, name, remove, named):
 
 
 def test_image_suffixes_are_the_image_folders():
-    from localmim.data.manifest import IMAGE_FILE_SUFFIXES
+    from localmim.data.shards.manifest import IMAGE_FILE_SUFFIXES
 
     assert ds.IMAGE_SUFFIXES == IMAGE_FILE_SUFFIXES
 

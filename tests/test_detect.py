@@ -82,7 +82,7 @@ def test_swin_stage_outputs_each_get_a_fresh_layer_norm(tmp_path):
 def test_training_step_with_an_empty_image_and_layer_decay(tmp_path, family):
     """Every parameter gets a gradient (no unused ones under DDP), an image without objects trains, and the
     encoder's groups follow method §8.1 under the ``backbone.body.encoder.`` prefix."""
-    from localmim.data.coco import coco_dataset, collate, load_coco, train_transforms
+    from localmim.data.dense.coco import coco_dataset, collate, load_coco, train_transforms
     from localmim.models.layer_decay import param_groups_with_decay
 
     hand_coco(tmp_path / "coco", split="train")
@@ -127,7 +127,7 @@ TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, batch_size=2, warmu
 SCRIPT = """
 import os, signal, sys, torch
 from localmim.config.detect import DetectConfig
-from localmim.data.coco import load_coco
+from localmim.data.dense.coco import load_coco
 from localmim.models.encoder_io import read_encoder
 from localmim.train.detect import run_detect
 root, enc_dir, ckpt_dir, out = sys.argv[1:5]
@@ -167,7 +167,7 @@ def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
     other params, or another encoder, start afresh in their own run directory (the weights of a fresh run in an
     empty directory), leaving the first run's checkpoint intact."""
     from localmim.config.detect import DetectConfig
-    from localmim.data.coco import load_coco
+    from localmim.data.dense.coco import load_coco
     from localmim.train import checkpoint as ckpt
     from localmim.train.detect import run_detect
 
@@ -224,7 +224,7 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
         ev.accumulate()
         ev.summarize()
         assert [m[f"{t}_{k}"] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == list(ev.stats[:6])
-    from localmim.data.coco import load_coco
+    from localmim.data.dense.coco import load_coco
     from localmim.eval.detection import prior_results
 
     prior = prior_results(load_coco(root, "train").coco, gt)  # the chance level the report shows next to AP
@@ -238,7 +238,7 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
     model = build_mask_rcnn(EncoderSpec(info["timm_name"], info["timm_kwargs"], {}), info["num_classes"],
                             **info["kwargs"])
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    from localmim.data.coco import coco_dataset, collate, eval_transforms
+    from localmim.data.dense.coco import coco_dataset, collate, eval_transforms
     from localmim.eval.detection import to_coco_results
 
     val = load_coco(root, "val")

@@ -40,7 +40,7 @@ def test_detect_overfits_four_images_beyond_the_prior(tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     from localmim.config.detect import DetectConfig
-    from localmim.data.coco import load_coco
+    from localmim.data.dense.coco import load_coco
     from localmim.eval.detection import coco_eval, prior_results
     from localmim.train.detect import run_detect
 
@@ -65,7 +65,7 @@ def test_detect_overfits_four_images_beyond_the_prior(tmp_path):
 
 
 def _ade_val_is_train(root: Path, n: int, k: int) -> Path:
-    from localmim.data.synth import write_ade20k
+    from localmim.synth import write_ade20k
 
     write_ade20k(root, seed=0, num_classes=k, sizes={"train": n}, min_side=32, max_side=48, quality=90)
     base = root / "ADEChallengeData2016"
@@ -88,7 +88,7 @@ def test_segment_overfits_eight_images_beyond_majority_and_chance(tmp_path):
     uniformly random class: 14.1); with 200 iterations 84.4 / 95.8 / 78.8. The threshold leaves 16 points below
     the worst seed; the baselines are recomputed here from the ground truth."""
     from localmim.config.segment import SegmentConfig
-    from localmim.data.ade20k import scan_split
+    from localmim.data.dense.ade20k import scan_split
     from localmim.train.segment import run_segment
 
     k = 4

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from localmim import synth
 from localmim.config.finetune import FinetuneConfig
-from localmim.data import synth
-from localmim.data.shards import ShardOptions, write_shards
+from localmim.data.shards.write import ShardOptions, write_shards
 from localmim.models.encoder_io import read_encoder
 from localmim.train.finetune import FinetuneData, finetune
 from tests.classify_data import pretrained_micro_encoder

@@ -295,7 +295,7 @@ def test_sample_without_label_names_its_shard_and_key(tmp_path):
 
     from PIL import Image
 
-    from localmim.data import tario
+    from localmim.data.shards import tario
 
     buf = _io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="JPEG")

@@ -11,9 +11,9 @@ import torch
 from pretrain_helpers import make_shards
 from torch.utils.data import DataLoader
 
-from localmim.data.manifest import shard_set
 from localmim.data.pretrain import PretrainLoader, PretrainStream, random_view, sample_crop, sample_rng
-from localmim.data.stream import ShardLoader, ShardStream
+from localmim.data.shards.manifest import shard_set
+from localmim.data.shards.stream import ShardLoader, ShardStream
 
 
 class KeyStream(PretrainStream):

@@ -48,7 +48,7 @@ def test_detection_prior_rescales_training_boxes_to_each_val_image(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from localmim.data.coco import load_coco
+    from localmim.data.dense.coco import load_coco
     from localmim.eval.detection import prior_results
 
     hand_coco(tmp_path / "tr", "train", size=(100, 80))
@@ -69,7 +69,7 @@ def test_detection_prior_rescales_training_boxes_to_each_val_image(tmp_path):
 
 def test_detection_prior_misses_objects_elsewhere(tmp_path):
     """The prior can lose: val objects at other relative places than the training ones score AP 0."""
-    from localmim.data.coco import load_coco
+    from localmim.data.dense.coco import load_coco
     from localmim.eval.detection import coco_eval, prior_results
 
     hand_coco(tmp_path / "tr", "train", size=(100, 80))

@@ -16,7 +16,7 @@ from conftest import cli_env, run_cli
 from PIL import Image
 from torchvision import tv_tensors
 
-from localmim.data import ade20k as A
+from localmim.data.dense import ade20k as A
 from localmim.eval.segmentation import confusion_matrix, scores, slide_logits
 from localmim.models import create
 from localmim.models.encoder_io import EncoderSpec
@@ -227,7 +227,7 @@ TINY = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], ch
 SCRIPT = """
 import os, signal, sys, torch
 from localmim.config.segment import SegmentConfig
-from localmim.data.ade20k import scan_split
+from localmim.data.dense.ade20k import scan_split
 from localmim.models.encoder_io import read_encoder
 from localmim.train.segment import run_segment
 cfg = SegmentConfig(**{cfg})
@@ -282,7 +282,7 @@ def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
 
 
 def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
-    from localmim.data.synth import write_ade20k
+    from localmim.synth import write_ade20k
 
     write_ade20k(tmp_path / "ade", seed=0, num_classes=4, sizes={"train": 6, "val": 3}, min_side=32, max_side=48,
                  quality=90)
@@ -319,7 +319,7 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
 def test_stage_under_torchrun_two_ranks(tmp_path):
     """2 CPU processes (gloo, DDP): each rank scores its share of the val images and the confusion matrices are
     reduced once; the reported mIoU equals an independent re-scoring of every written label map."""
-    from localmim.data.synth import write_ade20k
+    from localmim.synth import write_ade20k
 
     write_ade20k(tmp_path / "ade", seed=1, num_classes=4, sizes={"train": 4, "val": 3}, min_side=32, max_side=48,
                  quality=90)

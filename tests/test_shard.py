@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localmim.data import shards as sh
-from localmim.data.manifest import read_manifest
+from localmim.data.shards import write as sh
+from localmim.data.shards.manifest import read_manifest
 from tests.conftest import ROOT, cli_env, run_cli
 from tests.shard_data import (
     BAD,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localmim.data import synth
+from localmim import synth
 from tests.conftest import ROOT, run_cli
 
 TINY = dict(

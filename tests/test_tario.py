@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from localmim.data import shards as sh
-from localmim.data import tario
-from localmim.data.manifest import shard_set
+from localmim.data.shards import tario
+from localmim.data.shards import write as sh
+from localmim.data.shards.manifest import shard_set
 from localmim.utils.parallel import ordered_map
 from tests.shard_data import (
     make_good_folder,
@@ -88,7 +88,7 @@ def test_header_checksum_agrees_with_tarfile_for_up_to_256_changed_bytes():
 
 
 def test_samples_from_our_shards_match_tarfile(tmp_path):
-    from localmim.data.stream import raw_samples
+    from localmim.data.shards.stream import raw_samples
 
     src, out = tmp_path / "src", tmp_path / "out"
     make_good_folder(src, classes=2, per_class=4)

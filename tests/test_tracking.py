@@ -196,7 +196,7 @@ def test_sigterm_ends_the_run_killed(tmp_path):
 
     (tmp_path / "params.yaml").write_text("synth: {num_classes: 2}\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    script = ("import time, localmim.stages.synth as s, localmim.data.synth as d\n"
+    script = ("import time, localmim.stages.synth as s, localmim.synth as d\n"
               "d.generate_all = lambda *a, **k: (print('started', flush=True), time.sleep(600))\n"
               "from localmim.cli import main; main(['synth', 'out'])\n")
     p = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,

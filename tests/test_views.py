@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from pretrain_helpers import make_shards
 
-from localmim.data.manifest import shard_set
 from localmim.data.pretrain import PretrainLoader, PretrainStream, random_view, sample_rng
-from localmim.data.stream import raw_samples
+from localmim.data.shards.manifest import shard_set
+from localmim.data.shards.stream import raw_samples
 from localmim.data.views import ViewSpec, spec_from_model, targets_from_finest, write_views
 from localmim.models import create
 

@@ -2,7 +2,7 @@
 
 An empty path means the embedded mini dataset (``localmim synth`` into ``data/raw/<name>``). A path is read where
 it is, never copied: the node writes a manifest of it (``data/raw/<name>.json``) and the stages downstream take the
-root from there (see :mod:`localmim.data.datasets`). Relative paths are relative to the working directory (the
+root from there (see :mod:`localmim.data.raw.datasets`). Relative paths are relative to the working directory (the
 repository root, where Snakemake and DVC run).
 """
 

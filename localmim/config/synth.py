@@ -18,7 +18,7 @@ class SynthConfig(Section):
     min_side: Annotated[int, Field(ge=16)] = 48  # ImageNet image sides
     max_side: Annotated[int, Field(ge=16)] = 160
     # ADE20K layout (semantic segmentation) and COCO layout (instances).
-    # ADE20K and COCO both use the first ``seg_classes`` shape kinds (20 kinds exist, see localmim.data.synth).
+    # ADE20K and COCO both use the first ``seg_classes`` shape kinds (20 kinds exist, see localmim.synth).
     seg_classes: Annotated[int, Field(ge=1, le=20)] = 8
     seg_train: PosInt = 40
     seg_val: PosInt = 16

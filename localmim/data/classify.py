@@ -1,6 +1,6 @@
 """Labelled WebDataset shards -> (image tensor, class id) batches for fine-tuning, linear probing and evaluation.
 
-Read by the one shard reader (:mod:`localmim.data.stream`): every sample of the shard directory once per epoch
+Read by the one shard reader (:mod:`localmim.data.shards.stream`): every sample of the shard directory once per epoch
 across ranks x DataLoader workers; training epochs are ``N // world // batch_size`` full batches on every rank
 (shard order and buffer shuffled per ``(seed, epoch)``), evaluation reads every sample of the rank in order, the
 last batch possibly partial. Transforms are timm's (:func:`build_transform`).
@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from localmim.data.manifest import IMAGE_EXTS, count_samples, num_classes_of, read_manifest, shard_set
-from localmim.data.stream import ShardLoader, ShardStream, decode_rgb, image_entry
-from localmim.data.tario import iter_samples as iter_tar_samples
+from localmim.data.shards.manifest import IMAGE_EXTS, count_samples, num_classes_of, read_manifest, shard_set
+from localmim.data.shards.stream import ShardLoader, ShardStream, decode_rgb, image_entry
+from localmim.data.shards.tario import iter_samples as iter_tar_samples
 
 __all__ = ["ClassifyShards", "build_transform", "count_samples", "decode_sample", "iter_tar_samples", "make_loader",
            "num_classes_of", "read_manifest"]

@@ -1,6 +1,6 @@
 """Pretraining input: raw train shards with online augmentation, or precomputed view shards.
 
-Both are read by the one shard reader (:mod:`localmim.data.stream`: splitting across ranks and workers, epoch
+Both are read by the one shard reader (:mod:`localmim.data.shards.stream`: splitting across ranks and workers, epoch
 length, shuffles, determinism). Every sample's augmentation is a function of ``(seed, epoch, sample key)`` only,
 so it does not depend on the rank, worker or order that reads the sample, and a resumed run replays it.
 
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.data.manifest import VIEWS_MANIFEST, read_views_manifest, shard_set
-from localmim.data.stream import ShardLoader, ShardStream, decode_rgb, image_entry, rebatch
+from localmim.data.shards.manifest import VIEWS_MANIFEST, read_views_manifest, shard_set
+from localmim.data.shards.stream import ShardLoader, ShardStream, decode_rgb, image_entry, rebatch
 
 __all__ = ["VIEWS_MANIFEST", "PretrainLoader", "PretrainStream", "decode_image", "random_view", "read_views_manifest",
            "rebatch", "sample_crop", "sample_rng"]
@@ -98,7 +98,7 @@ class PretrainStream(ShardStream):
         batch_size: per-rank batch size.
         seed: base seed (shuffles and augmentation).
         shuffle_buffer: samples (raw bytes) held by each worker's shuffle buffer; 0 = no sample shuffle.
-        resampled: draw shards with replacement (see :mod:`localmim.data.stream`).
+        resampled: draw shards with replacement (see :mod:`localmim.data.shards.stream`).
         rank, world: this process's data-parallel position.
         views: read view shards instead of raw shards.
     """

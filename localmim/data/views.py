@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.data.manifest import VIEWS_MANIFEST, shard_set
+from localmim.data.shards.manifest import VIEWS_MANIFEST, shard_set
 from localmim.data.pretrain import decode_image, random_view, sample_rng
-from localmim.data.stream import raw_samples
-from localmim.data.tario import ShardSink, tar_members
+from localmim.data.shards.stream import raw_samples
+from localmim.data.shards.tario import ShardSink, tar_members
 from localmim.targets.hog import hog_from_pooled, pixel_histograms, pool_cells, to_tokens
 
 TAR_OVERHEAD = 3 * 1024  # per sample: three 512-byte tar headers plus padding, rounded up

@@ -100,7 +100,7 @@ def pipeline() -> list[Node]:
             "synth",
             f"localmim synth {RAW}",
             params=["synth"],
-            deps=["localmim/data/synth"],
+            deps=["localmim/synth"],
             outs=[f"{RAW}/{name}" for name in DATASETS],
         ),
     ]

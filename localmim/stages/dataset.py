@@ -3,7 +3,7 @@
 ``datasets.<NAME>`` gives the folder (read where it is, never copied); empty means the embedded copy
 ``OUTDIR/<NAME>`` (written by ``localmim synth OUTDIR``; always fingerprinted by content, it is small). Writes
 ``OUTDIR/<NAME>.files.tsv.gz`` (every file the stages read: relative path, size, mtime [, sha256]) and
-``OUTDIR/<NAME>.json`` (root, counts per split and class, fingerprint); see :mod:`localmim.data.datasets`. Only
+``OUTDIR/<NAME>.json`` (root, counts per split and class, fingerprint); see :mod:`localmim.data.raw.datasets`. Only
 ``stat`` is called on the files of a folder given by path, unless ``datasets.fingerprint`` is ``content`` (then
 every byte is hashed once and the hashes are cached).
 """
@@ -42,7 +42,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
 def run(cfg: DatasetsConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm import tqdm
 
-    from localmim.data.datasets import DatasetError, write_manifest
+    from localmim.data.raw.datasets import DatasetError, write_manifest
 
     name, out = ctx.args.name, Path(ctx.args.out)
     given = cfg.path_of(name)

@@ -43,7 +43,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
     system_metrics=True,
 )
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.imagefile import ImageFileError, one_line
+    from localmim.data.raw.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
     from localmim.train.detect import run_detect
     from localmim.utils.distributed import process_group
@@ -80,7 +80,7 @@ def _prior_metrics(train, val, val_skips) -> dict[str, float]:
     """Box and mask AP / AP50 of guesses that never look at the image (the training boxes on every val image,
     :func:`localmim.eval.detection.prior_results`), scored on the val images the detector was scored on: the chance
     level of the headline numbers (``*_prior``)."""
-    from localmim.data.coco import ScoredGroundTruth
+    from localmim.data.dense.coco import ScoredGroundTruth
     from localmim.eval.detection import coco_eval, prior_results
 
     gt = ScoredGroundTruth(val, val_skips)
@@ -91,9 +91,9 @@ def _prior_metrics(train, val, val_skips) -> dict[str, float]:
 def _splits(cfg: DetectConfig, args, is_main: bool):
     """Both splits checked (rank 0 decodes every image, cached in the checkpoint directory; the other ranks reuse
     its results) and each split's load-time rule."""
-    from localmim.data.coco import CocoError, load_coco
-    from localmim.data.datasets import dataset_root
-    from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
+    from localmim.data.dense.coco import CocoError, load_coco
+    from localmim.data.raw.datasets import dataset_root
+    from localmim.data.raw.imagefile import LoadSkips, file_stats, load_skip_log
     from localmim.utils.distributed import broadcast_object
 
     splits: dict = {}

@@ -53,7 +53,7 @@ def write_grid(path: Path, rows: list[tuple[Path, Path, Path]], num_labels: int)
     import torch
     from torchvision.io import encode_png
 
-    from localmim.data.imagefile import ImageFileError, read_image
+    from localmim.data.raw.imagefile import ImageFileError, read_image
     from localmim.eval.segmentation import render
     from localmim.utils.io import atomic_write_bytes
 
@@ -123,7 +123,7 @@ def _scans(cfg: SegmentConfig, ctx: StageContext) -> dict:
 
 def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Path, dist):
     """Train and evaluate; every val prediction is written into ``staging/pred`` as it comes."""
-    from localmim.data.imagefile import ImageFileError, one_line
+    from localmim.data.raw.imagefile import ImageFileError, one_line
     from localmim.train.segment import run_segment
     from localmim.utils.distributed import barrier
 
@@ -152,9 +152,9 @@ def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Pat
 
 def _scan(cfg: SegmentConfig, args) -> dict | str:
     """Both splits checked (cached in the checkpoint directory), each with its load-time rule; or the error."""
-    from localmim.data.ade20k import scan_split
-    from localmim.data.datasets import dataset_root
-    from localmim.data.imagefile import LoadSkips, file_stats, load_skip_log
+    from localmim.data.dense.ade20k import scan_split
+    from localmim.data.raw.datasets import dataset_root
+    from localmim.data.raw.imagefile import LoadSkips, file_stats, load_skip_log
 
     cache = Path(args.ckpt_dir) / "image-check.json"
     try:

@@ -1,11 +1,11 @@
 """``localmim shard SRC OUT --split train|val``: an ImageFolder tree -> WebDataset tar shards.
 
-Outputs (see :mod:`localmim.data.shards`): ``OUT/<split>-NNNNNN.tar``, timm's ``OUT/_info.json``, the resolved
+Outputs (see :mod:`localmim.data.shards.write`): ``OUT/<split>-NNNNNN.tar``, timm's ``OUT/_info.json``, the resolved
 params ``OUT/<split>.params.yaml`` and, last, the manifest ``OUT/<split>.json``. Read the shards with timm::
 
     timm.data.create_dataset("wds/localmim", root=OUT, split=SPLIT)
 
-or with :class:`localmim.data.classify.ClassifyShards` (the project's one reader, :mod:`localmim.data.stream`).
+or with :class:`localmim.data.classify.ClassifyShards` (the project's one reader, :mod:`localmim.data.shards.stream`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def source_inventory(src: str, split: str):
     """The images to shard: ``src`` itself (class folders, or ImageNet's flat val folder), or the ``<split>`` folder
     of the dataset a manifest (``localmim dataset``) names, checked against the manifest's file list: a file
     added or removed since the manifest was written is an error (the DAG would not rerun for it)."""
-    from localmim.data.datasets import IMAGE_SUFFIXES, is_manifest, listed_files, read_manifest, split_info
-    from localmim.data.imagenet_val import scan_imagenet_split
+    from localmim.data.raw.datasets import IMAGE_SUFFIXES, is_manifest, listed_files, read_manifest, split_info
+    from localmim.data.raw.imagenet_val import scan_imagenet_split
 
     if not is_manifest(src):
         return scan_imagenet_split(src, split)
@@ -71,7 +71,7 @@ def source_inventory(src: str, split: str):
     run_name=lambda a: f"shard_{a.split}",
 )
 def run(cfg: ShardConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.shards import BadImageError, ShardOptions, write_shards
+    from localmim.data.shards.write import BadImageError, ShardOptions, write_shards
 
     args = ctx.args
     out = Path(args.out)

@@ -21,7 +21,7 @@ from localmim.utils.io import atomic_write_json
     ],
 )
 def run(cfg: SynthConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.synth import generate_all
+    from localmim.synth import generate_all
 
     out = Path(ctx.args.out)
     t0 = time.time()

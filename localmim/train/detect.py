@@ -69,7 +69,7 @@ def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
     ``(seed, epoch, rank)``)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from localmim.data.coco import collate
+    from localmim.data.dense.coco import collate
 
     sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
     sampler.set_epoch(epoch)
@@ -112,7 +112,7 @@ def train_one_epoch(eng: Engine, loader, sched: DetSchedule, meter: LossMeter, *
 
 def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
     """COCO metrics of the model on ``val_set`` (each rank predicts a strided share, rank 0 scores all)."""
-    from localmim.data.coco import collate
+    from localmim.data.dense.coco import collate
     from localmim.eval.detection import coco_eval, predict
     from localmim.utils.distributed import broadcast_object
 
@@ -133,7 +133,7 @@ def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
 def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, Any, Any]:
     """The detector (from ``seed`` on every rank) in an engine, and the train / val datasets (an image that fails
     to load follows ``skips[split]``: training substitutes the next one, evaluation leaves it out)."""
-    from localmim.data.coco import coco_dataset, eval_transforms, train_transforms
+    from localmim.data.dense.coco import coco_dataset, eval_transforms, train_transforms
     from localmim.models.detection import build_mask_rcnn
     from localmim.train.optim import create_adamw
 
@@ -154,13 +154,13 @@ def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, 
                on_epoch_end: Callable[[int], None] | None = None, progress: bool = True,
                skips: dict | None = None) -> DetectResult:
     """Train Mask R-CNN on the exported encoder ``enc`` (an ``EncoderSpec``) on the checked COCO split ``train``
-    (a :class:`~localmim.data.coco.CocoSplit`) and evaluate on ``val`` (see the module docstring), resuming this
+    (a :class:`~localmim.data.dense.coco.CocoSplit`) and evaluate on ``val`` (see the module docstring), resuming this
     run's newest checkpoint under ``ckpt_dir``. ``skips``: ``{split: LoadSkips}``, the load-time rule of each split
     (default: a file that fails to load raises, naming it)."""
     from tqdm import tqdm
 
-    from localmim.data.coco import ScoredGroundTruth
-    from localmim.data.imagefile import LoadSkips
+    from localmim.data.dense.coco import ScoredGroundTruth
+    from localmim.data.raw.imagefile import LoadSkips
 
     t_start = time.time()
     dist = setup(cfg.device, dist)

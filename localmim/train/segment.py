@@ -7,7 +7,7 @@
 * BatchNorm becomes SyncBatchNorm under DDP on CUDA. The step, AMP, DDP, the non-finite-loss guard (losses read every
   ``log_every`` steps) and the checkpoint rule are the engine's (:mod:`localmim.train.engine`; the run's identity
   holds the encoder and the training list). Checkpoints every ``ckpt_every`` iterations; the data stream is a pure
-  function of the step (:class:`localmim.data.ade20k.StepBatches`), so a resumed run is bit-identical to an
+  function of the step (:class:`localmim.data.dense.ade20k.StepBatches`), so a resumed run is bit-identical to an
   uninterrupted one on CPU.
 * Evaluation every ``eval_every`` iterations and at the end (:func:`localmim.eval.segmentation.evaluate`).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from localmim.data.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet, train_transform
+from localmim.data.dense.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet, train_transform
 from localmim.eval.segmentation import evaluate
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay

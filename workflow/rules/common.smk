@@ -80,7 +80,7 @@ _DATASET_STATES = {}
 
 def dataset_state(name):
     """Rerun trigger of the dataset_<name> rule: the fingerprint of the folder `datasets.<name>`, from a stat scan
-    when the DAG is built (localmim.data.datasets.state; content mode hashes only files not in its cache), or
+    when the DAG is built (localmim.data.raw.datasets.state; content mode hashes only files not in its cache), or
     "embedded" when the param is empty (then the rule's input, synth's output, decides). Scanned once per process."""
     ds = config.get("datasets") or {}
     root, mode = ds.get(name) or "", ds.get("fingerprint") or "stat"
@@ -90,7 +90,7 @@ def dataset_state(name):
     if key not in _DATASET_STATES:
         if workflow.basedir not in sys.path:  # this checkout's package (as the rules' `python -m localmim.cli`)
             sys.path.insert(0, workflow.basedir)
-        from localmim.data.datasets import state
+        from localmim.data.raw.datasets import state
 
         _DATASET_STATES[key] = state(name, root, mode, outdir="data/raw")
     return _DATASET_STATES[key]

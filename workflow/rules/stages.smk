@@ -5,7 +5,7 @@ ALL_TARGETS = ["data/raw/imagenet", "data/raw/ade20k", "data/raw/coco", "data/ra
 CLUSTER_DEFAULTS = {"cpus": 2, "mem_mb": 4000, "runtime": 60}
 
 rule synth:
-    input: "localmim/data/synth"
+    input: "localmim/synth"
     output: directory("data/raw/imagenet"), directory("data/raw/ade20k"), directory("data/raw/coco")
     params: synth=canonical(config["synth"]), file=params_file({"synth": config["synth"]})
     log: "logs/synth.log"

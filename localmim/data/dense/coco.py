@@ -5,7 +5,7 @@ through pycocotools and torchvision's ``CocoDetection`` + ``wrap_dataset_for_tra
 labels as tv_tensors); augmentation is torchvision.transforms.v2.
 
 Every annotation file is checked first (:func:`load_coco`): an annotation whose image is not listed, an image
-file that is missing or does not decode completely (:func:`localmim.data.imagefile.check_image_files`: worker
+file that is missing or does not decode completely (:func:`localmim.data.raw.imagefile.check_image_files`: worker
 processes, results cached by path, size and mtime), or whose size differs from the JSON, a box with non-positive
 width or height or outside the image, a category id not in ``categories``, or a malformed polygon / RLE is either
 an error naming the file and id (``on_bad="fail"``) or skipped with its reason (``on_bad="skip"``). Counts reconcile:
@@ -15,7 +15,7 @@ annotations stay: they are negative samples. A usable file worth naming (PNG con
 decodes by content) is listed in the report's ``notes``.
 
 A file that fails to load later (damaged after the check) follows the ``skips`` rule of :func:`coco_dataset`
-(:class:`localmim.data.imagefile.LoadSkips`): in training the next image takes its place (every rank keeps its
+(:class:`localmim.data.raw.imagefile.LoadSkips`): in training the next image takes its place (every rank keeps its
 batch size and step count), in evaluation the sample is left out and :class:`ScoredGroundTruth` drops its image
 from the scoring; :meth:`CocoReport.add_load_skips` moves it from used to skipped in the report.
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from localmim.data.imagefile import FileCheck, Loadable, LoadSkips, check_image_files, read_image
+from localmim.data.raw.imagefile import FileCheck, Loadable, LoadSkips, check_image_files, read_image
 
 _BOX_TOL = 1.0  # pixels a box may stick out of the image (rounding in real annotation files)
 
@@ -265,7 +265,7 @@ def _coco_dataset_class():
 
     class _CheckedCoco(CocoDetection):
         """torchvision's CocoDetection over an already-built (checked) pycocotools index; images through
-        :func:`localmim.data.imagefile.read_image` (a decode error names the file)."""
+        :func:`localmim.data.raw.imagefile.read_image` (a decode error names the file)."""
 
         def __init__(self, image_dir: Path, coco: Any, transforms=None):
             VisionDataset.__init__(self, str(image_dir), transforms=transforms)
@@ -308,7 +308,7 @@ def coco_dataset(split: CocoSplit, transforms=None, skips: LoadSkips | None = No
     ``masks``, ``labels`` = category ids); ``transforms(image, target)`` runs after the tv_tensor wrapping.
 
     An image that no longer decodes follows ``skips`` (default: raise naming the file); ``train`` substitutes
-    the next image, otherwise the sample is None (see :class:`localmim.data.imagefile.Loadable`)."""
+    the next image, otherwise the sample is None (see :class:`localmim.data.raw.imagefile.Loadable`)."""
     from torchvision.datasets import wrap_dataset_for_transforms_v2
 
     base = _coco_dataset_class()(split.image_dir, split.coco, transforms=transforms)

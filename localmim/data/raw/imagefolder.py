@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from localmim.data.manifest import IMAGE_FILE_SUFFIXES
+from localmim.data.shards.manifest import IMAGE_FILE_SUFFIXES
 
 
 class BadImageError(ValueError):
@@ -99,7 +99,7 @@ def _decode_error(fmt: str, e: Exception) -> str:
 
 def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: int, encode: bool = True) -> Prepared:
     """Verify one image (full decode) and return the bytes to store, or a skip reason (``encode=False``: the
-    verification only, nothing re-encoded; :func:`localmim.data.imagefile.check_image_file` uses it).
+    verification only, nothing re-encoded; :func:`localmim.data.raw.imagefile.check_image_file` uses it).
 
     An RGB JPEG within ``max_side`` is stored as is; it is verified by decoding in PIL's JPEG *draft* mode
     (DCT scaling 1/8: every entropy-coded segment is still read, so truncation and corruption are still

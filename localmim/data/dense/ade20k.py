@@ -6,11 +6,11 @@ Annotations are 8-bit label maps: 0 = other/ignore, ``k`` = class ``k - 1``. Red
 0 -> 255 (ignored), ``k`` -> ``k - 1``, 255 stays ignored.
 
 :func:`scan_split` validates a split before any training: every image has its annotation and the reverse, both
-decode completely (:func:`localmim.data.imagefile.check_image_files`: worker processes, results cached by path,
+decode completely (:func:`localmim.data.raw.imagefile.check_image_files`: worker processes, results cached by path,
 size and mtime), sizes agree, labels are in ``0..C`` or 255. With ``on_bad: skip`` a bad pair is left out with its
 reason (``found = used + skipped``); with ``fail`` the first one stops the run naming the file. An empty split
 always fails. A file that fails to load later (damaged after the scan) follows ``scan.pairs.skips``
-(:class:`localmim.data.imagefile.LoadSkips`): training substitutes the next pair (same batch size on every rank),
+(:class:`localmim.data.raw.imagefile.LoadSkips`): training substitutes the next pair (same batch size on every rank),
 evaluation scores an all-ignore placeholder (index -1, nothing counted); the stage reports both.
 
 Augmentation (torchvision.transforms.v2, image as ``tv_tensors.Image`` and label map as ``tv_tensors.Mask`` so the
@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from localmim.data.imagefile import FileCheck, ImageFileError, LoadSkips, check_image_files, first_loadable, read_image
+from localmim.data.raw.imagefile import FileCheck, ImageFileError, LoadSkips, check_image_files, first_loadable, read_image
 
 IGNORE = 255
 SPLIT_DIRS = {"train": "training", "val": "validation"}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from localmim.data.synth.shapes import polygon_mask, shape_outline
+from localmim.synth.shapes import polygon_mask, shape_outline
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:

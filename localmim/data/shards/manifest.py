@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localmim.data.tario import count_samples_in
+from localmim.data.shards.tario import count_samples_in
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # sample members holding the image, in order of preference
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from localmim.data.synth.draw import DrawnObject, encode_jpeg, encode_png, image_size, render
-from localmim.data.synth.shapes import MAX_CLASSES, SHAPE_NAMES
+from localmim.synth.draw import DrawnObject, encode_jpeg, encode_png, image_size, render
+from localmim.synth.shapes import MAX_CLASSES, SHAPE_NAMES
 from localmim.utils.io import clean_stale_tmp
 
 # Share of embedded ImageNet images drawn in their class's typical hue. With random colours only (0.0), 60 images

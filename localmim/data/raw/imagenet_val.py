@@ -1,7 +1,7 @@
 """ImageNet splits in the layouts users have: class folders (ImageFolder), and for validation also the official flat
 folder of JPEGs (``ILSVRC2012_val_00000001.JPEG`` ...) with its ground truth.
 
-Ground truth of the flat folder, found by :func:`localmim.data.datasets.find_val_labels`:
+Ground truth of the flat folder, found by :func:`localmim.data.raw.datasets.find_val_labels`:
 
 * Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the first token of every box is the synset id);
 * the devkit's ``data/ILSVRC2012_validation_ground_truth.txt`` (line i: the ILSVRC2012_ID of
@@ -22,8 +22,8 @@ import os
 import tarfile
 from pathlib import Path
 
-from localmim.data.datasets import DEVKIT, DEVKIT_FILES, IMAGE_SUFFIXES, LOC_CSV, find_val_labels, layout_of
-from localmim.data.imagefolder import Inventory, scan_image_folder
+from localmim.data.raw.datasets import DEVKIT, DEVKIT_FILES, IMAGE_SUFFIXES, LOC_CSV, find_val_labels, layout_of
+from localmim.data.raw.imagefolder import Inventory, scan_image_folder
 
 class LabelsError(ValueError):
     """Ground truth missing, unreadable or inconsistent; the message names the file (and image) concerned."""

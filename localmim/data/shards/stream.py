@@ -1,7 +1,7 @@
 """The one way shards are read: a webdataset ``DataPipeline`` per (rank, DataLoader worker), re-batched.
 
 Used by pretraining (raw shards with online augmentation, or view shards), fine-tuning, linear probing and
-evaluation (:mod:`.pretrain`, :mod:`.classify`), the view writer (:func:`raw_samples`) and the benchmarks.
+evaluation (:mod:`localmim.data.pretrain`, :mod:`localmim.data.classify`), the view writer (:func:`raw_samples`) and the benchmarks.
 Each worker runs ``shards -> tar_samples -> rank share -> wds.shuffle -> wds.map(decode) -> wds.batched``; the
 loader merges the workers' chunks into exact batches. The map stage decodes the member bytes itself
 (:func:`decode_rgb`, ``int``, ``np.load``): webdataset's generic ``wds.decode`` stage in front of it cost 1.5-4 %
@@ -39,8 +39,8 @@ import webdataset as wds  # imported with this module, in the main process: the 
 from PIL import Image  # forked from it and find both loaded, rather than importing them again every epoch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from localmim.data.manifest import IMAGE_EXTS, ShardSet
-from localmim.data.tario import iter_samples, tar_samples
+from localmim.data.shards.manifest import IMAGE_EXTS, ShardSet
+from localmim.data.shards.tario import iter_samples, tar_samples
 
 
 def decode_rgb(data: bytes):

@@ -2,13 +2,13 @@
 
 Reading: :func:`iter_tar_members` parses ustar/PAX/GNU headers over ``mmap``; :func:`tar_samples` groups the
 members into WebDataset samples (webdataset's rule: members ``<dir/>key.ext`` with the same key in a row form a
-sample) and is the tar stage of every ``webdataset.DataPipeline`` in :mod:`localmim.data.stream`. It replaces
+sample) and is the tar stage of every ``webdataset.DataPipeline`` in :mod:`localmim.data.shards.stream`. It replaces
 webdataset's own ``tarfile_samples`` because that one costs ~60 us per sample against ~7.5 us here (3 members per
 sample; benchmarks/RESULTS.md): about 10% of the whole decode + augment cost of a small image.
 
 Writing: :func:`tar_members` serializes one sample (run in worker processes, so the writer only appends bytes)
 and :class:`ShardSink` appends samples to rolling shards under temporary names, renamed into place when full,
-with their sha256 and counts. Both the ImageFolder packer (:mod:`.shards`) and the view writer (:mod:`.views`)
+with their sha256 and counts. Both the ImageFolder packer (:mod:`.write`) and the view writer (:mod:`localmim.data.views`)
 write through it.
 """
 

@@ -16,7 +16,7 @@ Modules: :mod:`.shapes` (outlines, rasterisation), :mod:`.draw` (pixels, :func:`
 :mod:`.datasets` (the three writers and :func:`generate_all`).
 """
 
-from localmim.data.synth.datasets import (
+from localmim.synth.datasets import (
     IMAGENET_COLOUR_PRIOR,
     class_dir_name,
     generate_all,
@@ -24,8 +24,8 @@ from localmim.data.synth.datasets import (
     write_coco,
     write_imagenet,
 )
-from localmim.data.synth.draw import DrawnObject, encode_jpeg, encode_png, image_size, render
-from localmim.data.synth.shapes import MAX_CLASSES, SHAPE_NAMES, SHAPES, polygon_mask, shape_outline
+from localmim.synth.draw import DrawnObject, encode_jpeg, encode_png, image_size, render
+from localmim.synth.shapes import MAX_CLASSES, SHAPE_NAMES, SHAPES, polygon_mask, shape_outline
 
 __all__ = [
     "IMAGENET_COLOUR_PRIOR",

@@ -1,4 +1,4 @@
-"""ImageFolder -> WebDataset tar shards (``localmim shard``); read them with :mod:`localmim.data.stream`.
+"""ImageFolder -> WebDataset tar shards (``localmim shard``); read them with :mod:`localmim.data.shards.stream`.
 
 Output of :func:`write_shards` in ``out/``:
 
@@ -25,8 +25,8 @@ temp files and this split's previous outputs first.
 Memory does not grow with the dataset's image bytes: images flow through a bounded window of in-flight work
 (a pool of decode/verify workers, results consumed in input order) straight into the current tar. Only the
 list of relative paths (and of skipped files) is held, like torchvision's ``ImageFolder``. The workers also
-serialize each sample's tar members (:func:`localmim.data.tario.tar_members`), so the writer only appends bytes
-(:class:`localmim.data.tario.ShardSink`); see benchmarks/RESULTS.md for the comparison with webdataset's
+serialize each sample's tar members (:func:`localmim.data.shards.tario.tar_members`), so the writer only appends bytes
+(:class:`localmim.data.shards.tario.ShardSink`); see benchmarks/RESULTS.md for the comparison with webdataset's
 ``TarWriter``.
 """
 
@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localmim.data.imagefolder import BadImageError, Inventory, Prepared, prepare_image, scan_image_folder
-from localmim.data.manifest import MANIFEST_FORMAT
-from localmim.data.tario import ShardSink, tar_members
+from localmim.data.raw.imagefolder import BadImageError, Inventory, Prepared, prepare_image, scan_image_folder
+from localmim.data.shards.manifest import MANIFEST_FORMAT
+from localmim.data.shards.tario import ShardSink, tar_members
 from localmim.utils.io import atomic_write_json, clean_stale_tmp
 from localmim.utils.parallel import ordered_map
 
@@ -216,7 +216,7 @@ def write_shards(
 
     Args:
         src: ImageFolder root (one sub-directory per class), or an :class:`Inventory` already listed (e.g. the
-            flat ImageNet val folder of :mod:`localmim.data.imagenet_val`).
+            flat ImageNet val folder of :mod:`localmim.data.raw.imagenet_val`).
         out: output directory (shared by splits; each split owns ``<split>*`` files and its ``_info.json`` entry).
         split: split name, used in file names and sample keys.
         opts: sharding options.

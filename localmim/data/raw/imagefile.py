@@ -1,10 +1,10 @@
 """Image *files* read directly (ADE20K, COCO, the benchmarks' ImageFolder path): one check, one reader, one rule.
 
-Shards are verified when they are written (:mod:`.shards`: every image fully decoded, bad ones listed). Whatever
+Shards are verified when they are written (:mod:`localmim.data.shards.write`: every image fully decoded, bad ones listed). Whatever
 reads image files instead goes through this module, so a damaged file is treated the same everywhere:
 
 * :func:`check_image_file` decodes one file completely with the shard writer's verifier
-  (:func:`localmim.data.imagefolder.prepare_image`; an RGB JPEG in draft mode, which still reads every
+  (:func:`localmim.data.raw.imagefolder.prepare_image`; an RGB JPEG in draft mode, which still reads every
   entropy-coded segment, so truncation is caught at a fraction of a full decode's cost). Its reasons are the
   shard writer's: ``zero-byte file``, ``truncated JPEG: ...``, ``not an image: cannot identify image file``.
   A file whose content is another format than its extension says (a PNG named ``.jpg``) decodes by content, so
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from localmim.data.imagefolder import BadImageError, _sniff, prepare_image
+from localmim.data.raw.imagefolder import BadImageError, _sniff, prepare_image
 from localmim.utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -328,7 +328,7 @@ class Loadable(torch.utils.data.Dataset):
     """``ds`` under the load-time rule ``skips``: a sample whose image no longer decodes is recorded (or raises)
     and replaced by the next loadable one (``substitute``: training) or returned as None (evaluation: the collate
     function drops it). In evaluation a file recorded once stays out for the rest of the run, so whatever scores the
-    predictions (e.g. :class:`localmim.data.coco.ScoredGroundTruth`) and the predictions cover the same images."""
+    predictions (e.g. :class:`localmim.data.dense.coco.ScoredGroundTruth`) and the predictions cover the same images."""
 
     def __init__(self, ds, files: list[str], skips: LoadSkips, substitute: bool):
         self.ds, self.files, self.skips, self.substitute = ds, files, skips, substitute
