@@ -194,7 +194,7 @@ def main() -> int:
 
     import torch
 
-    from localmim.utils.distributed import resolve_device
+    from localmim.runtime.distributed import resolve_device
 
     t0 = time.time()
     p = DRY if args.dry_run else FULL

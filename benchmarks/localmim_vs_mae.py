@@ -134,8 +134,8 @@ def run_one(mode: str, seed: int, args, shards: Path, labelled, num_classes: int
 
     from localmim.config import load_section
     from localmim.config.pretrain import PretrainConfig
+    from localmim.runtime.distributed import resolve_device
     from localmim.train.pretrain import build_model, run_pretrain
-    from localmim.utils.distributed import resolve_device
 
     cfg = load_section("pretrain", PretrainConfig, ROOT / "params.yaml", [
         f"pretrain.model={mode}_vit_{args.size}", "pretrain.mode=auto", "pretrain.target=auto",

@@ -142,7 +142,7 @@ torch.save({{"state": r.state_dict, "metrics": r.metrics, "epochs": r.epochs}}, 
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    from localmim.train import checkpoint as ckpt
+    from localmim.runtime import checkpoint as ckpt
 
     root = synth_coco(tmp_path / "coco", train=4, val=2)
     enc = micro_encoder(tmp_path / "enc")
@@ -168,7 +168,7 @@ def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
     empty directory), leaving the first run's checkpoint intact."""
     from localmim.config.detect import DetectConfig
     from localmim.data.dense.coco import load_coco
-    from localmim.train import checkpoint as ckpt
+    from localmim.runtime import checkpoint as ckpt
     from localmim.train.detect import run_detect
 
     root = synth_coco(tmp_path / "coco", train=2, val=1)

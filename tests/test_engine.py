@@ -12,6 +12,7 @@ import torch
 
 from localmim.config.segment import SegmentConfig
 from localmim.models.encoder_io import EncoderSpec
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import (
     Checkpoints,
     Engine,
@@ -22,7 +23,6 @@ from localmim.train.engine import (
     set_lr,
 )
 from localmim.train.schedule import WarmupCosine
-from localmim.utils.distributed import DistInfo
 
 CPU = torch.device("cpu")
 ONE = DistInfo(0, 1, 0, CPU)

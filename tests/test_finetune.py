@@ -119,7 +119,7 @@ def test_pos_embed_interpolated_when_resolution_differs(data):
 
 def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     """Delete the newest checkpoint (as if killed during the last epoch); the resumed run ends bit-identical."""
-    from localmim.train.checkpoint import list_checkpoints
+    from localmim.runtime.checkpoint import list_checkpoints
 
     enc = read_encoder(data["encoder"])
     cfg = _cfg(epochs=3, warmup_epochs=1)
@@ -235,10 +235,10 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
     loss by accum_iter (the old bug) would halve the second update."""
     import timm
 
+    from localmim.runtime.distributed import DistInfo
     from localmim.train.engine import Engine, LossMeter, Precision
     from localmim.train.finetune import train_one_epoch
     from localmim.train.schedule import WarmupCosine
-    from localmim.utils.distributed import DistInfo
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)

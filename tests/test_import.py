@@ -236,11 +236,11 @@ def test_cli_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("name,family", [("localmim_vit_micro_patch8", "vit"), ("localmim_swin_nano_p2_64", "swin")])
 def test_our_pretraining_checkpoint_imports_to_the_pretrain_export(tmp_path, name, family):
-    """A checkpoint of ours (train/checkpoint.py format) -> exactly what pretrain's write_encoder exports."""
+    """A checkpoint of ours (runtime/checkpoint.py format) -> exactly what pretrain's write_encoder exports."""
     from localmim.config.pretrain import PretrainConfig
     from localmim.models import create
     from localmim.models.encoder_io import write_encoder
-    from localmim.train import checkpoint as ckpt
+    from localmim.runtime import checkpoint as ckpt
 
     torch.manual_seed(0)
     model = create(name)

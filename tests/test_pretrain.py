@@ -19,11 +19,11 @@ from pretrain_helpers import FixedBatches, make_shards
 
 from localmim.config.pretrain import PretrainConfig
 from localmim.models import create
-from localmim.train import checkpoint as ckpt
+from localmim.runtime import checkpoint as ckpt
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import Checkpoints, set_lr
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
-from localmim.utils.distributed import DistInfo
 from tests.resume import kill_then_resume, same_weights
 
 TINY = dict(model="localmim_vit_micro_patch8", input_size=32, batch_size=4, epochs=3, warmup_epochs=1, blr=1e-2,

@@ -26,10 +26,10 @@ from localmim.config.linprobe import LinprobeConfig
 from localmim.config.pretrain import PretrainConfig
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.export import export_encoder
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import Checkpoints
 from localmim.train.linprobe import build_encoder, extract_features, train_probe
 from localmim.train.pretrain import make_run, train_one_epoch
-from localmim.utils.distributed import DistInfo
 
 NUM_CLASSES, SIZE = 4, 32
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

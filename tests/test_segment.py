@@ -258,7 +258,7 @@ def test_other_params_or_another_encoder_never_resume(tmp_path, capsys):
     finished run (nothing left to train, same weights); other params, or another encoder, start afresh in their own
     run directory (the weights of a fresh run in an empty directory), leaving the first run's checkpoint intact."""
     from localmim.config.segment import SegmentConfig
-    from localmim.train import checkpoint as ckpt
+    from localmim.runtime import checkpoint as ckpt
     from localmim.train.segment import run_segment
 
     _layout(tmp_path / "ade", n_train=4, n_val=1)

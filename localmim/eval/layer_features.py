@@ -50,7 +50,7 @@ def load_pretrain_model(checkpoint: str | Path, device: torch.device) -> nn.Modu
     """The pre-training model of a ``pretrain`` checkpoint (rebuilt from its params, ``weights_only`` load), in eval
     mode on ``device``."""
     from localmim.config.pretrain import PretrainConfig
-    from localmim.train import checkpoint as ckpt
+    from localmim.runtime import checkpoint as ckpt
     from localmim.train.pretrain import build_model
 
     payload = ckpt.load(checkpoint)

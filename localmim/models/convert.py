@@ -29,7 +29,7 @@ from localmim.models.convert_rules import FAMILY, REL_INDEX, apply_rules, check_
 
 # Globals a checkpoint may need beyond weights_only's defaults: the training args (plain values in an attribute bag).
 SAFE_PICKLES = {"argparse.Namespace": argparse.Namespace}
-OUR_FORMAT = "localmim-checkpoint/1"  # localmim.train.checkpoint.FORMAT (models may not import train)
+OUR_FORMAT = "localmim-checkpoint/1"  # localmim.runtime.checkpoint.FORMAT (models may not import train)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.eval.analysis_plots import plot_layers
     from localmim.eval.layer_features import split_outputs
     from localmim.models.encoder_io import create_encoder, read_encoder
-    from localmim.utils.distributed import resolve_device
+    from localmim.runtime.distributed import resolve_device
     from localmim.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     args, t0 = ctx.args, time.time()

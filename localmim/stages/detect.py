@@ -45,8 +45,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.data.raw.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
+    from localmim.runtime.distributed import process_group
     from localmim.train.detect import run_detect
-    from localmim.utils.distributed import process_group
 
     args = ctx.args
     try:
@@ -94,7 +94,7 @@ def _splits(cfg: DetectConfig, args, is_main: bool):
     from localmim.data.dense.coco import CocoError, load_coco
     from localmim.data.raw.datasets import dataset_root
     from localmim.data.raw.imagefile import LoadSkips, file_stats, load_skip_log
-    from localmim.utils.distributed import broadcast_object
+    from localmim.runtime.distributed import broadcast_object
 
     splits: dict = {}
     checks: dict | str = {}

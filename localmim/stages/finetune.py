@@ -30,8 +30,8 @@ from localmim.pipeline.stage import StageContext, StageError, shared_flags, stag
 )
 def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
+    from localmim.runtime.distributed import process_group
     from localmim.train.finetune import FinetuneData, finetune
-    from localmim.utils.distributed import process_group
 
     args = ctx.args
     try:

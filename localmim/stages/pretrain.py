@@ -44,8 +44,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.eval.knn import build_knn_hook
+    from localmim.runtime.distributed import barrier, process_group
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
-    from localmim.utils.distributed import barrier, process_group
 
     args = ctx.args
     if args.imported and (Path(args.imported) / "encoder.json").is_file():

@@ -88,7 +88,7 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
 )
 def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
-    from localmim.utils.distributed import process_group
+    from localmim.runtime.distributed import process_group
 
     try:
         enc = read_encoder(ctx.args.encoder)
@@ -109,7 +109,7 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
 
 def _scans(cfg: SegmentConfig, ctx: StageContext) -> dict:
     """Both splits, checked once on rank 0 (:func:`_scan`) and shared with the other ranks."""
-    from localmim.utils.distributed import broadcast_object
+    from localmim.runtime.distributed import broadcast_object
 
     scans = broadcast_object(_scan(cfg, ctx.args) if ctx.is_main else {})
     if isinstance(scans, str):
@@ -124,8 +124,8 @@ def _scans(cfg: SegmentConfig, ctx: StageContext) -> dict:
 def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Path, dist):
     """Train and evaluate; every val prediction is written into ``staging/pred`` as it comes."""
     from localmim.data.raw.imagefile import ImageFileError, one_line
+    from localmim.runtime.distributed import barrier
     from localmim.train.segment import run_segment
-    from localmim.utils.distributed import barrier
 
     val_pairs = scans["val"].pairs
     if ctx.is_main:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from localmim.models.layer_decay import param_groups_with_decay
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import (
     Checkpoints,
     Engine,
@@ -36,7 +37,6 @@ from localmim.train.engine import (
     wrap_ddp,
 )
 from localmim.train.schedule import DetSchedule
-from localmim.utils.distributed import DistInfo
 
 ENCODER_PREFIX = "backbone.body.encoder."
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")  # torchvision's
@@ -114,7 +114,7 @@ def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
     """COCO metrics of the model on ``val_set`` (each rank predicts a strided share, rank 0 scores all)."""
     from localmim.data.dense.coco import collate
     from localmim.eval.detection import coco_eval, predict
-    from localmim.utils.distributed import broadcast_object
+    from localmim.runtime.distributed import broadcast_object
 
     dist = eng.dist
     share = torch.utils.data.Subset(val_set, list(range(dist.rank, len(val_set), dist.world_size)))

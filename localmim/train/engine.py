@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.train import checkpoint as ckpt
-from localmim.utils.distributed import DistInfo, init_distributed
+from localmim.runtime import checkpoint as ckpt
+from localmim.runtime.distributed import DistInfo, init_distributed
 from localmim.utils.io import is_run_metadata
 
 LogFn = Callable[[dict[str, float], int], None]

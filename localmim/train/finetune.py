@@ -22,6 +22,7 @@ import torch
 
 from localmim.models.encoder_io import EncoderSpec, build_classifier, classifier_head
 from localmim.models.layer_decay import layer_decay_groups
+from localmim.runtime.distributed import DistInfo, unwrap
 from localmim.train.engine import (
     Checkpoints,
     Engine,
@@ -36,7 +37,6 @@ from localmim.train.engine import (
     wrap_ddp,
 )
 from localmim.train.schedule import WarmupCosine
-from localmim.utils.distributed import DistInfo, unwrap
 
 
 def build_mixup(cfg, num_classes: int):

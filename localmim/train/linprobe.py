@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from localmim.models.encoder_io import EncoderSpec
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import Engine, LossMeter, Precision, autocast, seed_everything, set_lr
 from localmim.train.finetune import FinetuneResult
 from localmim.train.schedule import WarmupCosine
-from localmim.utils.distributed import DistInfo
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -143,8 +143,8 @@ def linprobe(
 ) -> LinprobeResult:
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
+    from localmim.runtime.distributed import resolve_device
     from localmim.train.engine import amp_dtype
-    from localmim.utils.distributed import resolve_device
 
     t0 = time.time()
     dev = resolve_device(cfg.device)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from localmim.runtime.distributed import DistInfo, unwrap
 from localmim.train.engine import (
     Checkpoints,
     Engine,
@@ -39,7 +40,6 @@ from localmim.train.engine import (
 )
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
-from localmim.utils.distributed import DistInfo, unwrap
 
 __all__ = ["NonFiniteLossError", "PretrainResult", "build_model", "make_run", "run_pretrain", "train_one_epoch"]
 

@@ -29,6 +29,7 @@ from localmim.eval.segmentation import evaluate
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay
 from localmim.models.segmentation import Segmenter, build_segmenter
+from localmim.runtime.distributed import DistInfo
 from localmim.train.engine import (
     Checkpoints,
     Engine,
@@ -43,7 +44,6 @@ from localmim.train.engine import (
 )
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import PolyWarmup
-from localmim.utils.distributed import DistInfo
 
 
 @dataclass

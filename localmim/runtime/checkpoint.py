@@ -66,7 +66,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def all_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state, gathered (a collective: call it on all ranks)."""
-    from localmim.utils.distributed import get_world_size
+    from localmim.runtime.distributed import get_world_size
 
     mine = rng_state()
     if get_world_size() == 1:
