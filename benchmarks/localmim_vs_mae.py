@@ -94,7 +94,7 @@ def evaluate(model, labelled, num_classes: int, device) -> dict[str, float]:
 
     from localmim.eval.analysis import probe_top1
     from localmim.eval.knn import knn_top1, pooled_features
-    from localmim.train.engine import autocast
+    from localmim.runtime.precision import autocast
 
     was = model.training
     model.eval()
@@ -134,8 +134,9 @@ def run_one(mode: str, seed: int, args, shards: Path, labelled, num_classes: int
 
     from localmim.config import load_section
     from localmim.config.pretrain import PretrainConfig
+    from localmim.models.encoder_io import build_pretrain_model as build_model
     from localmim.runtime.distributed import resolve_device
-    from localmim.train.pretrain import build_model, run_pretrain
+    from localmim.train.pretrain import run_pretrain
 
     cfg = load_section("pretrain", PretrainConfig, ROOT / "params.yaml", [
         f"pretrain.model={mode}_vit_{args.size}", "pretrain.mode=auto", "pretrain.target=auto",

@@ -13,15 +13,8 @@ import torch
 from localmim.config.segment import SegmentConfig
 from localmim.models.encoder_io import EncoderSpec
 from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import (
-    Checkpoints,
-    Engine,
-    LossMeter,
-    NonFiniteLossError,
-    Precision,
-    encoder_fingerprint,
-    set_lr,
-)
+from localmim.runtime.precision import Precision
+from localmim.train.engine import Checkpoints, Engine, LossMeter, NonFiniteLossError, encoder_fingerprint, set_lr
 from localmim.train.schedule import WarmupCosine
 
 CPU = torch.device("cpu")

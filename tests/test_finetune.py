@@ -236,7 +236,8 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
     import timm
 
     from localmim.runtime.distributed import DistInfo
-    from localmim.train.engine import Engine, LossMeter, Precision
+    from localmim.runtime.precision import Precision
+    from localmim.train.engine import Engine, LossMeter
     from localmim.train.finetune import train_one_epoch
     from localmim.train.schedule import WarmupCosine
 

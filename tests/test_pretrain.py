@@ -260,10 +260,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     import localmim.train.pretrain as P
 
     make_shards(tmp_path / "s", n=12, per_shard=4)
-    real = P.build_model
+    real = P.build_pretrain_model
 
-    def poisoned(cfg, device=None):
-        model = real(cfg, device)
+    def poisoned(cfg):
+        model = real(cfg)
         calls = {"n": 0}
         forward = model.forward
 
@@ -275,7 +275,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         model.forward = fwd
         return model
 
-    monkeypatch.setattr(P, "build_model", poisoned)
+    monkeypatch.setattr(P, "build_pretrain_model", poisoned)
     cfg = PretrainConfig(**{**TINY, "num_workers": 0, "log_every": 2})
     with pytest.raises(P.NonFiniteLossError, match=r"non-finite loss at step 4 \(epoch 1\).*ckpt-000000003\.pt"):
         P.run_pretrain(cfg, tmp_path / "s", tmp_path / "ck", progress=False)

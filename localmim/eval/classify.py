@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from localmim.train.engine import autocast
+from localmim.runtime.precision import autocast
 
 
 def classification_metrics(num_classes: int, device: torch.device, ks: tuple[int, ...] = (1, 5)) -> dict:

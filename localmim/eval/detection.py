@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.train.engine import autocast
+from localmim.runtime.precision import autocast
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")

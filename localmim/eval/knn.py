@@ -98,7 +98,7 @@ class KnnMonitor:
         self.size, self.num_classes, self.k, self.t, self.bs = input_size, num_classes, k, temperature, batch_size
 
     def _encode(self, model, i: int, device, amp_dtype):
-        from localmim.train.engine import autocast
+        from localmim.runtime.precision import autocast
 
         feats, labels = [], []
         for x, y in iter_labelled_uint8(self.dirs[i], self.n[i], self.size, self.bs):
@@ -129,7 +129,7 @@ def build_knn_hook(cfg, train_dir: Path, val_dir: str | None, log: Callable[[dic
     ``val_dir`` None: the ``val`` directory next to ``train_dir``; when that has no shards the monitor is turned
     off with a warning (an explicit ``val_dir`` without shards is an error)."""
     from localmim.data.classify import num_classes_of
-    from localmim.train.engine import amp_dtype
+    from localmim.runtime.precision import amp_dtype
 
     if cfg.knn_every == 0 or not is_main:
         return None

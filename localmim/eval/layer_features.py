@@ -1,11 +1,11 @@
 """What ``localmim analyze`` measures, read from shards and checkpoints: every block's features (and attention
-measures) over a fixed subset of a labelled shard directory, and the full pre-training model (encoder + decoders)
-of a pre-training checkpoint. The measures themselves are :mod:`localmim.eval.analysis`'s."""
+measures) over a fixed subset of a labelled shard directory. The measures themselves are
+:mod:`localmim.eval.analysis`'s; the pre-training model of a checkpoint is loaded by
+:func:`localmim.models.encoder_io.load_pretrain_model`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -44,19 +44,6 @@ def split_outputs(net: nn.Module, shard_dir, limit: int, attn_images: int, size:
         raise ValueError(f"{shard_dir}: no samples")
     per_block = lambda parts: [torch.cat(xs) for xs in zip(*parts, strict=True)]  # per block, images joined
     return SplitOutputs(per_block(feats), per_block(nmi), per_block(dist), torch.cat(labels))
-
-
-def load_pretrain_model(checkpoint: str | Path, device: torch.device) -> nn.Module:
-    """The pre-training model of a ``pretrain`` checkpoint (rebuilt from its params, ``weights_only`` load), in eval
-    mode on ``device``."""
-    from localmim.config.pretrain import PretrainConfig
-    from localmim.runtime import checkpoint as ckpt
-    from localmim.train.pretrain import build_model
-
-    payload = ckpt.load(checkpoint)
-    model = build_model(PretrainConfig.model_validate(payload["params"]))
-    model.load_state_dict(payload["model"])
-    return model.to(device).eval()
 
 
 def first_images(shard_dir, n: int, size: int) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localmim.train.engine import autocast
+from localmim.runtime.precision import autocast
 
 IGNORE = 255
 

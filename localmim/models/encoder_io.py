@@ -193,3 +193,34 @@ def create_timm_encoder(source: nn.Module | tuple[str, dict[str, Any], dict[str,
     if unexpected:
         raise RuntimeError(f"exported state dict has keys unknown to {name}: {unexpected}")
     return model
+
+
+def build_pretrain_model(cfg) -> nn.Module:
+    """The pre-training model ``cfg`` (a ``PretrainConfig``) names: ``localmim.models.create(cfg.model, ...)``, checked
+    against ``cfg.mode``; timm attention fused per ``cfg.fused_attn`` (``auto``: timm's default; timm reads the flag
+    when a block is built)."""
+    import timm.layers
+
+    from localmim.models import create
+
+    before = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(before if cfg.fused_attn == "auto" else cfg.fused_attn == "on")
+    try:
+        model = create(cfg.model, **cfg.model_overrides())
+    finally:
+        timm.layers.set_fused_attn(before)
+    if cfg.mode != "auto" and model.mode != cfg.mode:
+        raise ValueError(f"pretrain.mode={cfg.mode!r} but model {cfg.model!r} is a {model.mode!r} model")
+    return model
+
+
+def load_pretrain_model(checkpoint: str | Path, device: torch.device) -> nn.Module:
+    """The pre-training model (encoder + decoders) of a ``pretrain`` checkpoint, rebuilt from the params it stores
+    (``weights_only`` load), in eval mode on ``device``."""
+    from localmim.config.pretrain import PretrainConfig
+    from localmim.runtime import checkpoint as ckpt
+
+    payload = ckpt.load(checkpoint)
+    model = build_pretrain_model(PretrainConfig.model_validate(payload["params"]))
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()

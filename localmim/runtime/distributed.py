@@ -1,5 +1,5 @@
-"""torchrun / DDP helpers: process-group init from the torchrun environment, rank helpers, device choice (the
-DDP wrap, autocast and loss scaling are :mod:`localmim.train.engine`'s).
+"""torchrun / DDP helpers: process-group init from the torchrun environment, rank helpers, device choice and the one
+``DistributedDataParallel`` wrap (:func:`wrap_ddp`).
 
 Under ``torchrun`` the environment carries ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without it we run as
 rank 0 of 1 and never create a process group. The backend is NCCL on CUDA and Gloo on CPU.
@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def setup(device: str, dist_info: DistInfo | None = None) -> DistInfo:
+    """``dist_info`` when the stage already started the process group, else :func:`init_distributed` (idempotent):
+    a loop called directly (tests, benchmarks) starts it itself."""
+    return dist_info if dist_info is not None else init_distributed(device)
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs: Any) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` under torchrun (one device per process); ``model`` itself in a single
+    process. ``kwargs`` go to DDP (e.g. ``forward_sync_buffers=False``)."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
 
 
 def get_rank() -> int:

@@ -100,7 +100,7 @@ def _pretrain_model(checkpoint: str | None, encoder: Path, dev):
     ``encoder.json``; None when there is none."""
     import json
 
-    from localmim.eval.layer_features import load_pretrain_model
+    from localmim.models.encoder_io import load_pretrain_model
 
     if checkpoint is None:
         meta = encoder / "encoder.json" if encoder.is_dir() else encoder.with_suffix(".json")

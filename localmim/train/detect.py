@@ -23,19 +23,10 @@ from typing import Any
 import torch
 
 from localmim.models.layer_decay import param_groups_with_decay
-from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import (
-    Checkpoints,
-    Engine,
-    LogFn,
-    LossMeter,
-    Precision,
-    encoder_fingerprint,
-    seed_everything,
-    set_lr,
-    setup,
-    wrap_ddp,
-)
+from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
+from localmim.runtime.precision import Precision
+from localmim.runtime.seed import seed_everything
+from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, encoder_fingerprint, set_lr
 from localmim.train.schedule import DetSchedule
 
 ENCODER_PREFIX = "backbone.body.encoder."

@@ -1,14 +1,8 @@
 """The one training engine under every loop (pretrain, finetune, linprobe, segment, detect).
 
-Each loop keeps only its method (model, data, loss, schedule, evaluation); what every loop needs is written here once:
+What every loop steps with is written here once; seeding, the process group, the DDP wrap and precision are the
+runtime room's (:mod:`localmim.runtime`):
 
-* :func:`seed_everything`: torch, NumPy and Python RNGs. A loop seeds before building its model (the same initial
-  weights on every rank; DDP broadcasts rank 0's anyway) and seeds ``seed + rank`` where its method draws per-rank
-  randomness (masking noise, drop path, augmentation).
-* :func:`setup` (the process group from torchrun's environment: a stage starts it, a loop called directly starts it
-  itself) and :func:`wrap_ddp`, the one ``DistributedDataParallel`` wrap.
-* :class:`Precision`: bf16 autocast on CUDA where supported, fp16 with a ``GradScaler`` where not, fp32 on CPU
-  (``amp``). :func:`autocast` is the one place autocast is entered (evaluation uses it too).
 * :meth:`Engine.step`: one micro-batch: the forward under autocast, the backward of ``loss / cycle length`` outside
   it, and on the last micro-batch of an accumulation cycle the scaler step, its update and
   ``zero_grad(set_to_none=True)``: gradients are cleared right after they are used, never before a backward.
@@ -31,18 +25,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from localmim.runtime import checkpoint as ckpt
-from localmim.runtime.distributed import DistInfo, init_distributed
+from localmim.runtime.distributed import DistInfo
+from localmim.runtime.precision import Precision
 from localmim.utils.io import is_run_metadata
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -50,68 +43,6 @@ LogFn = Callable[[dict[str, float], int], None]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-# ------------------------------------------------------------------------------------------- seeds, processes
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every GPU), NumPy's global RNG (timm Mixup) and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def setup(device: str, dist: DistInfo | None = None) -> DistInfo:
-    """``dist`` when the stage already started the process group, else :func:`init_distributed` (idempotent)."""
-    return dist if dist is not None else init_distributed(device)
-
-
-def wrap_ddp(model: torch.nn.Module, dist: DistInfo, **kwargs: Any) -> torch.nn.Module:
-    """``model`` in ``DistributedDataParallel`` under torchrun (one device per process); ``model`` itself in a single
-    process. ``kwargs`` go to DDP (e.g. ``forward_sync_buffers=False``)."""
-    if not dist.distributed:
-        return model
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------- precision
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (``auto`` | ``bf16`` | ``fp16`` | ``none``) on ``device``.
-
-    CPU: none (fp32). CUDA ``auto``: bf16 where the GPU supports it, else fp16 (pre-Ampere GPUs such as the paper's
-    V100s), which needs loss scaling (:class:`Precision`).
-    """
-    if amp == "none" or device.type != "cuda":
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``; a no-op (fp32) when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-@dataclass
-class Precision:
-    """The autocast dtype and the loss scaler (enabled only for fp16: a pass-through otherwise)."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-
-    @classmethod
-    def of(cls, amp: str, device: torch.device) -> Precision:
-        dtype = amp_dtype(amp, device)
-        return cls(device, dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-
-    def autocast(self):
-        return autocast(self.device, self.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the step

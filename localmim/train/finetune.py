@@ -22,20 +22,10 @@ import torch
 
 from localmim.models.encoder_io import EncoderSpec, build_classifier, classifier_head
 from localmim.models.layer_decay import layer_decay_groups
-from localmim.runtime.distributed import DistInfo, unwrap
-from localmim.train.engine import (
-    Checkpoints,
-    Engine,
-    LogFn,
-    LossMeter,
-    Precision,
-    data_fingerprint,
-    encoder_fingerprint,
-    seed_everything,
-    set_lr,
-    setup,
-    wrap_ddp,
-)
+from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
+from localmim.runtime.precision import Precision
+from localmim.runtime.seed import seed_everything
+from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, data_fingerprint, encoder_fingerprint, set_lr
 from localmim.train.schedule import WarmupCosine
 
 

@@ -23,7 +23,9 @@ import torch
 
 from localmim.models.encoder_io import EncoderSpec
 from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import Engine, LossMeter, Precision, autocast, seed_everything, set_lr
+from localmim.runtime.precision import Precision, autocast
+from localmim.runtime.seed import seed_everything
+from localmim.train.engine import Engine, LossMeter, set_lr
 from localmim.train.finetune import FinetuneResult
 from localmim.train.schedule import WarmupCosine
 
@@ -144,7 +146,7 @@ def linprobe(
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
     from localmim.runtime.distributed import resolve_device
-    from localmim.train.engine import amp_dtype
+    from localmim.runtime.precision import amp_dtype
 
     t0 = time.time()
     dev = resolve_device(cfg.device)

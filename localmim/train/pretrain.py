@@ -24,24 +24,15 @@ from typing import Any
 
 import torch
 
-from localmim.runtime.distributed import DistInfo, unwrap
-from localmim.train.engine import (
-    Checkpoints,
-    Engine,
-    LogFn,
-    LossMeter,
-    NonFiniteLossError,
-    Precision,
-    data_fingerprint,
-    seed_everything,
-    set_lr,
-    setup,
-    wrap_ddp,
-)
+from localmim.models.encoder_io import build_pretrain_model
+from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
+from localmim.runtime.precision import Precision
+from localmim.runtime.seed import seed_everything
+from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, NonFiniteLossError, data_fingerprint, set_lr
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
 
-__all__ = ["NonFiniteLossError", "PretrainResult", "build_model", "make_run", "run_pretrain", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "PretrainResult", "make_run", "run_pretrain", "train_one_epoch"]
 
 
 @dataclass
@@ -67,24 +58,6 @@ class _Run:
     step: int = 0  # global iteration (micro-batch) count
     summary: dict[str, float] = field(default_factory=dict)
     monitor: list[dict[str, float]] = field(default_factory=list)  # rows returned by the epoch hook
-
-
-def build_model(cfg, device: torch.device | None = None) -> torch.nn.Module:
-    """``localmim.models.create(cfg.model, ...)``, checked against ``cfg.mode``; timm attention fused per
-    ``cfg.fused_attn`` (``auto``: timm's default; timm reads the flag when a block is built)."""
-    import timm.layers
-
-    from localmim.models import create
-
-    before = timm.layers.use_fused_attn()
-    timm.layers.set_fused_attn(before if cfg.fused_attn == "auto" else cfg.fused_attn == "on")
-    try:
-        model = create(cfg.model, **cfg.model_overrides())
-    finally:
-        timm.layers.set_fused_attn(before)
-    if cfg.mode != "auto" and model.mode != cfg.mode:
-        raise ValueError(f"pretrain.mode={cfg.mode!r} but model {cfg.model!r} is a {model.mode!r} model")
-    return model
 
 
 def _check_views(model: torch.nn.Module, data_dir: Path) -> None:
@@ -123,7 +96,7 @@ def make_run(cfg, dist: DistInfo, loader, ckpts: Checkpoints, log_fn: LogFn | No
     (``len(loader)`` batches per epoch, ``loader.epoch(epoch, skip)`` yields them): what :func:`train_one_epoch`
     runs. Leaves the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
     seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg, dist.device).to(dist.device)
+    model = build_pretrain_model(cfg).to(dist.device)
     opt = create_adamw(model, cfg.peak_lr(dist.world_size), cfg.weight_decay, tuple(cfg.betas), dist.device)
     net = torch.compile(model) if cfg.compile else model
     # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.

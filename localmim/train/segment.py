@@ -29,19 +29,10 @@ from localmim.eval.segmentation import evaluate
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay
 from localmim.models.segmentation import Segmenter, build_segmenter
-from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import (
-    Checkpoints,
-    Engine,
-    LogFn,
-    LossMeter,
-    Precision,
-    encoder_fingerprint,
-    seed_everything,
-    set_lr,
-    setup,
-    wrap_ddp,
-)
+from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
+from localmim.runtime.precision import Precision
+from localmim.runtime.seed import seed_everything
+from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, encoder_fingerprint, set_lr
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import PolyWarmup
 
