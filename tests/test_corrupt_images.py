@@ -21,8 +21,11 @@ import yaml
 from PIL import Image
 
 from localmim.data.dense import ade20k as A
-from localmim.data.dense.coco import ScoredGroundTruth, coco_dataset, collate, eval_transforms, load_coco
+from localmim.data.dense import ade20k_transforms as AT
+from localmim.data.dense.coco import coco_dataset, collate, load_coco
+from localmim.data.dense.coco_transforms import eval_transforms
 from localmim.data.raw import imagefile as F
+from localmim.eval.detection import ScoredGroundTruth
 from localmim.synth import write_ade20k
 from tests.coco_data import synth_coco
 from tests.conftest import cli_env, run_cli
@@ -131,7 +134,7 @@ def test_ade20k_scan_names_each_bad_file_and_counts_reconcile(tmp_path):
 def test_ade20k_file_damaged_after_the_scan_is_replaced_recorded_or_fails(tmp_path):
     root, _ = _ade(tmp_path)
     pairs = A.scan_split(root, "train", num_classes=4).pairs  # 5 usable pairs
-    tf = A.train_transform(32, (64, 32), (0.5, 2.0), 0.75)
+    tf = AT.train_transform(32, (64, 32), (0.5, 2.0), 0.75)
     clean = A.TrainSet(pairs, tf)
     want = clean[(2, 11)]  # what pair 2 gives with seed 11
     _damage_keeping_stat(pairs[1].image)

@@ -82,7 +82,8 @@ def test_swin_stage_outputs_each_get_a_fresh_layer_norm(tmp_path):
 def test_training_step_with_an_empty_image_and_layer_decay(tmp_path, family):
     """Every parameter gets a gradient (no unused ones under DDP), an image without objects trains, and the
     encoder's groups follow method §8.1 under the ``backbone.body.encoder.`` prefix."""
-    from localmim.data.dense.coco import coco_dataset, collate, load_coco, train_transforms
+    from localmim.data.dense.coco import coco_dataset, collate, load_coco
+    from localmim.data.dense.coco_transforms import train_transforms
     from localmim.models.layer_decay import param_groups_with_decay
 
     hand_coco(tmp_path / "coco", split="train")
@@ -238,7 +239,8 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
     model = build_mask_rcnn(EncoderSpec(info["timm_name"], info["timm_kwargs"], {}), info["num_classes"],
                             **info["kwargs"])
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    from localmim.data.dense.coco import coco_dataset, collate, eval_transforms
+    from localmim.data.dense.coco import coco_dataset, collate
+    from localmim.data.dense.coco_transforms import eval_transforms
     from localmim.eval.detection import to_coco_results
 
     val = load_coco(root, "val")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from localmim.data.dense.coco import CocoError, coco_dataset, collate, eval_transforms, load_coco, train_transforms
+from localmim.data.dense.coco import CocoError, coco_dataset, collate, load_coco
+from localmim.data.dense.coco_transforms import eval_transforms, train_transforms
 from localmim.eval.detection import METRIC_NAMES, coco_eval, to_coco_results
 from tests.coco_data import hand_coco, synth_coco
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from localmim.data.dense import ade20k as A
+from localmim.data.dense import ade20k_transforms as AT
 from localmim.eval.segmentation import confusion_matrix, scores, slide_logits
 from localmim.models import create
 from localmim.models.encoder_io import EncoderSpec
@@ -119,7 +120,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     lab = ((ys // 15) * 3 + xs // 30) % 4  # [60, 90] blocks of 15 x 30
     lab[:, :8] = 255  # an ignored stripe
     img = COLOURS[np.where(lab == 255, 0, lab)]
-    tf = A.train_transform(48, scale=(120, 60), ratio_range=(0.7, 1.6), cat_max_ratio=0.75, photometric=False)
+    tf = AT.train_transform(48, scale=(120, 60), ratio_range=(0.7, 1.6), cat_max_ratio=0.75, photometric=False)
     for seed in range(12):
         torch.manual_seed(seed)
         im, m = tf(tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(lab)))
@@ -140,13 +141,13 @@ def test_crop_obeys_the_category_max_ratio_when_possible():
     mask = torch.zeros(1, 100, 100, dtype=torch.uint8)
     mask[:, 75:, 75:] = 1  # class 1 only in one corner: most random 20x20 crops are > 75% class 0 (or class 1)
     mask[:, :50, :50] = 255  # ignored pixels do not count
-    crop = A.CatMaxRatioCrop(20, 0.75, tries=1000)
+    crop = AT.CatMaxRatioCrop(20, 0.75, tries=1000)
     for _ in range(10):
         p = crop.make_params([tv_tensors.Mask(mask)])
         c = mask[0, p["top"]:p["top"] + 20, p["left"]:p["left"] + 20]
         counts = np.bincount(c[c != 255].numpy(), minlength=2)
         assert counts.min() > 0 and counts.max() / counts.sum() < 0.75
-    plain = A.CatMaxRatioCrop(20, 1.0)
+    plain = AT.CatMaxRatioCrop(20, 1.0)
     shares = []
     for _ in range(50):
         p = plain.make_params([tv_tensors.Mask(mask)])

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from localmim.runtime.precision import autocast
+
+if TYPE_CHECKING:
+    from localmim.data.dense.coco import CocoSplit
+    from localmim.data.raw.imagefile import LoadSkips
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -151,3 +155,27 @@ def render(kept, cat_names: dict[int, str], label_to_cat: dict[int, int], score_
     if not tiles:
         return torch.zeros(3, size, size, dtype=torch.uint8)
     return make_grid(tiles, nrow=min(4, len(tiles)), padding=2)
+
+
+class ScoredGroundTruth:
+    """The val index as COCOeval scores it (``coco_eval`` reads ``dataset``): ``split.coco`` without the images
+    recorded in ``skips`` as failed to load, read when asked (at scoring time, after every rank's predictions are
+    in), so a skipped image's objects are neither found nor missed. Every other attribute is ``split.coco``'s."""
+
+    def __init__(self, split: CocoSplit, skips: LoadSkips):
+        self.split, self.skips = split, skips
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        d = self.split.coco.dataset
+        files = {r["file"] for r in self.skips.records()}
+        bad = {img["id"] for img in d["images"] if str(self.split.image_dir / img["file_name"]) in files}
+        if not bad:
+            return d
+        return {**d, "images": [i for i in d["images"] if i["id"] not in bad],
+                "annotations": [a for a in d["annotations"] if a["image_id"] not in bad]}
+
+    def __getattr__(self, name: str):
+        if name in ("split", "skips"):  # not set yet (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.split.coco, name)

@@ -80,8 +80,7 @@ def _prior_metrics(train, val, val_skips) -> dict[str, float]:
     """Box and mask AP / AP50 of guesses that never look at the image (the training boxes on every val image,
     :func:`localmim.eval.detection.prior_results`), scored on the val images the detector was scored on: the chance
     level of the headline numbers (``*_prior``)."""
-    from localmim.data.dense.coco import ScoredGroundTruth
-    from localmim.eval.detection import coco_eval, prior_results
+    from localmim.eval.detection import ScoredGroundTruth, coco_eval, prior_results
 
     gt = ScoredGroundTruth(val, val_skips)
     m = coco_eval(gt, prior_results(train.coco, gt))

@@ -26,12 +26,12 @@ def source_inventory(src: str, split: str):
     """The images to shard: ``src`` itself (class folders, or ImageNet's flat val folder), or the ``<split>`` folder
     of the dataset a manifest (``localmim dataset``) names, checked against the manifest's file list: a file
     added or removed since the manifest was written is an error (the DAG would not rerun for it)."""
-    from localmim.data.raw.datasets import IMAGE_SUFFIXES, is_manifest, listed_files, read_manifest, split_info
+    from localmim.data.raw.datasets import IMAGE_SUFFIXES, is_manifest, listed_files, read_dataset_manifest, split_info
     from localmim.data.raw.imagenet_val import scan_imagenet_split
 
     if not is_manifest(src):
         return scan_imagenet_split(src, split)
-    man = read_manifest(src)
+    man = read_dataset_manifest(src)
     info = split_info(man, split, src)
     root = Path(man["root"]).expanduser()
     labels = [root / p for p in info.get("labels", [])] or None

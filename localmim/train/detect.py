@@ -124,7 +124,8 @@ def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
 def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, Any, Any]:
     """The detector (from ``seed`` on every rank) in an engine, and the train / val datasets (an image that fails
     to load follows ``skips[split]``: training substitutes the next one, evaluation leaves it out)."""
-    from localmim.data.dense.coco import coco_dataset, eval_transforms, train_transforms
+    from localmim.data.dense.coco import coco_dataset
+    from localmim.data.dense.coco_transforms import eval_transforms, train_transforms
     from localmim.models.detection import build_mask_rcnn
     from localmim.train.optim import create_adamw
 
@@ -150,8 +151,8 @@ def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, 
     (default: a file that fails to load raises, naming it)."""
     from tqdm import tqdm
 
-    from localmim.data.dense.coco import ScoredGroundTruth
     from localmim.data.raw.imagefile import LoadSkips
+    from localmim.eval.detection import ScoredGroundTruth
 
     t_start = time.time()
     dist = setup(cfg.device, dist)

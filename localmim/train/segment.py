@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from localmim.data.dense.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet, train_transform
+from localmim.data.dense.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet
+from localmim.data.dense.ade20k_transforms import train_transform
 from localmim.eval.segmentation import evaluate
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay

@@ -1,4 +1,5 @@
-"""COCO detection / instance-segmentation data (method §9.2): annotation checks, datasets and LSJ augmentation.
+"""COCO detection / instance-segmentation data (method §9.2): annotation checks and datasets (the augmentation is
+:mod:`localmim.data.dense.coco_transforms`).
 
 Layout: ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{split}2017.json``. Files are read
 through pycocotools and torchvision's ``CocoDetection`` + ``wrap_dataset_for_transforms_v2`` (boxes, masks and
@@ -16,7 +17,7 @@ decodes by content) is listed in the report's ``notes``.
 
 A file that fails to load later (damaged after the check) follows the ``skips`` rule of :func:`coco_dataset`
 (:class:`localmim.data.raw.imagefile.LoadSkips`): in training the next image takes its place (every rank keeps its
-batch size and step count), in evaluation the sample is left out and :class:`ScoredGroundTruth` drops its image
+batch size and step count), in evaluation the sample is left out and :class:`localmim.eval.detection.ScoredGroundTruth` drops its image
 from the scoring; :meth:`CocoReport.add_load_skips` moves it from used to skipped in the report.
 
 Labels: model labels are ``1..K`` in sorted category-id order (0 is the background of torchvision's detectors);
@@ -278,30 +279,6 @@ def _coco_dataset_class():
     return _CheckedCoco
 
 
-class ScoredGroundTruth:
-    """The val index as COCOeval scores it (``coco_eval`` reads ``dataset``): ``split.coco`` without the images
-    recorded in ``skips`` as failed to load, read when asked (at scoring time, after every rank's predictions are
-    in), so a skipped image's objects are neither found nor missed. Every other attribute is ``split.coco``'s."""
-
-    def __init__(self, split: CocoSplit, skips: LoadSkips):
-        self.split, self.skips = split, skips
-
-    @property
-    def dataset(self) -> dict[str, Any]:
-        d = self.split.coco.dataset
-        files = {r["file"] for r in self.skips.records()}
-        bad = {img["id"] for img in d["images"] if str(self.split.image_dir / img["file_name"]) in files}
-        if not bad:
-            return d
-        return {**d, "images": [i for i in d["images"] if i["id"] not in bad],
-                "annotations": [a for a in d["annotations"] if a["image_id"] not in bad]}
-
-    def __getattr__(self, name: str):
-        if name in ("split", "skips"):  # not set yet (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.split.coco, name)
-
-
 def coco_dataset(split: CocoSplit, transforms=None, skips: LoadSkips | None = None,
                  train: bool = False) -> torch.utils.data.Dataset:
     """``(image, target)`` samples of a checked split, targets as tv_tensors (``image_id``, ``boxes`` XYXY,
@@ -315,76 +292,6 @@ def coco_dataset(split: CocoSplit, transforms=None, skips: LoadSkips | None = No
     files = [str(split.image_dir / split.coco.imgs[i]["file_name"]) for i in base.ids]
     ds = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
     return Loadable(ds, files, skips or LoadSkips(), substitute=train)
-
-
-class _Prepare:
-    """Image -> tv_tensors.Image; an image without annotations gets empty ``boxes/masks/labels`` (the wrapper
-    returns only ``image_id`` then); category ids -> contiguous labels ``1..K``."""
-
-    def __init__(self, label_of_cat: dict[int, int]):
-        self.label_of_cat = label_of_cat
-
-    def __call__(self, image, target: dict) -> tuple[Any, dict]:
-        from torchvision import tv_tensors
-        from torchvision.transforms.v2 import functional as F
-
-        image = F.to_image(image)  # uint8 [3, H, W]
-        h, w = image.shape[-2:]
-        if "boxes" not in target:
-            target = {"image_id": target["image_id"],
-                      "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
-                      "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
-                      "labels": torch.zeros(0, dtype=torch.int64)}
-        else:
-            labels = [self.label_of_cat[int(c)] for c in target["labels"].tolist()]
-            target = {**target, "labels": torch.tensor(labels, dtype=torch.int64)}
-        return image, target
-
-
-class _BoxesFromMasks:
-    """Recompute every box as its mask's extent (after a crop, the clamped polygon box and the visible mask
-    differ; ViTDet's LSJ recomputes them too). Empty masks get an empty box, removed by SanitizeBoundingBoxes."""
-
-    def __call__(self, image, target: dict) -> tuple[Any, dict]:
-        from torchvision import tv_tensors
-        from torchvision.ops import masks_to_boxes
-
-        masks = target["masks"].as_subclass(torch.Tensor)  # [N, H, W]
-        boxes = torch.zeros(masks.shape[0], 4)
-        keep = masks.flatten(1).any(1).bool()  # [N]
-        if keep.any():
-            boxes[keep] = masks_to_boxes(masks[keep]).float()
-            boxes[keep, 2:] += 1  # inclusive last pixel -> box edge
-        target = {**target, "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=masks.shape[-2:])}
-        return image, target
-
-
-def train_transforms(split: CocoSplit, augment: str, image_size: int, scale_range: tuple[float, float]):
-    """Training augmentation (method §9.2), a ``(image, target)`` callable.
-
-    ``lsj``: flip, large-scale jitter (resize to ``image_size * r``, r in ``scale_range``, keeping the aspect),
-    crop / pad to ``image_size`` square, boxes recomputed from the masks, empty instances dropped.
-    ``multiscale``: flip only; the detector's own transform picks the random short side (Mask R-CNN FPN 3x).
-    """
-    from torchvision.transforms import v2
-
-    steps: list[Any] = [_Prepare({c: lab for lab, c in split.label_to_cat.items()}), v2.RandomHorizontalFlip()]
-    if augment == "lsj":
-        steps += [v2.ScaleJitter((image_size, image_size), scale_range=tuple(scale_range)),
-                  v2.RandomCrop(image_size, pad_if_needed=True), _BoxesFromMasks(),
-                  v2.SanitizeBoundingBoxes(min_size=1)]
-    elif augment != "multiscale":
-        raise ValueError(f"augment must be lsj|multiscale, got {augment!r}")
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(steps)
-
-
-def eval_transforms(split: CocoSplit):
-    """Evaluation: the image at its original size (the detector resizes it and maps results back)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([_Prepare({c: lab for lab, c in split.label_to_cat.items()}),
-                       v2.ToDtype(torch.float32, scale=True)])
 
 
 def collate(batch: list[tuple[Any, dict]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

@@ -72,7 +72,7 @@ def parts(name: str, root: Path) -> list[Part]:
         if (root / "val").is_dir() and layout_of(root / "val") == "flat":
             found += [Part(os.path.relpath(p, root), "val", "labels", False) for p in find_val_labels(root / "val")]
         return found
-    if name == "ade20k":  # ade20k.dataset_root also accepts the ADEChallengeData2016 folder itself
+    if name == "ade20k":  # ade20k.ade20k_root also accepts the ADEChallengeData2016 folder itself
         base = "ADEChallengeData2016/" if (root / "ADEChallengeData2016").is_dir() else ""
         splits = (("train", "training"), ("val", "validation"))
         return [Part(f"{base}{kind}/{ade}", split, kind) for split, ade in splits for kind in ("images", "annotations")]
@@ -352,7 +352,7 @@ def is_manifest(path: str | Path) -> bool:
         return False
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_dataset_manifest(path: str | Path) -> dict[str, Any]:
     """The dataset manifest at ``path``; DatasetError naming the file when it is missing or not one."""
     p = Path(path)
     try:
@@ -367,7 +367,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def dataset_root(path: str | Path) -> Path:
     """The dataset folder named by ``path``: the ``root`` of a dataset manifest, else ``path`` itself."""
-    return Path(read_manifest(path)["root"]).expanduser() if is_manifest(path) else Path(path)
+    return Path(read_dataset_manifest(path)["root"]).expanduser() if is_manifest(path) else Path(path)
 
 
 def split_info(man: dict[str, Any], split: str, source: str | Path = "manifest") -> dict[str, Any]:
@@ -380,7 +380,7 @@ def split_info(man: dict[str, Any], split: str, source: str | Path = "manifest")
 def listed_files(manifest_path: str | Path, prefix: str) -> list[str]:
     """Paths (relative to the root) of the manifest's file list below folder ``prefix``, sorted."""
     man_path = Path(manifest_path)
-    files = man_path.parent / read_manifest(man_path)["files"]
+    files = man_path.parent / read_dataset_manifest(man_path)["files"]
     try:
         with gzip.open(files, "rt", encoding="utf-8") as f:
             paths = [line.split("\t", 1)[0] for line in f if not line.startswith("#")]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from localmim.data.raw.imagefolder import BadImageError, _sniff, prepare_image
+from localmim.data.raw.imagefolder import BadImageError, sniff_format, prepare_image
 from localmim.utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -86,7 +86,7 @@ def _decode_reason(data: bytes, kind: str) -> tuple[str | None, tuple[int, int],
 
 
 def _format_note(path: str, data: bytes) -> str | None:
-    want, got = _EXT_FORMAT.get(Path(path).suffix.lower()), _sniff(data)
+    want, got = _EXT_FORMAT.get(Path(path).suffix.lower()), sniff_format(data)
     if want and got != "image" and got != want:
         return f"{got} content under a {Path(path).suffix} name (decoded by content; used)"
     return None

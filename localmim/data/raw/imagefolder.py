@@ -84,7 +84,7 @@ def _own_bomb_check() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _sniff(data: bytes) -> str:
+def sniff_format(data: bytes) -> str:
     """Format from the magic bytes (for errors raised before PIL knows the format)."""
     magic = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
     return next((name for m, name in magic.items() if data.startswith(m)), "image")
@@ -114,7 +114,7 @@ def prepare_image(data: bytes, *, max_side: int, jpeg_quality: int, max_pixels: 
         except UnidentifiedImageError:
             return Prepared(skip="not an image: cannot identify image file")
         except Exception as e:  # noqa: BLE001 - any header parse failure is a property of the file
-            return Prepared(skip=_decode_error(_sniff(data), e))
+            return Prepared(skip=_decode_error(sniff_format(data), e))
         w, h = im.size
         if w * h > max_pixels:
             return Prepared(skip=f"decompression bomb: {w}x{h} px > limit {max_pixels}")
