@@ -127,8 +127,9 @@ def main() -> int:
         write_views(shards, root / "views", spec, workers=args.workers, log=lambda m: None)
         results["targets_images_per_s"] = args.images / (time.perf_counter() - t)
         results.update(time_targets(args.model, args.input_size, args.batch_size))
-        base = dict(model=args.model, input_size=args.input_size, batch_size=args.batch_size, epochs=1,
-                    warmup_epochs=0, num_workers=args.workers, shuffle_buffer=64, ckpt_minutes=0, log_every=1)
+        base = dict(model=args.model, input_size=args.input_size, global_batch=args.batch_size,
+                    batch_size=args.batch_size, epochs=1, warmup_epochs=0, num_workers=args.workers, shuffle_buffer=64,
+                    ckpt_minutes=0, log_every=1)
         variants = []
         for data in ("online", "views"):
             cfg = PretrainConfig(**base, data=data)

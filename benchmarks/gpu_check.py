@@ -77,9 +77,9 @@ def part_pretrain(p: dict, root: Path, dry: bool) -> dict:
     t = time.time()
     shards = make_shards(root, p["images"], max(2, 2 * p["workers"]), p["sides"])
     print(f"gpu_check: {p['images']} JPEGs in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
-    base = dict(model=p["model"], input_size=p["size"], batch_size=p["batch"], epochs=1, warmup_epochs=0,
-                num_workers=p["workers"], shuffle_buffer=256, ckpt_minutes=0, ckpt_every=1, log_every=1,
-                knn_every=0, device="auto", amp="auto")
+    base = dict(model=p["model"], input_size=p["size"], global_batch=p["batch"], batch_size=p["batch"], epochs=1,
+                warmup_epochs=0, num_workers=p["workers"], shuffle_buffer=256, ckpt_minutes=0, ckpt_every=1,
+                log_every=1, knn_every=0, device="auto", amp="auto")
     variants = {"fused, eager": dict(fused_attn="on"), "unfused, eager": dict(fused_attn="off"),
                 "fused, compile": dict(fused_attn="on", compile=True)}
     if dry:

@@ -142,6 +142,7 @@ def run_one(mode: str, seed: int, args, shards: Path, labelled, num_classes: int
         f"pretrain.model={mode}_vit_{args.size}", "pretrain.mode=auto", "pretrain.target=auto",
         f"pretrain.input_size={args.input_size}", f"pretrain.epochs={args.epochs}", f"pretrain.seed={seed}",
         f"pretrain.warmup_epochs={max(1, args.epochs // 10)}", f"pretrain.batch_size={args.batch_size}",
+        f"pretrain.global_batch={args.batch_size}",
         f"pretrain.num_workers={args.num_workers}", f"pretrain.ckpt_every={args.epochs}", "pretrain.ckpt_minutes=0",
         "pretrain.knn_every=0", "pretrain.data=online", f"pretrain.device={args.device}", "pretrain.log_every=50"])
     dev = resolve_device(args.device)

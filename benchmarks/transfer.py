@@ -89,7 +89,7 @@ def pretrain_job(a, work: Path, shards: Path, method: str, seed: int) -> None:
                str(work / "ck" / f"pretrain_{method}_s{seed}"), "--metrics",
                str(work / "metrics" / f"pretrain_{method}_s{seed}.json"), "--no-progress",
                *sets("pretrain", model=f"{method}_vit_{a.size}", input_size=a.pt_input, epochs=a.pt_epochs,
-                     warmup_epochs=max(1, a.pt_epochs // 10), seed=seed, batch_size=64, num_workers=1,
+                     warmup_epochs=max(1, a.pt_epochs // 10), seed=seed, global_batch=64, batch_size=64, num_workers=1,
                      knn_every=a.pt_epochs, ckpt_minutes=0, device="cpu")],
         work / "logs" / f"pretrain_{method}_s{seed}.log")
 

@@ -32,7 +32,8 @@ def test_analyze_stage_end_to_end(tmp_path):
     make_shards(tmp_path / "shards", "val", per_class=4, size=40, seed=1)
     run_cli("pretrain", "--shards", "shards/train", "--out", "pre", "--ckpt-dir", "ck", "--metrics", "m/pre.json",
             "--no-progress", "--set", "pretrain.model=localmim_vit_micro_patch8", "--set", "pretrain.input_size=32",
-            "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8", "--set", "pretrain.num_workers=0",
+            "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8", "--set", "pretrain.global_batch=8",
+            "--set", "pretrain.num_workers=0",
             "--set", "pretrain.knn_every=1", "--set", "pretrain.knn_train=20", cwd=tmp_path, check=True,
             LOCALMIM_TRACKING="0")  # fmt: skip
     knn = json.loads((tmp_path / "pre" / "knn.json").read_text())  # the kNN monitor ran after the one epoch

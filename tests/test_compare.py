@@ -26,9 +26,9 @@ TINY = {
     "synth": {"num_classes": 4, "train_per_class": 4, "val_per_class": 2, "seg_train": 2, "seg_val": 1,
               "coco_train": 2, "coco_val": 1, "min_side": 40, "max_side": 72},
     "shard": {"max_samples_per_shard": 16, "workers": 1},
-    "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 0, "log_every": 1},
-    "finetune": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "num_workers": 0},
-    "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 0},
+    "pretrain": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 0, "log_every": 1},
+    "finetune": {"epochs": 2, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 0},
+    "linprobe": {"epochs": 2, "warmup_epochs": 0, "global_batch": 16, "batch_size": 16, "num_workers": 0},
 }  # fmt: skip
 DATA_STAGES = [("synth", "data/raw"), ("shard", "data/raw/imagenet/train", "data/shards/train", "--split", "train"),
                ("shard", "data/raw/imagenet/val", "data/shards/val", "--split", "val")]

@@ -37,8 +37,8 @@ def test_finetune_on_embedded_synth_beats_twice_chance(tmp_path):
     train, val = _synth_shards(tmp_path, synth.IMAGENET_COLOUR_PRIOR)
     enc = read_encoder(pretrained_micro_encoder(train, tmp_path / "encoder", steps=20))
     # light recipe for tiny data: no mixup/cutmix/RandAugment/erasing (as the embedded params.yaml finetune)
-    cfg = FinetuneConfig(epochs=8, warmup_epochs=1, batch_size=16, lr=2e-3, layer_decay=0.75, mixup=0.0, cutmix=0.0,
-                         reprob=0.0, aa=None, num_workers=0, device="cpu")  # fmt: skip
+    cfg = FinetuneConfig(epochs=8, warmup_epochs=1, global_batch=16, batch_size=16, lr=2e-3, layer_decay=0.75,
+                         mixup=0.0, cutmix=0.0, reprob=0.0, aa=None, num_workers=0, device="cpu")  # fmt: skip
     res = finetune(cfg, enc, FinetuneData(train, val, tmp_path / "ckpt"))
     chance = 100.0 / NUM_CLASSES
     assert res.history[-1]["val_samples"] == 10 * NUM_CLASSES

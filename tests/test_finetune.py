@@ -30,7 +30,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = dict(epochs=6, warmup_epochs=1, batch_size=16, lr=2e-3, num_workers=0, device="cpu", layer_decay=0.75)
+    base = dict(epochs=6, warmup_epochs=1, global_batch=16, batch_size=16, lr=2e-3, num_workers=0, device="cpu",
+                layer_decay=0.75)
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -187,7 +188,7 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
     from tests.conftest import cli_env
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"finetune": _cfg(epochs=2, warmup_epochs=1).to_dict()}))
+    params.write_text(yaml.safe_dump({"finetune": _cfg(epochs=2, warmup_epochs=1, global_batch=32).to_dict()}))
     out, metrics = tmp_path / "out", tmp_path / "m.json"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
            "finetune", "--encoder", str(data["encoder"]), "--train", str(data["train"]), "--val", str(data["val"]),

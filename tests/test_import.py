@@ -286,9 +286,10 @@ def test_downstream_stages_run_from_an_import(tmp_path, imported):
     val = make_shards(tmp_path, "val", 4, seed=1, per_shard=16)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "linprobe": {"epochs": 2, "warmup_epochs": 1, "batch_size": 16, "num_workers": 0, "device": "cpu"},
-        "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 0, "device": "cpu",
-                     "drop_path": 0.0}}))
+        "linprobe": {"epochs": 2, "warmup_epochs": 1, "global_batch": 16, "batch_size": 16, "num_workers": 0,
+                     "device": "cpu"},
+        "finetune": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 0,
+                     "device": "cpu", "drop_path": 0.0}}))
     data = ["--train", str(train), "--val", str(val), "--params", str(params)]
     _cli("linprobe", "--encoder", str(imported["localmim_vit"]), "--out", str(tmp_path / "lp"), "--metrics",
          str(tmp_path / "lp.json"), *data)

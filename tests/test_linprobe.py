@@ -32,8 +32,8 @@ def test_linprobe_beats_chance_and_head_reproduces_top1(data, optimizer, lr):
     """Proves the probe trains on frozen features and the saved head is the one evaluated (top-1 reproduced in
     float64 on plain-timm features). Beating chance here does NOT show that pre-training helps: a colour per class
     gives the labels away; test_embedded_learning compares against a random-initialised encoder."""
-    cfg = LinprobeConfig(epochs=30, warmup_epochs=3, batch_size=32, optimizer=optimizer, lr=lr, num_workers=0,
-                         device="cpu")
+    cfg = LinprobeConfig(epochs=30, warmup_epochs=3, global_batch=32, batch_size=32, optimizer=optimizer, lr=lr,
+                         num_workers=0, device="cpu")
     logged = []
     res = linprobe(cfg, read_encoder(data["encoder"]), train_dir=data["train"], val_dir=data["val"],
                    log_fn=lambda m, s: logged.append(s))
@@ -62,8 +62,8 @@ def test_probe_learns_separable_features_and_keeps_bn_unaffine(optimizer, lr):
     centers = torch.randn(5, 16, generator=g) * 3
     lab = torch.arange(500) % 5
     feats = centers[lab] + 0.3 * torch.randn(500, 16, generator=g) + 50.0  # large offset: BN must remove it
-    cfg = LinprobeConfig(epochs=20, warmup_epochs=2, batch_size=50, optimizer=optimizer, lr=lr, num_workers=0,
-                         device="cpu")
+    cfg = LinprobeConfig(epochs=20, warmup_epochs=2, global_batch=50, batch_size=50, optimizer=optimizer, lr=lr,
+                         num_workers=0, device="cpu")
     res = train_probe(cfg, (feats[:400], lab[:400]), (feats[400:], lab[400:]), 5)
     assert res.best_top1 == 100.0
     assert set(res.head) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
@@ -71,7 +71,7 @@ def test_probe_learns_separable_features_and_keeps_bn_unaffine(optimizer, lr):
 
 def test_bad_configs_name_the_numbers():
     with pytest.raises(ValueError, match="batch_size=7"):
-        FinetuneConfig(batch_size=7)
+        FinetuneConfig(global_batch=7, batch_size=7)
     with pytest.raises(ValueError, match="warmup_epochs=5.0 exceeds epochs=2"):
         LinprobeConfig(epochs=2, warmup_epochs=5)
     with pytest.raises(ValueError, match="min_lr=0.1 exceeds lr=0.01"):

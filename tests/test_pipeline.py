@@ -29,9 +29,9 @@ TINY = {
               "coco_train": 4, "coco_val": 2, "min_side": 40, "max_side": 72},
     "shard": {"max_samples_per_shard": 16, "workers": 2},
     "targets": {"views": 2, "workers": 1},
-    "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1, "log_every": 1},
-    "finetune": {"epochs": 1, "warmup_epochs": 0, "batch_size": 8, "num_workers": 1},
-    "linprobe": {"epochs": 2, "warmup_epochs": 0, "batch_size": 16, "num_workers": 1},
+    "pretrain": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 1, "log_every": 1},
+    "finetune": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 1},
+    "linprobe": {"epochs": 2, "warmup_epochs": 0, "global_batch": 16, "batch_size": 16, "num_workers": 1},
     "segment": {"iters": 4, "warmup_iters": 1, "batch_size": 2, "eval_every": 0, "ckpt_every": 4, "num_workers": 1},
     "detect": {"epochs": 1, "image_size": 32, "num_workers": 0, "vis_images": 2},
 }  # fmt: skip

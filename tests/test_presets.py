@@ -42,12 +42,14 @@ def test_full_preset_is_complete_and_follows_the_recipe(backbone):
     cfg = validate_all(tree)
     p, f = cfg["pretrain"], cfg["finetune"]
     want = PRETRAIN[backbone]
-    assert p.batch_size * p.accum_iter * p.nproc_per_node == want["batch"]
+    assert p.global_batch == want["batch"]
+    assert p.accum_for(p.nproc_per_node) * p.batch_size * p.nproc_per_node == want["batch"]
     assert p.blr * want["batch"] / 256 == pytest.approx(want["lr"])
     assert (p.epochs, p.warmup_epochs, p.min_lr, p.hog_nbins, p.hog_bias, p.data, p.input_size) == (
         want["epochs"], want["warmup_epochs"], want["min_lr"], want["hog_nbins"], want["hog_bias"], "online", 224)
     want = FINETUNE[backbone]
-    assert f.batch_size * f.accum_iter * f.nproc_per_node == want["batch"]
+    assert f.global_batch == want["batch"]
+    assert f.accum_for(f.nproc_per_node) * f.batch_size * f.nproc_per_node == want["batch"]
     assert (f.epochs, f.warmup_epochs, f.lr, f.min_lr, f.layer_decay, f.drop_path) == (
         want["epochs"], want["warmup_epochs"], want["lr"], want["min_lr"], want["layer_decay"], want["drop_path"])
     assert (f.mixup, f.cutmix, f.smoothing, f.reprob, f.aa) == (0.8, 1.0, 0.1, 0.25, "rand-m9-mstd0.5-inc1")

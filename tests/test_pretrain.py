@@ -26,8 +26,8 @@ from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
 from tests.resume import kill_then_resume, same_weights
 
-TINY = dict(model="localmim_vit_micro_patch8", input_size=32, batch_size=4, epochs=3, warmup_epochs=1, blr=1e-2,
-            num_workers=2, shuffle_buffer=4, log_every=1)
+TINY = dict(model="localmim_vit_micro_patch8", input_size=32, global_batch=4, batch_size=4, epochs=3, warmup_epochs=1,
+            blr=1e-2, num_workers=2, shuffle_buffer=4, log_every=1)
 
 
 # ------------------------------------------------------------------------------------------- schedule / optim
@@ -71,10 +71,13 @@ def test_weight_decay_groups_follow_spec_2_8():
 
 
 def test_peak_lr_scales_with_effective_batch():
-    cfg = PretrainConfig(batch_size=256, accum_iter=1, blr=2e-4)
-    assert cfg.peak_lr(8) == pytest.approx(1.6e-3)  # method §7 ViT-B
-    assert PretrainConfig(batch_size=128, accum_iter=4, blr=1.5e-4).peak_lr(8) == pytest.approx(2.4e-3)
-    assert PretrainConfig(lr=1e-3).peak_lr(8) == 1e-3
+    cfg = PretrainConfig(global_batch=2048, batch_size=256, blr=2e-4)
+    assert cfg.peak_lr() == pytest.approx(1.6e-3) and cfg.accum_for(8) == 1  # method §7 ViT-B
+    vit_l = PretrainConfig(global_batch=4096, batch_size=128, blr=1.5e-4)
+    assert vit_l.peak_lr() == pytest.approx(2.4e-3) and [vit_l.accum_for(w) for w in (1, 8, 32)] == [32, 4, 1]
+    assert PretrainConfig(lr=1e-3).peak_lr() == 1e-3
+    with pytest.raises(ValueError, match=r"global_batch=4096 is not a multiple of batch_size=128 x world_size=3"):
+        vit_l.accum_for(3)
     with pytest.raises(ValueError, match="warmup_epochs=5"):
         PretrainConfig(epochs=4, warmup_epochs=5)
 
@@ -104,7 +107,7 @@ def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_pa
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
 
     def train(batches: list[torch.Tensor], accum: int) -> dict[str, torch.Tensor]:
-        cfg = _cfg_const_lr(accum_iter=accum, batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
+        cfg = _cfg_const_lr(global_batch=accum * len(batches[0]), batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
         run = make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
         run.eng.opt = torch.optim.SGD(run.eng.model.parameters(), lr=0.0)
         train_one_epoch(run, 0)
@@ -244,7 +247,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill):
 
 def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     make_shards(tmp_path / "s", n=20, per_shard=3)
-    script = _script(tmp_path, epochs=2, ckpt_minutes=0)
+    script = _script(tmp_path, epochs=2, ckpt_minutes=0, global_batch=8)
     (tmp_path / "out").mkdir()
     p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
               str(tmp_path / "s"), str(tmp_path / "ck"), str(tmp_path / "out")], OMP_NUM_THREADS="1")

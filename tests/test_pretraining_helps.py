@@ -58,8 +58,8 @@ def _probe_top1(model, train, val) -> float:
     encoder = build_encoder(EncoderSpec(name, kwargs, state))
     cpu = torch.device("cpu")
     feats = [extract_features(encoder, [((x.float() / 255 - MEAN) / STD, y)], cpu) for x, y in (train, val)]
-    cfg = LinprobeConfig(epochs=30, warmup_epochs=3, batch_size=32, optimizer="sgd", lr=0.1, num_workers=0,
-                         device="cpu", seed=0)
+    cfg = LinprobeConfig(epochs=30, warmup_epochs=3, global_batch=32, batch_size=32, optimizer="sgd", lr=0.1,
+                         num_workers=0, device="cpu", seed=0)
     return train_probe(cfg, feats[0], feats[1], NUM_CLASSES).top1
 
 

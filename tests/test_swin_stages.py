@@ -16,7 +16,7 @@ def test_swin_pretrain_then_finetune_through_params_only(tmp_path):
     make_shards(tmp_path / "shards", "train", per_class=8, size=48)
     make_shards(tmp_path / "shards", "val", per_class=4, size=48, seed=1)
     common = ["--set", "pretrain.model=localmim_swin_nano_p2_64", "--set", "pretrain.input_size=64",
-              "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8",
+              "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8", "--set", "pretrain.global_batch=8",
               "--set", "pretrain.num_workers=1"]  # fmt: skip
     run_cli("pretrain", "--shards", "shards/train", "--out", "pre", "--ckpt-dir", "ck", "--metrics", "m/pre.json",
             "--no-progress", *common, cwd=tmp_path, check=True, LOCALMIM_TRACKING="0")  # fmt: skip
@@ -31,7 +31,8 @@ def test_swin_pretrain_then_finetune_through_params_only(tmp_path):
 
     run_cli("finetune", "--encoder", "pre", "--train", "shards/train", "--val", "shards/val", "--out", "ft",
             "--ckpt-dir", "ckf", "--metrics", "m/ft.json", "--set", "finetune.epochs=1", "--set",
-            "finetune.batch_size=8", "--set", "finetune.num_workers=1", cwd=tmp_path, check=True,
+            "finetune.batch_size=8", "--set", "finetune.global_batch=8",
+            "--set", "finetune.num_workers=1", cwd=tmp_path, check=True,
             LOCALMIM_TRACKING="0")  # fmt: skip
     metrics = json.loads((tmp_path / "m" / "ft.json").read_text())
     assert metrics["epochs"] == 1 and metrics["val_samples"] == 16

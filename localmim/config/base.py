@@ -71,14 +71,48 @@ class Section(BaseModel):
         return self
 
 
-class BlrScaled:
-    """Mixin of sections with an absolute ``lr`` (optional) and a base ``blr`` scaled by the effective batch."""
+class GlobalBatch:
+    """Mixin of sections whose recipe is a global batch (method §7, §8; MAE's rule: keep the effective batch fixed).
 
-    def peak_lr(self, world_size: int = 1) -> float:
-        """Absolute peak lr: ``lr`` if set, else ``blr × batch_size × accum_iter × world_size / 256`` (method §7)."""
+    ``global_batch`` defines the optimisation: the lr (``blr × global_batch / 256`` unless ``lr`` is set), the number
+    of optimizer steps and what each step averages. The per-device ``batch_size`` (a memory knob) and the world size
+    only decide the gradient accumulation, ``accum_for(world) = global_batch / (batch_size × world)``, so the same
+    params give the same optimisation on 1, 2, 8 or 64 GPUs.
+    """
+
+    def accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on ``world_size`` processes.
+
+        Raises:
+            ValueError: ``global_batch`` is not a multiple of ``batch_size × world_size`` (the message names the three).
+        """
+        per_step = self.batch_size * world_size
+        if self.global_batch % per_step:
+            raise ValueError(f"global_batch={self.global_batch} is not a multiple of batch_size={self.batch_size} x "
+                             f"world_size={world_size} (= {per_step}): choose a batch_size that divides "
+                             f"global_batch / world_size = {self.global_batch / world_size:g}")
+        return self.global_batch // per_step
+
+    def peak_lr(self) -> float:
+        """Absolute peak lr: ``lr`` if set, else ``blr × global_batch / 256`` (method §7)."""
         if self.lr is not None:
             return self.lr
-        return self.blr * self.batch_size * self.accum_iter * world_size / 256
+        return self.blr * self.global_batch / 256
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accum_iter_is_derived(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "accum_iter" in data:
+            raise ValueError("accum_iter: derived now, not set: give global_batch (= batch_size x accum_iter x GPUs "
+                             "of the old recipe); accumulation = global_batch / (batch_size x world size)")
+        return data
+
+    @model_validator(mode="after")
+    def _check_planned_world(self):
+        """The world the params plan for (``nnodes × nproc_per_node`` where the section has them) must divide."""
+        world = getattr(self, "nproc_per_node", 1) * getattr(self, "nnodes", 1)
+        self.accum_for(world)
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -9,19 +9,19 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Amp, Betas, BlrScaled, Device, NonNeg, NonNegInt, PosFloat, PosInt, Prob, Section
+from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNegInt, PosFloat, PosInt, Prob, Section
 
 
 @register_section("finetune")
-class FinetuneConfig(BlrScaled, Section):
+class FinetuneConfig(GlobalBatch, Section):
     runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "nproc_per_node"})
     model: str = "auto"  # timm model name; "auto" = the one recorded with the exported encoder
     epochs: PosInt = 10
     warmup_epochs: NonNeg = 2
-    batch_size: PosInt = 32  # per device
-    accum_iter: PosInt = 1
+    global_batch: PosInt = 32  # the recipe: images per optimizer step over all devices (method §8: 1024)
+    batch_size: PosInt = 32  # per device, a memory knob: accumulation = global_batch / (batch_size x world size)
     lr: PosFloat | None = 2e-3  # absolute peak lr (method §8: not rescaled by batch size)
-    blr: PosFloat | None = None  # used only when lr is null: lr = blr * eff_batch / 256
+    blr: PosFloat | None = None  # used only when lr is null: lr = blr * global_batch / 256
     min_lr: NonNeg = 1e-5
     weight_decay: NonNeg = 0.05
     betas: Betas = (0.9, 0.999)  # AdamW, method §8

@@ -8,17 +8,17 @@ decay); ``optimizer: lars`` uses timm's LARS with those semantics, ``sgd``/``ada
 from typing import Literal
 
 from localmim.config import register_section
-from localmim.config.base import Amp, Betas, BlrScaled, Device, NonNeg, NonNegInt, PosFloat, PosInt, Section
+from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("linprobe")
-class LinprobeConfig(BlrScaled, Section):
+class LinprobeConfig(GlobalBatch, Section):
     model: str = "auto"  # timm model name; "auto" = the one recorded with the exported encoder
     epochs: PosInt = 90
     warmup_epochs: NonNeg = 10
-    batch_size: PosInt = 256
-    accum_iter: PosInt = 1
-    lr: PosFloat | None = None  # absolute lr; null = blr * eff_batch / 256 (single process)
+    global_batch: PosInt = 256  # the recipe: features per optimizer step (MAE: 16384)
+    batch_size: PosInt = 256  # per step on the cached features: accumulation = global_batch / batch_size
+    lr: PosFloat | None = None  # absolute lr; null = blr * global_batch / 256 (single process)
     blr: PosFloat | None = 0.1
     min_lr: NonNeg = 0.0
     weight_decay: NonNeg = 0.0

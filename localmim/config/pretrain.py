@@ -1,17 +1,17 @@
 """Params of the ``pretrain`` stage: method §7 recipe with its vocabulary.
 
 Embedded defaults are sized for the mini ImageNet on 2 CPU cores (~1-3 minutes); the paper's ViT-B recipe
-(1600 epochs, warm-up 40, batch 256 x 8, blr 2e-4, min_lr 1e-6) is ``configs/imagenet_vit_base.yaml``.
+(1600 epochs, warm-up 40, global batch 4096, blr 2e-4, min_lr 1e-6) is ``configs/imagenet_vit_base.yaml``.
 """
 
 from typing import Literal
 
 from localmim.config import register_section
-from localmim.config.base import Amp, Betas, BlrScaled, Device, Frac, NonNeg, NonNegInt, PosFloat, PosInt, Section
+from localmim.config.base import Amp, Betas, Device, Frac, GlobalBatch, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("pretrain")
-class PretrainConfig(BlrScaled, Section):
+class PretrainConfig(GlobalBatch, Section):
     runtime_keys = frozenset(
         {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
          "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature"})
@@ -25,9 +25,9 @@ class PretrainConfig(BlrScaled, Section):
     mask_ratio: Frac = 0.75
     epochs: PosInt = 3
     warmup_epochs: NonNeg = 1
-    batch_size: PosInt = 32  # per device
-    accum_iter: PosInt = 1
-    blr: PosFloat = 1.5e-4  # lr = blr * batch_size * accum_iter * world_size / 256
+    global_batch: PosInt = 32  # the recipe: images per optimizer step over all devices (method §7: 4096 for ViT-B)
+    batch_size: PosInt = 32  # per device, a memory knob: accumulation = global_batch / (batch_size x world size)
+    blr: PosFloat = 1.5e-4  # lr = blr * global_batch / 256
     lr: PosFloat | None = None  # absolute peak lr; overrides blr when set
     min_lr: NonNeg = 1e-6
     weight_decay: NonNeg = 0.05

@@ -126,7 +126,7 @@ def plan(tree: dict[str, Any], raw: Path, ips: dict[str, float]) -> tuple[list[W
     (n_tr, n_va, _), a_va, (c_tr, c_va, _) = sizes["imagenet"], sizes["ade20k"][1], sizes["coco"]
     p, f, s, d = tree["pretrain"], tree["finetune"], tree["segment"], tree["detect"]
     world = lambda c: c["nproc_per_node"] if c.get("device") != "cpu" else 1  # noqa: E731
-    batch = p["batch_size"] * p["accum_iter"] * world(p)
+    batch = p["global_batch"]
     knn = (p["epochs"] // p["knn_every"]) * (min(p["knn_train"], n_tr) + min(p["knn_val"], n_va)) if p[
         "knn_every"] else 0  # fmt: skip
     seg_train = s["iters"] * s["batch_size"] * world(s)

@@ -122,7 +122,7 @@ def finetune(cfg, enc: EncoderSpec, data: FinetuneData, *, log_fn: LogFn | None 
     for epoch in range(state["epoch"], cfg.epochs):
         p.train_ds.set_epoch(epoch)
         train_one_epoch(eng, make_loader(p.train_ds, cfg.num_workers, pin), p.schedule, p.criterion, p.mixup_fn,
-                        meter, epoch=epoch, steps=steps, accum_iter=cfg.accum_iter)
+                        meter, epoch=epoch, steps=steps, accum_iter=cfg.accum_for(dist.world_size))
         train_loss = meter.read(dist.world_size, epoch=epoch)["train_loss"]  # one sync
         _end_epoch(cfg, eng, p, state, epoch, train_loss, log_fn)
         state["seconds"] = prior_seconds + time.time() - t0
@@ -155,7 +155,7 @@ def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo) -> tuple[E
     val_ds = ClassifyShards(data.val_dir, build_transform(size, train=False), batch_size=cfg.batch_size,
                             train=False, rank=dist.rank, world=dist.world_size)
     eng = Engine(model, wrap_ddp(model, dist), optimizer, Precision.of(cfg.amp, dev), dist)
-    schedule = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     ckpts = Checkpoints.of(data.ckpt_dir, "finetune", cfg, dist, encoder=encoder_fingerprint(enc),
                            data=data_fingerprint(data.train_dir))
     return eng, _Parts(schedule, train_ds, val_ds, *build_mixup(cfg, num_classes), ckpts)

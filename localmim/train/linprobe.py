@@ -109,7 +109,7 @@ def train_probe(
     head = build_head(x.shape[1], num_classes).to(dev)
     opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay, cfg.betas)
     eng = Engine(head, head, opt, Precision.of("none", dev), DistInfo(0, 1, 0, dev))  # fp32, one process
-    steps = max(1, len(x) // cfg.batch_size)  # drop_last, as MAE
+    steps, accum = max(1, len(x) // cfg.batch_size), cfg.accum_for(1)  # drop_last, as MAE
     schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     crit = torch.nn.CrossEntropyLoss()
@@ -119,10 +119,10 @@ def train_probe(
         head.train()
         perm = torch.randperm(len(x), generator=gen).to(dev)
         for it in range(steps):
-            if it % cfg.accum_iter == 0:
+            if it % accum == 0:
                 set_lr(eng.opt, schedule(epoch + it / steps))
             idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-            loss = eng.step(partial(_probe_loss, head, crit, x[idx], y[idx]), it=it, accum=cfg.accum_iter, steps=steps)
+            loss = eng.step(partial(_probe_loss, head, crit, x[idx], y[idx]), it=it, accum=accum, steps=steps)
             meter.add([loss], epoch * steps + it)
         train_loss = meter.read(1, epoch=epoch)["train_loss"]
         ev = evaluate(head, [(vx, vy)], dev)

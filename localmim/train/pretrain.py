@@ -4,7 +4,8 @@
 MAE baseline) and returns it with summary metrics. The same function serves the ``pretrain`` stage, the
 LocalMIM-vs-MAE benchmark and the tests.
 
-* lr = ``blr × batch_size × accum_iter × world_size / 256`` (or ``lr``), per-iteration warm-up + cosine, set at the
+* lr = ``blr × global_batch / 256`` (or ``lr``); accumulation ``global_batch / (batch_size × world_size)``;
+  per-iteration warm-up + cosine, set at the
   start of each accumulation cycle; AdamW (``betas``, method §7: 0.9, 0.95) without decay on norms/biases.
 * Masking noise from ``seed + rank`` (method §7); the model is built from ``seed`` on every rank.
 * The step, AMP, DDP, the non-finite-loss guard and the checkpoint rule are the engine's
@@ -81,8 +82,9 @@ def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: 
                         shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=dist.rank,
                         world=dist.world_size, views=cfg.data == "views")
     loader = PretrainLoader(ds, cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
-    if len(loader) < cfg.accum_iter:
-        raise ValueError(f"{len(loader)} batches per epoch is fewer than accum_iter={cfg.accum_iter}")
+    accum = cfg.accum_for(dist.world_size)
+    if len(loader) < accum:
+        raise ValueError(f"{len(loader)} batches per epoch is fewer than the accumulation {accum}")
     ckpts = Checkpoints.of(ckpt_dir, "pretrain", cfg, dist, data=data_fingerprint(data_dir))
     run = make_run(cfg, dist, loader, ckpts, log_fn, progress)
     if cfg.data == "views":
@@ -97,12 +99,12 @@ def make_run(cfg, dist: DistInfo, loader, ckpts: Checkpoints, log_fn: LogFn | No
     runs. Leaves the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
     seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = build_pretrain_model(cfg).to(dist.device)
-    opt = create_adamw(model, cfg.peak_lr(dist.world_size), cfg.weight_decay, tuple(cfg.betas), dist.device)
+    opt = create_adamw(model, cfg.peak_lr(), cfg.weight_decay, tuple(cfg.betas), dist.device)
     net = torch.compile(model) if cfg.compile else model
     # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
     net = wrap_ddp(net, dist, forward_sync_buffers=False)
     seed_everything(cfg.seed + dist.rank)  # masking noise: seed + rank (method §7)
-    sched = WarmupCosine(cfg.peak_lr(dist.world_size), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    sched = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     eng = Engine(model, net, opt, Precision.of(cfg.amp, dist.device), dist)
     return _Run(cfg, eng, sched, loader, ckpts, log_fn or (lambda m, s: None), progress)
 
@@ -140,7 +142,7 @@ def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
 
     cfg, eng, model, steps = run.cfg, run.eng, run.eng.model, len(run.loader)
     names = ["loss", *(f"loss_{n}" for n in model.loss_names)]
-    meter, accum, out = LossMeter("pretrain", names, eng.device, run.ckpts), cfg.accum_iter, {}
+    meter, accum, out = LossMeter("pretrain", names, eng.device, run.ckpts), cfg.accum_for(eng.dist.world_size), {}
     bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", disable=not (run.progress and eng.dist.is_main),
                dynamic_ncols=True, leave=False)
     batches = iter(run.loader.epoch(epoch, skip=skip))
