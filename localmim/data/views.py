@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from localmim.data.shards.manifest import VIEWS_MANIFEST, shard_set
 from localmim.data.pretrain import decode_image, random_view, sample_rng
+from localmim.data.shards.manifest import VIEWS_MANIFEST, shard_set
 from localmim.data.shards.stream import raw_samples
 from localmim.data.shards.tario import ShardSink, tar_members
 from localmim.targets.hog import hog_from_pooled, pixel_histograms, pool_cells, to_tokens

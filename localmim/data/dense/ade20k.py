@@ -32,7 +32,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from localmim.data.dense.ade20k_transforms import IGNORE, rescale_size
-from localmim.data.raw.imagefile import FileCheck, ImageFileError, LoadSkips, check_image_files, first_loadable, read_image
+from localmim.data.raw.imagefile import (
+    FileCheck,
+    ImageFileError,
+    LoadSkips,
+    check_image_files,
+    first_loadable,
+    read_image,
+)
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")

@@ -17,8 +17,9 @@ decodes by content) is listed in the report's ``notes``.
 
 A file that fails to load later (damaged after the check) follows the ``skips`` rule of :func:`coco_dataset`
 (:class:`localmim.data.raw.imagefile.LoadSkips`): in training the next image takes its place (every rank keeps its
-batch size and step count), in evaluation the sample is left out and :class:`localmim.eval.detection.ScoredGroundTruth` drops its image
-from the scoring; :meth:`CocoReport.add_load_skips` moves it from used to skipped in the report.
+batch size and step count), in evaluation the sample is left out and
+:class:`localmim.eval.detection.ScoredGroundTruth` drops its image from the scoring; :meth:`CocoReport.add_load_skips`
+moves it from used to skipped in the report.
 
 Labels: model labels are ``1..K`` in sorted category-id order (0 is the background of torchvision's detectors);
 :attr:`CocoSplit.label_to_cat` maps them back for the results file.

@@ -1,7 +1,7 @@
 """Image *files* read directly (ADE20K, COCO, the benchmarks' ImageFolder path): one check, one reader, one rule.
 
-Shards are verified when they are written (:mod:`localmim.data.shards.write`: every image fully decoded, bad ones listed). Whatever
-reads image files instead goes through this module, so a damaged file is treated the same everywhere:
+Shards are verified when they are written (:mod:`localmim.data.shards.write`: every image fully decoded, bad ones
+listed). Whatever reads image files instead goes through this module, so a damaged file is treated the same everywhere:
 
 * :func:`check_image_file` decodes one file completely with the shard writer's verifier
   (:func:`localmim.data.raw.imagefolder.prepare_image`; an RGB JPEG in draft mode, which still reads every
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from localmim.data.raw.imagefolder import BadImageError, sniff_format, prepare_image
+from localmim.data.raw.imagefolder import BadImageError, prepare_image, sniff_format
 from localmim.utils.io import atomic_write_text
 
 T = TypeVar("T")

@@ -25,6 +25,7 @@ from pathlib import Path
 from localmim.data.raw.datasets import DEVKIT, DEVKIT_FILES, IMAGE_SUFFIXES, LOC_CSV, find_val_labels, layout_of
 from localmim.data.raw.imagefolder import Inventory, scan_image_folder
 
+
 class LabelsError(ValueError):
     """Ground truth missing, unreadable or inconsistent; the message names the file (and image) concerned."""
 

@@ -8,8 +8,8 @@ sample; benchmarks/RESULTS.md): about 10% of the whole decode + augment cost of 
 
 Writing: :func:`tar_members` serializes one sample (run in worker processes, so the writer only appends bytes)
 and :class:`ShardSink` appends samples to rolling shards under temporary names, renamed into place when full,
-with their sha256 and counts. Both the ImageFolder packer (:mod:`.write`) and the view writer (:mod:`localmim.data.views`)
-write through it.
+with their sha256 and counts. Both the ImageFolder packer (:mod:`.write`) and the view writer
+(:mod:`localmim.data.views`) write through it.
 """
 
 from __future__ import annotations

@@ -33,12 +33,10 @@ serialize each sample's tar members (:func:`localmim.data.shards.tario.tar_membe
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import sys
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
