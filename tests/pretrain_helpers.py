@@ -35,7 +35,8 @@ def make_shards(out: Path, n: int = 24, per_shard: int = 5, seed: int = 0, size=
 
 
 class FixedBatches:
-    """A fixed list of uint8 image batches, read the way the pretraining loop reads its loader."""
+    """A fixed list of uint8 image micro-batches, read the way the pretraining method reads its shard loader
+    (batches ``(images, (index, keys))``; one epoch, the same batches every epoch)."""
 
     def __init__(self, batches):
         self.batches = batches
@@ -43,5 +44,29 @@ class FixedBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, skip: int = 0):
-        return iter(self.batches[skip:])
+    def epoch(self, epoch: int, skip: int = 0, *, rank_of=None, batches=None):
+        return iter([(b, None) for b in self.batches[skip:]])
+
+
+def run_fixed(cfg, batches, ckpt_dir, *, sgd: bool = False, monitor=None):
+    """Pre-train ``cfg`` on a fixed list of micro-batches (one process) through the real loop: the model and its
+    init from ``build_engine``; ``sgd``: plain SGD instead of AdamW (the lr set by the schedule); ``ckpt_dir`` None:
+    no checkpoints. Returns the loop's result."""
+    import torch
+
+    from localmim.runtime.distributed import DistInfo
+    from localmim.train import loop
+    from localmim.train.engine import Checkpoints
+    from localmim.train.pretrain import PretrainMethod, build_engine, plan_of
+    from localmim.train.schedule import WarmupCosine
+
+    dist = DistInfo(0, 1, 0, torch.device(cfg.device if cfg.device != "auto" else "cpu", 0 if cfg.device == "cuda"
+                                          else None))
+    eng = build_engine(cfg, dist)
+    if sgd:
+        eng.opt = torch.optim.SGD(eng.model.parameters(), lr=0.0)
+    loader = FixedBatches(batches)
+    plan = plan_of(cfg, len(loader) // cfg.accum_for(1), 1, eng.model.loss_names, progress=False)
+    ckpts = Checkpoints.of(ckpt_dir, "pretrain", cfg, dist) if ckpt_dir is not None else None
+    schedule = WarmupCosine(eng.opt, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    return loop.run(PretrainMethod(cfg, eng, loader, monitor), eng, schedule, plan, ckpts=ckpts)

@@ -50,7 +50,7 @@ def test_detect_overfits_four_images_beyond_the_prior(tmp_path):
                        mask_head_channels=64, num_workers=0, vis_images=0, log_every=60, device="cpu", seed=0)
     train, val = load_coco(root, "train", train=True), load_coco(root, "val")
     res = run_detect(cfg, micro_spec(), train, val, tmp_path / "ck", progress=False)
-    (tmp_path / "res.json").write_text(json.dumps(res.results))
+    (tmp_path / "res.json").write_text(json.dumps(res.state["results"]))
     gt = COCO(str(root / "annotations" / "instances_val2017.json"))
     ap50 = {}
     for t in ("bbox", "segm"):

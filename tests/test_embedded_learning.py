@@ -42,4 +42,4 @@ def test_finetune_on_embedded_synth_beats_twice_chance(tmp_path):
     res = finetune(cfg, enc, FinetuneData(train, val, tmp_path / "ckpt"))
     chance = 100.0 / NUM_CLASSES
     assert res.history[-1]["val_samples"] == 10 * NUM_CLASSES
-    assert res.best_top1 >= 2 * chance, res.history
+    assert res.metrics["best_top1"] >= 2 * chance, res.history

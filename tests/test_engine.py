@@ -14,7 +14,7 @@ from localmim.config.segment import SegmentConfig
 from localmim.models.encoder_io import EncoderSpec
 from localmim.runtime.distributed import DistInfo
 from localmim.runtime.precision import Precision
-from localmim.train.engine import Checkpoints, Engine, LossMeter, NonFiniteLossError, encoder_fingerprint, set_lr
+from localmim.train.engine import Checkpoints, Engine, LossMeter, NonFiniteLossError, encoder_fingerprint
 from localmim.train.schedule import WarmupCosine
 
 CPU = torch.device("cpu")
@@ -108,8 +108,9 @@ def test_timm_cosine_equals_the_previous_formula(lr, min_lr, w, e_total):
     """timm's CosineLRScheduler, as WarmupCosine drives it, gives today's lr at every fractional epoch the loops ask
     for, to within float rounding (timm computes e·(lr/W) and π·t/T where the formula has lr·e/W and π·(t/T)):
     measured at most 2.2e-13 relative, where the lr nears min_lr."""
-    s = WarmupCosine(lr, min_lr, w, e_total)
-    for e in np.linspace(0, e_total, 1 + 40 * int(e_total) if e_total < 100 else 4001):
-        assert s(float(e)) == pytest.approx(_formula(lr, min_lr, w, e_total, float(e)), rel=1e-12, abs=1e-300)
     opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr_scale": 0.5}, {"params": [torch.zeros(1)]}], lr=0.0)
-    assert set_lr(opt, s(w)) == s(w) and [g["lr"] for g in opt.param_groups] == [0.5 * s(w), s(w)]
+    s = WarmupCosine(opt, lr, min_lr, w, e_total)  # timm's scheduler driven on the optimizer itself
+    for step, e in enumerate(np.linspace(0, e_total, 1 + 40 * int(e_total) if e_total < 100 else 4001)):
+        want = _formula(lr, min_lr, w, e_total, float(e))
+        assert s(step, float(e)) == pytest.approx(want, rel=1e-12, abs=1e-300)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5 * want, want], rel=1e-12, abs=1e-300)

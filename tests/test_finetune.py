@@ -57,21 +57,23 @@ def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
     assert res.run_dir.parent == tmp_path / "ckpt"
     write_outputs(res, res.run_dir, tmp_path / "out")
     chance = 100.0 / 4
-    assert res.best_top1 >= 2 * chance, res.history
-    assert [s for s, _ in logged] == list(range(1, 7)) and res.epochs == 6
-    assert res.best_top1 == max(r["top1"] for r in res.history)
+    m = res.metrics
+    assert m["best_top1"] >= 2 * chance, res.history
+    steps = m["steps_per_epoch"]  # optimizer steps: 160 images / global batch 16
+    assert steps == 10 and [s for s, r in logged if "top1" in r] == [steps * e for e in range(1, 7)]
+    assert m["epochs_done"] == 6 and m["best_top1"] == max(r["top1"] for r in res.history)
     # plain timm, nothing from localmim: model.json recipe + best.pt weights
     info = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert info["timm_name"] == "vit_micro_patch8_32" and info["best_epoch"] == res.best_epoch
+    assert info["timm_name"] == "vit_micro_patch8_32" and info["best_epoch"] == m["best_epoch"]
     model = plain_timm(info)
     model.load_state_dict(torch.load(tmp_path / "out" / "best.pt", weights_only=True))
     top1, loss = _eval_independently(model, data["val"], info["timm_kwargs"]["img_size"])
-    best_row = res.history[res.best_epoch - 1]
-    assert top1 == pytest.approx(res.best_top1, abs=1e-9)
+    best_row = res.history[m["best_epoch"] - 1]
+    assert top1 == pytest.approx(m["best_top1"], abs=1e-9)
     assert loss == pytest.approx(best_row["val_loss"], abs=1e-4)
     last = plain_timm(info)
     last.load_state_dict(torch.load(tmp_path / "out" / "last.pt", weights_only=True))
-    assert _eval_independently(last, data["val"], 32)[0] == pytest.approx(res.top1, abs=1e-9)
+    assert _eval_independently(last, data["val"], 32)[0] == pytest.approx(m["top1"], abs=1e-9)
 
 
 def test_layer_decay_scales_match_spec(data):
@@ -145,7 +147,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(data, tmp_path):
     logged = []
     again = finetune(_cfg(epochs=1, warmup_epochs=0), other, _data(data, tmp_path / "ca"),
                      log_fn=lambda m, s: logged.append(s))
-    assert logged == [1] and again.run_dir not in (full.run_dir, fresh.run_dir)
+    assert set(logged) == {10} and again.run_dir not in (full.run_dir, fresh.run_dir)
 
 
 @pytest.mark.parametrize("world,workers,train", [(2, 2, False), (2, 2, True), (1, 2, True)])
@@ -229,37 +231,41 @@ def test_swin_layer_decay_scales_match_spec():
     assert where[id(params["layers.2.blocks.1.attn.relative_position_bias_table"])]["weight_decay"] == wd
 
 
-def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle():
-    """method §8 with accumulation: ``accum_iter=2, batch 4`` over 3 micro-batches (a full cycle, then a cycle of 1)
-    makes the same two steps as ``accum_iter=1`` over batches of 8 and 4 (same init, data order, constant lr; drop
-    path and dropout off). Plain SGD makes each update the accumulated gradient itself; dividing the short cycle's
-    loss by accum_iter (the old bug) would halve the second update."""
+def test_accumulation_steps_like_one_big_batch(tmp_path):
+    """method §8 with a global batch of 8: ``batch_size 4`` (2 micro-batches per step) makes the same two optimizer
+    steps as ``batch_size 8`` (same init, data order, constant lr; drop path and dropout off), through the training
+    loop. Plain SGD makes each update the accumulated gradient itself; a loss not divided by the cycle length would
+    double every update of the small batches."""
     import timm
+    from pretrain_helpers import FixedBatches
 
     from localmim.runtime.distributed import DistInfo
     from localmim.runtime.precision import Precision
-    from localmim.train.engine import Engine, LossMeter
-    from localmim.train.finetune import train_one_epoch
+    from localmim.train import loop
+    from localmim.train.engine import Engine
+    from localmim.train.finetune import FinetuneMethod
     from localmim.train.schedule import WarmupCosine
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 5, (12,), generator=g)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 5, (16,), generator=g)
 
-    def train(cuts: list[int], accum: int) -> dict[str, torch.Tensor]:
+    def train(batch: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
                                   num_heads=2, num_classes=5, drop_path_rate=0.0)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.SGD(layer_decay_groups(model, 0.0, 0.75), lr=0.0)
-        batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         cpu = torch.device("cpu")
         eng = Engine(model, model, opt, Precision.of("none", cpu), DistInfo(0, 1, 0, cpu))
-        train_one_epoch(eng, batches, WarmupCosine(1.0, 1.0, 0, 1), torch.nn.CrossEntropyLoss(), None,
-                        LossMeter("finetune", ["train_loss"], cpu), epoch=0, steps=len(batches), accum_iter=accum)
+        cfg = _cfg(global_batch=8, batch_size=batch, epochs=1, warmup_epochs=0, lr=1.0, min_lr=1.0)
+        data = FixedBatches([(x[a:a + batch], y[a:a + batch]) for a in range(0, 16, batch)])
+        method = FinetuneMethod(cfg, eng, data, None, None, torch.nn.CrossEntropyLoss(), tmp_path)
+        plan = loop.Plan("finetune", 1, 2, ("train_loss",), cfg.accum_for(1), loop.Cadence(eval_every=0),
+                         eval_at_end=False, progress=False)
+        loop.run(method, eng, WarmupCosine(opt, 1.0, 1.0, 0, 1), plan)
         return {k: v - init[k] for k, v in model.state_dict().items()}
 
-    small = train([0, 4, 8, 12], accum=2)
-    big = train([0, 8, 12], accum=1)
+    small, big = train(4), train(8)
     assert small["head.weight"].abs().max() > 1e-2 and small["blocks.0.attn.qkv.weight"].abs().max() > 1e-4
     for k in small:
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -37,8 +37,9 @@ def test_linprobe_beats_chance_and_head_reproduces_top1(data, optimizer, lr):
     logged = []
     res = linprobe(cfg, read_encoder(data["encoder"]), train_dir=data["train"], val_dir=data["val"],
                    log_fn=lambda m, s: logged.append(s))
-    assert res.best_top1 >= 2 * 25.0, res.history
-    assert logged == list(range(1, 31))
+    m = res.metrics
+    assert m["best_top1"] >= 2 * 25.0, res.history
+    assert sorted(set(logged)) == [m["steps_per_epoch"] * e for e in range(1, 31)]  # x axis: the optimizer step
     # features from a plain timm ViT (weights loaded with torch's own load_state_dict) + the head in float64
     info = json.loads((data["encoder"] / "encoder.json").read_text())
     enc = plain_timm(info, num_classes=0).eval()
@@ -48,11 +49,11 @@ def test_linprobe_beats_chance_and_head_reproduces_top1(data, optimizer, lr):
     x, y = eval_images(data["val"], info["timm_kwargs"]["img_size"])
     with torch.no_grad():
         f = enc(x).double().numpy()
-    h = {k: v.double().numpy() for k, v in res.head.items()}
+    h = {k: v.double().numpy() for k, v in res.state["head"].items()}
     z = (f - h["0.running_mean"]) / np.sqrt(h["0.running_var"] + 1e-6)
     logits = z @ h["1.weight"].T + h["1.bias"]
     top1 = 100.0 * np.mean(logits.argmax(1) == y.numpy())
-    assert top1 == pytest.approx(res.best_top1, abs=1e-9)
+    assert top1 == pytest.approx(m["best_top1"], abs=1e-9)
 
 
 @pytest.mark.parametrize("optimizer,lr", [("lars", 5.0), ("sgd", None), ("adamw", 1e-2)])
@@ -65,8 +66,8 @@ def test_probe_learns_separable_features_and_keeps_bn_unaffine(optimizer, lr):
     cfg = LinprobeConfig(epochs=20, warmup_epochs=2, global_batch=50, batch_size=50, optimizer=optimizer, lr=lr,
                          num_workers=0, device="cpu")
     res = train_probe(cfg, (feats[:400], lab[:400]), (feats[400:], lab[400:]), 5)
-    assert res.best_top1 == 100.0
-    assert set(res.head) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
+    assert res.metrics["best_top1"] == 100.0
+    assert set(res.state["head"]) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
 
 
 def test_bad_configs_name_the_numbers():

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_env, run_cli
-from pretrain_helpers import FixedBatches, make_shards
+from pretrain_helpers import make_shards, run_fixed
 
 from localmim.config.pretrain import PretrainConfig
 from localmim.models import create
 from localmim.runtime import checkpoint as ckpt
 from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import Checkpoints, set_lr
+from localmim.train.engine import Checkpoints
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
 from tests.resume import kill_then_resume, same_weights
@@ -33,25 +33,32 @@ TINY = dict(model="localmim_vit_micro_patch8", input_size=32, global_batch=4, ba
 # ------------------------------------------------------------------------------------------- schedule / optim
 
 
+def _two_groups() -> torch.optim.Optimizer:
+    """A layer-decayed group (lr_scale 0.5) and a plain one, their lr 0 (the schedule sets them)."""
+    return torch.optim.SGD([{"params": [torch.zeros(1)], "lr_scale": 0.5}, {"params": [torch.zeros(1)]}], lr=0.0)
+
+
 def test_warmup_cosine_matches_the_spec_formula():
-    s = WarmupCosine(lr=1.6e-3, min_lr=1e-6, warmup_epochs=40, epochs=1600)
-    for e in np.linspace(0, 1600, 97):
+    """timm's scheduler driven on the real optimizer: every group gets the method §7 lr times its lr_scale."""
+    opt = _two_groups()
+    s = WarmupCosine(opt, lr=1.6e-3, min_lr=1e-6, warmup_epochs=40, epochs=1600)
+    for step, e in enumerate(np.linspace(0, 1600, 97)):
         if e < 40:
             want = 1.6e-3 * e / 40
         else:
             want = 1e-6 + (1.6e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (e - 40) / 1560))
-        assert s(float(e)) == pytest.approx(want, rel=1e-12, abs=1e-18)
-    assert s(40) == pytest.approx(1.6e-3) and s(1600) == pytest.approx(1e-6) and s(820) == pytest.approx(
+        assert s(step, float(e)) == pytest.approx(want, rel=1e-12, abs=1e-18)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5 * want, want], rel=1e-12, abs=1e-18)
+    assert s(0, 40) == pytest.approx(1.6e-3) and s(0, 1600) == pytest.approx(1e-6) and s(0, 820) == pytest.approx(
         (1.6e-3 + 1e-6) / 2)
-    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr_scale": 0.5}, {"params": [torch.zeros(1)]}], lr=1)
-    assert set_lr(opt, s(20)) == pytest.approx(0.8e-3)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4e-3, 0.8e-3])
+    whole = WarmupCosine(_two_groups(), lr=1.0, min_lr=0.0, warmup_epochs=2, epochs=2)  # warm-up over the whole run
+    assert [whole(0, e) for e in (0.0, 1.0, 1.5, 2.0)] == pytest.approx([0.0, 0.5, 0.75, 1.0])
 
 
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(warmup_epochs=11), dict(lr=-1.0)])
 def test_bad_schedule_is_rejected(kw):
     with pytest.raises(ValueError):
-        WarmupCosine(**{**dict(lr=1.0, min_lr=0.0, warmup_epochs=1, epochs=10), **kw})
+        WarmupCosine(_two_groups(), **{**dict(lr=1.0, min_lr=0.0, warmup_epochs=1, epochs=10), **kw})
 
 
 def test_weight_decay_groups_follow_spec_2_8():
@@ -90,33 +97,26 @@ def _cfg_const_lr(**kw) -> PretrainConfig:
     return PretrainConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0, "lr": 1e-3, "min_lr": 1e-3, **kw})
 
 
-def test_accumulation_steps_like_one_big_batch_also_in_a_short_last_cycle(tmp_path):
-    """method §7: ``accum_iter=2, batch 4`` over 3 micro-batches (one full cycle, then a cycle of 1) makes the same
-    two AdamW steps as ``accum_iter=1`` over batches of 8 and 4: same init, same images in the same order, same
-    masking noise. Plain SGD (lr 1, set by the loop's schedule) makes each update the accumulated gradient itself
-    (AdamW would blow float noise on ~zero gradients, e.g. the key biases, up to full lr-sized steps). Dividing the
-    short cycle's loss by accum_iter (the old bug) halves its gradient: updates then differ by up to ~1e-2 here,
-    float reassociation by < 1e-6."""
-    from localmim.train.pretrain import make_run, train_one_epoch
-
+def test_accumulation_steps_like_one_big_batch(tmp_path):
+    """method §7 with a global batch of 8: ``batch_size 4`` (2 micro-batches per optimizer step) makes the same two
+    optimizer steps as ``batch_size 8`` over the same images in the same order with the same masking noise. Plain SGD
+    (lr 1, set by the loop's schedule) makes each update the accumulated gradient itself (AdamW would blow float
+    noise on ~zero gradients, e.g. the key biases, up to full lr-sized steps). Dividing a micro-batch's loss by
+    anything but the cycle length changes the update by up to ~1e-2 here, float reassociation by < 1e-6."""
     torch.manual_seed(5)
     one = torch.rand(8, 16)  # the noise is drawn per forward from the global CPU RNG: [2b, N] must equal 2 x [b, N]
     torch.manual_seed(5)
     assert torch.equal(one, torch.cat([torch.rand(4, 16), torch.rand(4, 16)]))
-    imgs = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    imgs = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
-    def train(batches: list[torch.Tensor], accum: int) -> dict[str, torch.Tensor]:
-        cfg = _cfg_const_lr(global_batch=accum * len(batches[0]), batch_size=len(batches[0]), lr=1.0, min_lr=1.0)
-        run = make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
-        run.eng.opt = torch.optim.SGD(run.eng.model.parameters(), lr=0.0)
-        train_one_epoch(run, 0)
-        return {k: v - init[k] for k, v in run.eng.model.state_dict().items() if v.is_floating_point()}  # updates
+    def train(batch: int) -> dict[str, torch.Tensor]:
+        cfg = _cfg_const_lr(global_batch=8, batch_size=batch, lr=1.0, min_lr=1.0)
+        model = run_fixed(cfg, list(imgs.split(batch)), tmp_path / f"ck{batch}", sgd=True).model
+        return {k: v - init[k] for k, v in model.state_dict().items() if v.is_floating_point()}  # updates
 
-    torch.manual_seed(0)  # make_run's init seed (cfg.seed)
+    torch.manual_seed(0)  # build_engine's init seed (cfg.seed)
     init = create("localmim_vit_micro_patch8", img_size=32).state_dict()
-    small = train([imgs[0:4], imgs[4:8], imgs[8:12]], accum=2)
-    big = train([imgs[0:8], imgs[8:12]], accum=1)
+    small, big = train(4), train(8)
     assert small["blocks.0.attn.qkv.weight"].abs().max() > 1e-3  # the steps moved the encoder
     for k in small:
         torch.testing.assert_close(small[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -130,13 +130,10 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
     """A training epoch with online HOG targets (with and without the Sobel bias; forward, backward, optimizer
     step, loss bookkeeping) never syncs the device with the host, except the loss read every ``log_every`` steps,
     which is its one intended sync."""
-    import localmim.train.pretrain as P
     from localmim.train.engine import LossMeter
 
     cfg = _cfg_const_lr(model=model, input_size=size, log_every=1000, ckpt_minutes=0, device="cuda", hog_bias=bias)
     batches = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8).pin_memory() for _ in range(3)]
-    dist = DistInfo(0, 1, 0, torch.device("cuda", 0))
-    run = P.make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
     read = LossMeter.read
 
     def read_allowed(self, *a, **kw):
@@ -148,14 +145,14 @@ def test_pretraining_steps_issue_no_host_sync_on_cuda(tmp_path, monkeypatch, mod
             torch.cuda.set_sync_debug_mode(mode)
 
     monkeypatch.setattr(LossMeter, "read", read_allowed)
-    P.train_one_epoch(run, 0)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
+    run_fixed(cfg, batches, None)  # warm-up: lazy CUDA/cuBLAS initialisation may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        P.train_one_epoch(run, 0)
+        res = run_fixed(cfg, batches, None)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert run.step == 6
+    assert res.metrics["steps"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -195,16 +192,17 @@ from localmim.config.pretrain import PretrainConfig
 from localmim.train.pretrain import run_pretrain
 cfg = PretrainConfig(**{cfg})
 kill = os.environ.get("KILL")
-def on_epoch_end(epoch, model):
-    return {{"epoch": epoch + 1}}  # kept in the checkpoints: the resumed run's result has every epoch's row
+def monitor(epochs_done, model):
+    return {{"epoch": epochs_done}}  # kept in the checkpoints: the resumed run's result has every epoch's row
 def log_fn(metrics, step):
-    if kill == "epoch" and step == 1333:  # epoch 1, batch 1 of 3: right after epoch 0's checkpoint
+    if kill == "epoch" and step == 4:  # epoch 1, step 1 of 3: right after epoch 0's checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
-    if kill == "mid" and step == 1666:  # epoch 1 after batch 2 of 3; a mid-epoch checkpoint exists after batch 1
+    if kill == "mid" and step == 5:  # epoch 1 after step 2 of 3; a mid-epoch checkpoint exists after step 1
         os.kill(os.getpid(), signal.SIGKILL)
-r = run_pretrain(cfg, sys.argv[1], sys.argv[2], log_fn, on_epoch_end=on_epoch_end, progress=False)
+r = run_pretrain(cfg, sys.argv[1], sys.argv[2], log_fn, monitor=monitor, progress=False)
 rank = int(os.environ.get("RANK", "0"))
-out = {{"state": r.model.state_dict(), "metrics": r.metrics, "monitor": r.monitor}}
+out = {{"state": r.model.state_dict(), "metrics": r.metrics,
+        "monitor": [{{k: v for k, v in row.items() if k != "step"}} for row in r.history]}}
 torch.save(out, os.path.join(sys.argv[3], f"rank{{rank}}.pt"))
 """
 
@@ -301,7 +299,9 @@ def test_changed_params_never_resume_an_old_run(tmp_path):
     k = run_dir(base, 1)
     assert run_dir(base.model_copy(update={"num_workers": 0, "log_every": 5}), 1) == k
     assert run_dir(base.model_copy(update={"mask_ratio": 0.6}), 1) != k
-    assert run_dir(base, 2) != k
+    assert run_dir(base.model_copy(update={"global_batch": 8}), 1) != k
+    # the global batch is the recipe: another world size or per-device batch resumes the same run
+    assert run_dir(base, 2) == k and run_dir(base.model_copy(update={"batch_size": 2}), 2) == k
     (tmp_path / "s" / "train.json").write_text(json.dumps({"shards": []}))
     assert run_dir(base, 1) != k
 
@@ -337,7 +337,9 @@ def test_targets_and_pretrain_stages_export_a_plain_timm_encoder(tmp_path):
     ck = torch.load(ckpt.find_latest(next((tmp_path / "ck").iterdir())), weights_only=True)
     assert torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
     assert ck["params"]["data"] == "views" and ck["git_commit"] and ck["data"] == {"epoch": 2, "batches": 0}
-    assert ck["extra"]["schedule"]["at_epoch"] == 2 and ck["extra"]["schedule"]["lr_at"] == pytest.approx(1e-6)
+    sched, peak = ck["extra"]["schedule"], 1e-2 * 4 / 256  # the last step's lr: epoch 1 + 2/3 of warm-up 1, cosine
+    want = 1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * (5 / 3 - 1) / 1))
+    assert sched["at_epoch"] == 2 and sched["set_at_step"] == 5 and sched["lr"] == pytest.approx(want, rel=1e-9)
     # views built for another geometry are refused with both values named
     params["pretrain"]["hog_nbins"] = 18
     (tmp_path / "params.yaml").write_text(json.dumps(params))

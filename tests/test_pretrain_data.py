@@ -118,8 +118,10 @@ def test_mid_epoch_skip_replays_the_same_batches(tmp_path):
 
 def test_bad_split_is_rejected(tmp_path):
     make_shards(tmp_path / "s", n=6, per_shard=3)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(ValueError, match="6 samples are fewer than one global batch of 8"):
         PretrainStream(tmp_path / "s", input_size=8, batch_size=4, world=2)
+    with pytest.raises(ValueError, match="global_batch=6"):  # not a multiple of batch_size x world
+        PretrainStream(tmp_path / "s", input_size=8, batch_size=2, world=2, global_batch=6)
     with pytest.raises(ValueError, match="rank=2"):
         PretrainStream(tmp_path / "s", input_size=8, batch_size=1, rank=2, world=2)
 

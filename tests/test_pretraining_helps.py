@@ -7,7 +7,8 @@ colour nor brightness carries the label, only orientation does, and orientation 
 §4) describe. The random-init encoder's pooled features keep little of it; the pre-trained one learns it.
 
 Budget and margin, measured with this exact setting (LocalMIM micro ViT, 32 px, 200 steps of batch 32, constant lr
-3e-3, through ``make_run`` / ``train_one_epoch``; 200 train / 100 val images; SGD probe, last-epoch top-1):
+3e-3, through the training loop (``tests/pretrain_helpers.run_fixed``); 200 train / 100 val images; SGD probe,
+last-epoch top-1):
 pre-trained 78 / 72 / 80 % vs random init 37 / 37 / 39 % for pre-training seeds 0 / 1 / 2, a margin of 33 to 43
 points. Fewer steps are not enough: after 150 steps (cosine-decayed lr) the probe was still at 28 % (seed 0), the
 early MIM features being worse than random ones. The test runs seed 0 and asks for a 20-point margin.
@@ -15,21 +16,17 @@ early MIM features being worse than random ones. The test runs seed 0 and asks f
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from pretrain_helpers import FixedBatches
+from pretrain_helpers import run_fixed
 
 from localmim.config.linprobe import LinprobeConfig
 from localmim.config.pretrain import PretrainConfig
-from localmim.models.encoder_io import EncoderSpec
+from localmim.models.encoder_io import EncoderSpec, build_pretrain_model
 from localmim.models.export import export_encoder
-from localmim.runtime.distributed import DistInfo
-from localmim.train.engine import Checkpoints
+from localmim.runtime.seed import seed_everything
 from localmim.train.linprobe import build_encoder, extract_features, train_probe
-from localmim.train.pretrain import make_run, train_one_epoch
 
 NUM_CLASSES, SIZE = 4, 32
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -60,7 +57,7 @@ def _probe_top1(model, train, val) -> float:
     feats = [extract_features(encoder, [((x.float() / 255 - MEAN) / STD, y)], cpu) for x, y in (train, val)]
     cfg = LinprobeConfig(epochs=30, warmup_epochs=3, global_batch=32, batch_size=32, optimizer="sgd", lr=0.1,
                          num_workers=0, device="cpu", seed=0)
-    return train_probe(cfg, feats[0], feats[1], NUM_CLASSES).top1
+    return train_probe(cfg, feats[0], feats[1], NUM_CLASSES).metrics["top1"]
 
 
 @pytest.mark.slow
@@ -71,9 +68,8 @@ def test_pretrained_encoder_probes_far_better_than_its_random_init(tmp_path):
     cfg = PretrainConfig(model="localmim_vit_micro_patch8", input_size=32, batch_size=32, epochs=1,
                          warmup_epochs=0.05, lr=3e-3, min_lr=3e-3, seed=0, num_workers=0, log_every=200,
                          ckpt_minutes=0, device="cpu")
-    dist = DistInfo(0, 1, 0, torch.device("cpu"))
-    run = make_run(cfg, dist, FixedBatches(batches), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
-    random_init = copy.deepcopy(run.eng.model)
-    train_one_epoch(run, 0)
-    pre, rand = _probe_top1(run.eng.model, train, val), _probe_top1(random_init, train, val)
+    model = run_fixed(cfg, batches, tmp_path / "ck").model
+    seed_everything(cfg.seed)  # build_engine's init
+    random_init = build_pretrain_model(cfg)
+    pre, rand = _probe_top1(model, train, val), _probe_top1(random_init, train, val)
     assert pre >= rand + 20.0, (pre, rand)

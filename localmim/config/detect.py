@@ -17,8 +17,8 @@ from localmim.config.base import Amp, Betas, Device, Frac, NonNeg, NonNegInt, Po
 @register_section("detect")
 class DetectConfig(Section):
     # eval_every stays in the run's identity: an evaluation's loader draws from the global RNG (so the training stream)
-    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "log_every", "vis_images", "nproc_per_node",
-                              "on_bad"})
+    runtime_keys = frozenset({"num_workers", "device", "ckpt_minutes", "ckpt_every", "log_every", "vis_images",
+                              "nproc_per_node", "on_bad"})
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (baseline)
     image_size: Annotated[int, Field(ge=32)] = 64  # LSJ crop / test short side (long side for LSJ)
     augment: Literal["lsj", "multiscale"] = "lsj"
@@ -52,6 +52,7 @@ class DetectConfig(Section):
     device: Device = "auto"
     amp: Amp = "auto"
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
+    ckpt_minutes: NonNeg = 30  # also checkpoint mid-run this often (0 = never)
     log_every: PosInt = 10  # iterations between loss reads (a host sync) and MLflow points
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
 

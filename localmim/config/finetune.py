@@ -14,7 +14,9 @@ from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNeg
 
 @register_section("finetune")
 class FinetuneConfig(GlobalBatch, Section):
-    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "nproc_per_node"})
+    # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
+    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "ckpt_minutes", "log_every", "compile",
+                              "nproc_per_node", "batch_size"})
     model: str = "auto"  # timm model name; "auto" = the one recorded with the exported encoder
     epochs: PosInt = 10
     warmup_epochs: NonNeg = 2
@@ -42,6 +44,9 @@ class FinetuneConfig(GlobalBatch, Section):
     device: Device = "auto"
     amp: Amp = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
+    ckpt_minutes: NonNeg = 30  # also checkpoint mid-epoch this often (0 = never)
+    log_every: PosInt = 50  # optimizer steps between loss reads (a host sync) and MLflow points (and every epoch end)
+    compile: bool = False  # torch.compile the classifier
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
 
     @model_validator(mode="after")

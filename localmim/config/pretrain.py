@@ -12,9 +12,10 @@ from localmim.config.base import Amp, Betas, Device, Frac, GlobalBatch, NonNeg, 
 
 @register_section("pretrain")
 class PretrainConfig(GlobalBatch, Section):
+    # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset(
         {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
-         "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature"})
+         "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature", "batch_size"})
     model: str = "localmim_vit_tiny_patch8"  # a localmim.models registry name (localmim_* or mae_* baseline)
     mode: Literal["auto", "localmim", "mae"] = "auto"  # auto = the model's own; else must match the model
     target: Literal["auto", "hog", "pixel"] = "auto"  # auto = the model's default target

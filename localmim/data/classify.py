@@ -40,15 +40,17 @@ class ClassifyShards(ShardStream):
         rank, world: this process's position among the data-parallel ranks.
         seed: base seed of the shuffles.
         shuffle_buffer: samples held (as raw bytes) by each worker's shuffle buffer.
+        global_batch, with_index: see :class:`~localmim.data.shards.stream.ShardStream`.
     """
 
     def __init__(self, shard_dir: str | Path, transform: Callable[[Any], Any], *, batch_size: int, train: bool,
-                 rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2000):  # fmt: skip
+                 rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 2000,
+                 global_batch: int | None = None, with_index: bool = False):  # fmt: skip
         self.transform = transform
         sets = [shard_set(shard_dir)]
         try:
-            super().__init__(sets, batch_size=batch_size, train=train, seed=seed,
-                             shuffle_buffer=shuffle_buffer, rank=rank, world=world)  # fmt: skip
+            super().__init__(sets, batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+                             rank=rank, world=world, global_batch=global_batch, with_index=with_index)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"{shard_dir}: {e}") from None
 

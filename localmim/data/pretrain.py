@@ -101,11 +101,12 @@ class PretrainStream(ShardStream):
         resampled: draw shards with replacement (see :mod:`localmim.data.shards.stream`).
         rank, world: this process's data-parallel position.
         views: read view shards instead of raw shards.
+        global_batch, with_index: see :class:`~localmim.data.shards.stream.ShardStream`.
     """
 
     def __init__(self, source: str | Path, *, input_size: int, batch_size: int, seed: int = 0,
                  shuffle_buffer: int = 1000, resampled: bool = False, rank: int = 0, world: int = 1,
-                 views: bool = False):  # fmt: skip
+                 views: bool = False, global_batch: int | None = None, with_index: bool = False):  # fmt: skip
         self.source, self.views, self.input_size = Path(source), views, input_size
         if views:
             man = read_views_manifest(source)
@@ -117,7 +118,8 @@ class PretrainStream(ShardStream):
         self.num_views = len(sets)
         try:
             super().__init__(sets, batch_size=batch_size, train=True, seed=seed, shuffle_buffer=shuffle_buffer,
-                             resampled=resampled, rank=rank, world=world)  # fmt: skip
+                             resampled=resampled, rank=rank, world=world, global_batch=global_batch,
+                             with_index=with_index)  # fmt: skip
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 

@@ -119,12 +119,11 @@ class KnnMonitor:
         return knn_top1(bank, bank_y, q, q_y, self.num_classes, k=self.k, temperature=self.t)
 
 
-def build_knn_hook(cfg, train_dir: Path, val_dir: str | None, log: Callable[[dict[str, float], int], None],
-                   is_main: bool) -> Callable | None:
-    """``on_epoch_end``: after every ``knn_every``-th epoch and the last, weighted kNN top-1 of the model's pooled
-    top-tap features is logged as ``knn_top1`` (and ``knn_seconds``, the monitor's cost) at step ``epoch_1000x``
-    (the x-axis of the pretrain run's other metrics) and returned as a row (``run_pretrain`` keeps the rows in its
-    checkpoints: ``PretrainResult.monitor``).
+def build_knn_monitor(cfg, train_dir: Path, val_dir: str | None, is_main: bool) -> Callable | None:
+    """The pretraining monitor ``fn(epochs_done, model) -> row | None``: after every ``knn_every``-th epoch and the
+    last, weighted kNN top-1 of the model's pooled top-tap features, as the row ``{"epoch", "knn_top1",
+    "knn_seconds"}`` (the monitor's cost) that the training loop logs and keeps; None on the other epochs. Rank 0
+    only (None elsewhere).
 
     ``val_dir`` None: the ``val`` directory next to ``train_dir``; when that has no shards the monitor is turned
     off with a warning (an explicit ``val_dir`` without shards is an error)."""
@@ -146,15 +145,14 @@ def build_knn_hook(cfg, train_dir: Path, val_dir: str | None, log: Callable[[dic
     monitor = KnnMonitor(train_dir, val_dir, n_train=cfg.knn_train, n_val=cfg.knn_val, input_size=cfg.input_size,
                          num_classes=num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
 
-    def on_epoch_end(epoch: int, model) -> dict[str, float] | None:
-        if (epoch + 1) % cfg.knn_every and epoch + 1 != cfg.epochs:
+    def after_epoch(epochs_done: int, model) -> dict[str, float] | None:
+        if epochs_done % cfg.knn_every and epochs_done != cfg.epochs:
             return None
         t0 = time.perf_counter()
         top1 = monitor(model, amp_dtype(cfg.amp, next(model.parameters()).device))
-        row = {"epoch": epoch + 1, "knn_top1": top1, "knn_seconds": time.perf_counter() - t0}
-        log({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * 1000)
-        print(f"pretrain: epoch {epoch + 1}: kNN top-1 {top1:.2f} ({row['knn_seconds']:.1f}s)", file=sys.stderr,
+        row = {"epoch": epochs_done, "knn_top1": top1, "knn_seconds": time.perf_counter() - t0}
+        print(f"pretrain: epoch {epochs_done}: kNN top-1 {top1:.2f} ({row['knn_seconds']:.1f}s)", file=sys.stderr,
               flush=True)
         return row
 
-    return on_epoch_end
+    return after_epoch

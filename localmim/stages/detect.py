@@ -66,10 +66,11 @@ def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
             raise StageError(str(e)) from None
     for name, split in (("train", train), ("val", val)):  # load-time skips move from used to skipped
         split.report.add_load_skips(split.coco, split.image_dir, skips[name].records())
-    metrics = dict(res.metrics) | {"epochs": res.epochs, "seconds": res.seconds,
-                                   "train_images_per_s": res.train_images_per_s,
-                                   "train_images": train.report.images_used, "val_images": val.report.images_used,
-                                   "skipped": len(train.report.skipped) + len(val.report.skipped)}
+    m = res.metrics
+    metrics = {k: v for k, v in m.items() if k.startswith(("bbox_", "segm_"))} | {
+        "epochs": m["epochs_done"], "seconds": m["seconds"], "train_images_per_s": m["train_images_per_s"],
+        "train_images": train.report.images_used, "val_images": val.report.images_used,
+        "skipped": len(train.report.skipped) + len(val.report.skipped)}
     if ctx.is_main:
         metrics |= _prior_metrics(train, val, skips["val"])
         _write_outputs(cfg, ctx, enc, train, val, res, metrics)
@@ -137,11 +138,11 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
 
     out = Path(ctx.args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "detections_val.json", res.results)
+    atomic_write_json(out / "detections_val.json", res.state["results"])
     cat_names = {c: val.coco.cats[c]["name"] for c in val.cat_ids}
-    grid = render(res.kept, cat_names, val.label_to_cat)
+    grid = render(res.state["kept"], cat_names, val.label_to_cat)
     atomic_write_bytes(out / "val_predictions.png", bytes(encode_png(grid).numpy()))
-    atomic_torch_save({k: v.detach().cpu() for k, v in res.state_dict.items()}, out / "model.pt")
+    atomic_torch_save({k: v.detach().cpu() for k, v in res.model.state_dict().items()}, out / "model.pt")
     atomic_write_json(out / "model.json", {
         "build": "localmim.models.detection.build_mask_rcnn", "timm_name": enc.timm_name,
         "timm_kwargs": dict(enc.timm_kwargs), "num_classes": len(val.cat_ids),
@@ -154,5 +155,5 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
     for name in ("detections_val.json", "val_predictions.png", "model.json", "data_report.json"):
         ctx.tracker.log_artifact(out / name)
     bb, sg = metrics.get("bbox_AP", 0.0), metrics.get("segm_AP", 0.0)
-    print(f"localmim detect: box AP {bb:.4f}, mask AP {sg:.4f} ({res.epochs} epochs, {res.seconds:.1f}s, "
-          f"{res.train_images_per_s:.1f} train images/s) -> {out}", file=sys.stderr)
+    print(f"localmim detect: box AP {bb:.4f}, mask AP {sg:.4f} ({metrics['epochs']} epochs, {metrics['seconds']:.1f}s, "
+          f"{metrics['train_images_per_s']:.1f} train images/s) -> {out}", file=sys.stderr)

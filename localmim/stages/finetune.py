@@ -48,15 +48,16 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
                 write_outputs(res, res.run_dir, args.out)
         except (ValueError, FloatingPointError) as e:
             raise StageError(str(e)) from None
-    metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-               "epochs": res.epochs, "seconds": res.seconds, "val_samples": res.history[-1]["val_samples"],
-               "chance_top1": 100.0 / res.recipe["timm_kwargs"]["num_classes"]}  # the baseline of top1
+    m, recipe = res.metrics, res.state["recipe"]
+    metrics = {k: m[k] for k in ("top1", "top5", "best_top1", "best_epoch", "seconds", "val_samples")} | {
+        "epochs": m["epochs_done"], "chance_top1": 100.0 / recipe["timm_kwargs"]["num_classes"]}  # top1's baseline
     if ctx.is_main:
         ctx.write_metrics(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")
         ctx.tracker.log_artifact(Path(args.out) / "best.pt")
-        print(f"localmim finetune: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
-              f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {args.out}", file=sys.stderr)
+        print(f"localmim finetune: top-1 {m['top1']:.2f} (best {m['best_top1']:.2f} @ epoch {m['best_epoch']}), "
+              f"top-5 {m['top5']:.2f}, {m['epochs_done']} epochs, {m['seconds']:.1f}s -> {args.out}",
+              file=sys.stderr)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -72,4 +73,4 @@ def write_outputs(res, ckpt_dir: str | Path, out_dir: str | Path) -> None:
     for name in ("best.pt", "last.pt"):
         shutil.copyfile(Path(ckpt_dir) / name, out / f".{name}.tmp")
         (out / f".{name}.tmp").replace(out / name)
-    atomic_write_json(out / "model.json", res.recipe)
+    atomic_write_json(out / "model.json", res.state["recipe"])

@@ -35,11 +35,11 @@ def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
         raise StageError(str(e)) from None
     out = Path(args.out)
     ctx.dump_params(cfg, out)
-    atomic_torch_save(res.head, out / "head.pt")
-    metrics = {"top1": res.top1, "top5": res.top5, "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-               "epochs": res.epochs, "seconds": res.seconds,
-               "chance_top1": 100.0 / num_classes_of(args.train)}  # known: linprobe() raises without it
+    atomic_torch_save(res.state["head"], out / "head.pt")
+    m = res.metrics
+    metrics = {k: m[k] for k in ("top1", "top5", "best_top1", "best_epoch", "seconds")} | {
+        "epochs": m["epochs_done"], "chance_top1": 100.0 / num_classes_of(args.train)}  # linprobe() raises without
     ctx.write_metrics(args.metrics, metrics)
-    print(f"localmim linprobe: top-1 {res.top1:.2f} (best {res.best_top1:.2f} @ epoch {res.best_epoch}), "
-          f"top-5 {res.top5:.2f}, {res.epochs} epochs, {res.seconds:.1f}s -> {out}", file=sys.stderr)
+    print(f"localmim linprobe: top-1 {m['top1']:.2f} (best {m['best_top1']:.2f} @ epoch {m['best_epoch']}), "
+          f"top-5 {m['top5']:.2f}, {m['epochs_done']} epochs, {m['seconds']:.1f}s -> {out}", file=sys.stderr)
     return {k: float(v) for k, v in metrics.items()}

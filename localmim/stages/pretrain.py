@@ -7,8 +7,8 @@ checkpoints live in ``--ckpt-dir`` (outside the DAG's declared outputs, which DV
 Outputs (rank 0): ``OUT/encoder.pt`` (a plain timm state dict, ``weights_only``-loadable), ``OUT/encoder.json``
 (``timm_name`` saying what the model is, ``timm_kwargs`` with the whole architecture: see
 ``localmim.models.encoder_io`` for building it in timm; plus provenance), ``OUT/params.yaml`` and the
-metrics file. MLflow: params, per-step losses at x = epoch_1000x, lr, throughput, memory, system metrics, and the
-exported encoder as an artifact.
+metrics file. MLflow: params, losses at x = the optimizer step (``epoch`` logged as a second axis), lr, throughput,
+memory, the kNN monitor, system metrics, and the exported encoder as an artifact.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
     inputs=lambda cfg, a: {"train": a.views_dir if cfg.data == "views" else a.shards, "imported": a.imported},
 )
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.eval.knn import build_knn_hook
+    from localmim.eval.knn import build_knn_monitor
     from localmim.runtime.distributed import barrier, process_group
     from localmim.train.pretrain import NonFiniteLossError, run_pretrain
 
@@ -54,14 +54,14 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
     with process_group(cfg.device) as dist:
         try:
-            knn_hook = build_knn_hook(cfg, Path(args.shards), args.knn_val, log, ctx.is_main)
-            result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, on_epoch_end=knn_hook,
-                                  progress=not args.no_progress, dist=dist)
+            monitor = build_knn_monitor(cfg, Path(args.shards), args.knn_val, ctx.is_main)
+            result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, monitor=monitor, progress=not args.no_progress,
+                                  dist=dist)
         except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
             raise StageError(str(e)) from None
-        knn_history = result.monitor  # every monitored epoch, those before a resume included
-        metrics = {k: float(v) for k, v in result.metrics.items()} | (knn_history[-1] if knn_history else {})
-        metrics.pop("epoch", None)
+        # every monitored epoch, those before a resume included (rows: step, epoch, knn_top1, knn_seconds)
+        knn_history = [{k: v for k, v in r.items() if k != "step"} for r in result.history]
+        metrics = {k: float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")}
         if ctx.is_main:
             _write_outputs(cfg, ctx, result, metrics, knn_history)
         barrier()

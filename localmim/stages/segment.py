@@ -223,10 +223,11 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
                "val_images": val_images, "train_seconds": m["train_seconds"],
                "images_per_s": m.get("final_images_per_s", float("nan")), "world_size": m["world_size"],
                "inference": inference_mode(cfg, res.model)}
+    history = [{k: r[k] for k in ("step", "mIoU", "mAcc", "aAcc")} for r in res.history]
     counts = _split_counts(scans, val_images)
     metrics.update({k: v for k, v in counts.items() if k not in ("skipped", "notes")})
     metrics.update(per_class_iou=_nan_to_none(m["per_class_iou"]), per_class_acc=_nan_to_none(m["per_class_acc"]),
-                   history=res.history, skipped=counts["skipped"], notes=counts["notes"])
+                   history=history, skipped=counts["skipped"], notes=counts["notes"])
     ctx.write_metrics(ctx.args.metrics, metrics)
     for name in ("grid.png", "per_class.csv", "model.json"):
         ctx.tracker.log_artifact(out / name)

@@ -1,8 +1,9 @@
 """Mask R-CNN training loop (method §9.2): AdamW (``betas``) with layer-wise lr decay, per-iteration warm-up + step or
 cosine schedule (:class:`~localmim.train.schedule.DetSchedule`), COCO evaluation every ``eval_every`` epochs and at
-the end, resumable checkpoints every ``ckpt_every`` epochs. The step, AMP, DDP, the non-finite-loss guard (losses read
-every ``log_every`` iterations and at each epoch's end) and the checkpoint rule are the engine's
-(:mod:`localmim.train.engine`; the run's identity holds the encoder and the used image/annotation counts).
+the end, resumable checkpoints by epochs and minutes. The loop (step, AMP, DDP, the
+non-finite-loss guard with losses read every ``log_every`` iterations and at each epoch's end, cadence, checkpoints,
+resume) is :mod:`localmim.train.loop`'s; the run's identity holds the encoder, the used image/annotation counts and
+the world size (the batch is per device).
 
 The model and the datasets are built here from the checked COCO splits (as ``segment`` builds its own). Determinism:
 the model is built from ``seed`` (the same on every rank), the rest draws from ``seed + rank``; the shuffle order
@@ -13,11 +14,9 @@ checkpoint equals the uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -26,23 +25,12 @@ from localmim.models.layer_decay import param_groups_with_decay
 from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
 from localmim.runtime.precision import Precision
 from localmim.runtime.seed import seed_everything
-from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, encoder_fingerprint, set_lr
-from localmim.train.schedule import DetSchedule
+from localmim.train import loop
+from localmim.train.engine import Checkpoints, Engine, LogFn, encoder_fingerprint
+from localmim.train.schedule import DetSchedule, StepSchedule
 
 ENCODER_PREFIX = "backbone.body.encoder."
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")  # torchvision's
-
-
-@dataclass
-class DetectResult:
-    metrics: dict[str, float]
-    results: list[dict[str, Any]]  # COCO results of the last evaluation (all ranks, on rank 0)
-    kept: list  # (image, output) pairs for the picture
-    epochs: int
-    seconds: float
-    train_images_per_s: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)  # the trained detector's weights
 
 
 def model_kwargs(cfg) -> dict:
@@ -67,38 +55,6 @@ def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
     gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003) + epoch) * 1009 + dist.rank)
     return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                       collate_fn=collate, pin_memory=dist.device.type == "cuda", generator=gen)
-
-
-def _losses(net, images: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    losses = net(images, targets)  # torchvision's dict of the RPN and ROI-head losses
-    return sum(losses.values()), losses
-
-
-def train_one_epoch(eng: Engine, loader, sched: DetSchedule, meter: LossMeter, *, first_it: int, log_every: int,
-                    log_fn: LogFn | None, bar=None) -> tuple[int, float]:
-    """One pass over ``loader``; returns ``(images seen, seconds)``. Losses are read (a host sync, the non-finite
-    guard) every ``log_every`` iterations and at the end of the epoch, and logged as means over the interval."""
-    eng.net.train()
-    n_images, t0, steps = 0, time.perf_counter(), len(loader)
-    for i, (images, targets) in enumerate(loader):
-        it = first_it + i
-        lr = set_lr(eng.opt, sched(it))
-        images = [im.to(eng.device, non_blocking=True) for im in images]  # [3, H, W] each
-        targets = [{k: (v.to(eng.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-                   for t in targets]
-        loss, losses = eng.step(partial(_losses, eng.net, images, targets))
-        meter.add([loss, *(losses[n] for n in LOSS_NAMES)], it, len(images))
-        n_images += len(images)
-        if bar is not None:
-            bar.update(1)
-        if (it + 1) % log_every == 0 or i + 1 == steps:
-            vals = {k: v for k, v in meter.read(eng.dist.world_size, epoch=it // steps).items()
-                    if k.startswith("loss")} | {"lr": lr}
-            if bar is not None:
-                bar.set_postfix({k.removeprefix("loss_"): f"{v:.3g}" for k, v in vals.items()})
-            if log_fn is not None and eng.dist.is_main:
-                log_fn(vals, it + 1)
-    return n_images, time.perf_counter() - t0
 
 
 def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
@@ -142,19 +98,55 @@ def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, A
     return Engine(model, wrap_ddp(model, dist), opt, Precision.of(cfg.amp, dist.device), dist), train_set, val_set
 
 
+class DetectMethod(loop.Method):
+    """Mask R-CNN on a checked COCO split: batches of this rank's share of each epoch (a shuffle per epoch), the sum of
+    torchvision's losses, COCO box / mask AP on the val split (the final evaluation keeps the results and
+    ``vis_images`` pictures: :attr:`results`, :attr:`kept`)."""
+
+    def __init__(self, cfg, eng: Engine, train_set, val_set, gt, label_to_cat):
+        self.cfg, self.eng, self.train_set, self.val_set, self.gt = cfg, eng, train_set, val_set, gt
+        self.label_to_cat = label_to_cat
+        self.results: list[dict[str, Any]] | None = None
+        self.kept: list = []
+
+    def batches(self, epoch: int, done: int, position):
+        # a mid-epoch resume skips the consumed batches (their images are loaded again; with workers their
+        # augmentation draws differ from the uninterrupted run's, with num_workers = 0 they do not)
+        return itertools.islice(_train_loader(self.train_set, self.cfg, self.eng.dist, epoch), done, None)
+
+    def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        images, targets = batch
+        dev = self.eng.device
+        images = [im.to(dev, non_blocking=True) for im in images]  # [3, H, W] each
+        targets = [{k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+        losses = self.eng.net(images, targets)  # torchvision's dict of the RPN and ROI-head losses
+        total = sum(losses.values())
+        return total, [total, *(losses[n] for n in LOSS_NAMES)]
+
+    def count(self, batch) -> int:
+        return len(batch[0])
+
+    def evaluate(self, st: loop.LoopState, final: bool) -> dict[str, float]:
+        keep = self.cfg.vis_images if final else 0
+        metrics, results, kept = evaluate(self.eng, self.val_set, self.gt, self.label_to_cat, self.cfg, keep)
+        if final:
+            self.results, self.kept = results, kept
+        return metrics
+
+
 def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, log_fn: LogFn | None = None,
-               on_epoch_end: Callable[[int], None] | None = None, progress: bool = True,
-               skips: dict | None = None) -> DetectResult:
+               progress: bool = True, skips: dict | None = None) -> loop.LoopResult:
     """Train Mask R-CNN on the exported encoder ``enc`` (an ``EncoderSpec``) on the checked COCO split ``train``
     (a :class:`~localmim.data.dense.coco.CocoSplit`) and evaluate on ``val`` (see the module docstring), resuming this
     run's newest checkpoint under ``ckpt_dir``. ``skips``: ``{split: LoadSkips}``, the load-time rule of each split
-    (default: a file that fails to load raises, naming it)."""
-    from tqdm import tqdm
-
+    (default: a file that fails to load raises, naming it). The result's ``metrics`` hold the last evaluation (COCO
+    AP), ``seconds`` (this call) and the loop's counters; ``state["results"]`` the COCO results of the final
+    evaluation, ``state["kept"]`` the (image, output) pairs for the picture."""
     from localmim.data.raw.imagefile import LoadSkips
     from localmim.eval.detection import ScoredGroundTruth
 
-    t_start = time.time()
+    t0 = time.time()
     dist = setup(cfg.device, dist)
     skips = skips or {}
     eng, train_set, val_set = _build(cfg, enc, train, val, dist, skips)
@@ -165,38 +157,13 @@ def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, 
                            data=json.dumps(counts, sort_keys=True))
     steps = len(_train_loader(train_set, cfg, dist, 0))
     sched = DetSchedule(cfg.lr, steps * cfg.epochs, cfg.warmup_iters, cfg.schedule, tuple(cfg.milestones), cfg.min_lr)
-    payload = ckpts.resume(eng)
-    state = (dict(payload["extra"]) | {"epoch": payload["epoch"]} if payload else
-             {"epoch": 0, "history": [], "seconds": 0.0, "images": 0, "train_seconds": 0.0, "metrics": {}})
-    meter = LossMeter("detect", ["loss", *LOSS_NAMES], dist.device, ckpts)
-    metrics, results, kept, evaluated = state.get("metrics", {}), [], [], False
-    for epoch in range(state["epoch"], cfg.epochs):
-        bar = tqdm(total=steps, desc=f"detect epoch {epoch + 1}/{cfg.epochs}", unit="it", leave=False,
-                   disable=not (progress and dist.is_main), dynamic_ncols=True)
-        n, secs = train_one_epoch(eng, _train_loader(train_set, cfg, dist, epoch), sched, meter,
-                                  first_it=epoch * steps, log_every=cfg.log_every, log_fn=log_fn, bar=bar)
-        bar.close()
-        state["images"] += n * dist.world_size
-        state["train_seconds"] += secs
-        row = {"epoch": epoch + 1, "train_images_per_s": n * dist.world_size / max(secs, 1e-9)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            keep = cfg.vis_images if epoch + 1 == cfg.epochs else 0
-            metrics, results, kept = evaluate(eng, val_set, gt, val.label_to_cat, cfg, keep)
-            evaluated = True
-            row |= metrics
-        state["history"].append(row)
-        state["metrics"] = metrics
-        if log_fn is not None and dist.is_main:
-            log_fn({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * steps)
-        state["seconds"] += time.time() - t_start
-        t_start = time.time()
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            ckpts.save(eng, epoch=epoch + 1, step=(epoch + 1) * steps, extra={k: v for k, v in state.items()
-                                                                             if k != "epoch"})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    if not evaluated:  # resumed after the last epoch: evaluate the restored weights again
-        metrics, results, kept = evaluate(eng, val_set, gt, val.label_to_cat, cfg, cfg.vis_images)
-    ips = state["images"] / max(state["train_seconds"], 1e-9)
-    return DetectResult(metrics, results, kept, len(state["history"]), state["seconds"], ips, state["history"],
-                        eng.model.state_dict())
+    method = DetectMethod(cfg, eng, train_set, val_set, gt, val.label_to_cat)
+    cadence = loop.Cadence.of(cfg, "epoch", eval_every=cfg.eval_every)
+    plan = loop.Plan("detect", cfg.epochs, steps, ("loss", *LOSS_NAMES), 1, cadence, cfg.seed,
+                     progress=progress and dist.is_main)
+    res = loop.run(method, eng, StepSchedule(eng.opt, sched), plan, ckpts=ckpts, log_fn=log_fn)
+    if method.results is None:  # resumed after the last evaluation: evaluate the restored weights again
+        res.metrics.update(method.evaluate(loop.LoopState(), final=True))
+    res.metrics["seconds"] = time.time() - t0
+    res.state.update(results=method.results, kept=method.kept)
+    return res

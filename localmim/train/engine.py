@@ -14,10 +14,10 @@ runtime room's (:mod:`localmim.runtime`):
 * The checkpoint identity rule (:func:`run_identity`, :class:`Checkpoints`): a run is what it computes: the params
   that define it (``cfg.run_key()``: everything but runtime knobs), the encoder it starts from
   (:func:`encoder_fingerprint`), its training data (a fingerprint the loop supplies, e.g. :func:`data_fingerprint`)
-  and the world size. Its checkpoints live in ``ckpt_root/<hash of the identity>``: a run resumes only its own
-  checkpoints (the newest, automatically), and a changed run starts afresh in its own directory, leaving the other
-  run's intact. A checkpoint there that does not fit (another identity stored, or weights the model built now
-  rejects) is an error naming the file and the directory to remove.
+  and, for a stage without a global batch, the world size. Its checkpoints live in ``ckpt_root/<hash of the
+  identity>``: a run resumes only its own checkpoints (the newest, automatically), and a changed run starts afresh
+  in its own directory, leaving the other run's intact. A checkpoint there that does not fit (another identity
+  stored, or weights the model built now rejects) is an error naming the file and the directory to remove.
 """
 
 from __future__ import annotations
@@ -177,9 +177,11 @@ def data_fingerprint(data_dir: str | Path) -> str:
 
 def run_identity(stage: str, cfg, world_size: int, *, encoder: str | None = None,
                  data: str | None = None) -> dict[str, Any]:
-    """What makes a checkpoint resumable: the stage, ``cfg.run_key()``, the encoder and data fingerprints and the
-    world size (it sets the effective batch, the lr scaling and each rank's data)."""
-    return {"stage": stage, "params": cfg.run_key(), "encoder": encoder, "data": data, "world_size": world_size}
+    """What makes a checkpoint resumable: the stage, ``cfg.run_key()``, the encoder and data fingerprints, and the
+    world size where it changes what is computed: a section with a ``global_batch`` computes the same on any world
+    size (the accumulation absorbs it), one without (segment, detect: a per-device batch) does not."""
+    world = None if hasattr(cfg, "global_batch") else world_size
+    return {"stage": stage, "params": cfg.run_key(), "encoder": encoder, "data": data, "world_size": world}
 
 
 def run_key(identity: dict[str, Any]) -> str:

@@ -1,20 +1,20 @@
 """Fine-tuning (method §8): a standard timm classifier initialised from the exported LocalMIM encoder.
 
-Recipe: AdamW (``betas``, method §8: 0.9, 0.999) with layer-wise lr decay (``models.layer_decay``), per-iteration
-warm-up + cosine schedule, timm Mixup/CutMix with label smoothing folded into soft targets and
+Recipe: the global batch (``global_batch``; each rank accumulates ``global_batch / (batch_size × world)``
+micro-batches per step), AdamW (``betas``, method §8: 0.9, 0.999) with layer-wise lr decay (``models.layer_decay``),
+per-iteration warm-up + cosine schedule, timm Mixup/CutMix with label smoothing folded into soft targets and
 ``SoftTargetCrossEntropy``, drop path, global average pooling (ViT: patch tokens -> fresh LayerNorm -> head; Swin:
 all tokens -> fresh LayerNorm -> head), head weight trunc-normal std 2e-5. No gradient clipping, no EMA. Top-1/top-5
-on the val shards after every epoch. The step, AMP, DDP, the non-finite-loss guard and the checkpoint rule are the
-engine's (:mod:`localmim.train.engine`; the run's identity holds the encoder and the train manifest); resumable
-checkpoints every ``ckpt_every`` epochs, and the best and the last weights as plain timm state dicts (``best.pt``,
-``last.pt``) in the run's checkpoint directory (the stage copies them to its outputs).
+on the val shards after every epoch. The loop (step, accumulation, AMP, DDP, the non-finite-loss guard, cadence,
+checkpoints, resume on any world size) is :mod:`localmim.train.loop`'s; the run's identity holds the encoder and the
+train manifest. The best and the last weights are kept as plain timm state dicts (``best.pt``, ``last.pt``) in the
+run's checkpoint directory (the stage copies them to its outputs).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from localmim.models.layer_decay import layer_decay_groups
 from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
 from localmim.runtime.precision import Precision
 from localmim.runtime.seed import seed_everything
-from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, data_fingerprint, encoder_fingerprint, set_lr
+from localmim.train import loop
+from localmim.train.engine import Checkpoints, Engine, LogFn, data_fingerprint, encoder_fingerprint
 from localmim.train.schedule import WarmupCosine
 
 
@@ -44,28 +45,6 @@ def build_mixup(cfg, num_classes: int):
     return None, torch.nn.CrossEntropyLoss()
 
 
-def _loss(net, criterion, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return criterion(net(images), labels)  # [B, C] logits vs [B] labels or [B, C] soft targets
-
-
-def train_one_epoch(eng: Engine, loader, schedule: WarmupCosine, criterion, mixup_fn, meter: LossMeter, *,
-                    epoch: int, steps: int, accum_iter: int) -> None:
-    """One epoch of ``steps`` batches; per-batch losses go to ``meter`` (no host sync here). The lr is set at the
-    start of each accumulation cycle (``accum_iter=k, batch b`` steps like ``accum_iter=1, batch k*b``)."""
-    eng.net.train()
-    for it, (images, labels) in enumerate(loader):
-        if it >= steps:
-            break
-        if it % accum_iter == 0:
-            set_lr(eng.opt, schedule(epoch + it / steps))
-        images = images.to(eng.device, non_blocking=True)  # [B, 3, S, S]
-        labels = labels.to(eng.device, non_blocking=True)  # [B]
-        if mixup_fn is not None:
-            images, labels = mixup_fn(images, labels)  # labels -> soft targets [B, C]
-        loss = eng.step(partial(_loss, eng.net, criterion, images, labels), it=it, accum=accum_iter, steps=steps)
-        meter.add([loss], epoch * steps + it)
-
-
 @dataclass
 class FinetuneData:
     """What fine-tuning reads and where it keeps its state: train/val shard directories, the checkpoint root (each
@@ -78,70 +57,89 @@ class FinetuneData:
     num_classes: int | None = None
 
 
-@dataclass
-class FinetuneResult:
-    top1: float
-    top5: float
-    best_top1: float
-    best_epoch: int
-    epochs: int
-    seconds: float
-    history: list[dict[str, float]]
-    recipe: dict[str, Any] = field(default_factory=dict)  # model.json: timm_name, timm_kwargs, best epoch/top-1
-    run_dir: Path | None = None  # the run's checkpoint directory: best.pt, last.pt
+class FinetuneMethod(loop.Method):
+    """Classification with Mixup/CutMix on labelled shards (``train``: a
+    :class:`~localmim.data.shards.stream.ShardLoader` with ``with_index``), evaluated on ``val`` after every epoch;
+    keeps the best weights."""
 
+    def __init__(self, cfg, eng: Engine, train, val, mixup_fn, criterion, run_dir: Path):
+        self.cfg, self.eng, self.train, self.val = cfg, eng, train, val
+        self.mixup_fn, self.criterion, self.run_dir = mixup_fn, criterion, run_dir
+        self.accum = cfg.accum_for(eng.dist.world_size)
+        self.best_top1, self.best_epoch = -1.0, 0
 
-@dataclass
-class _Parts:
-    """Everything one fine-tuning run trains with, besides the engine."""
+    def batches(self, epoch: int, done: int, position: dict[str, Any] | None):
+        skip, rank_of = (done * self.accum, None) if position is None else self.train.resume(epoch, position)
+        return self.train.epoch(epoch, skip, rank_of=rank_of,
+                                batches=(len(self.train) // self.accum - done) * self.accum)
 
-    schedule: WarmupCosine
-    train_ds: Any
-    val_ds: Any
-    mixup_fn: Any
-    criterion: Any
-    ckpts: Checkpoints
+    def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        (images, labels), _ = batch
+        images = images.to(self.eng.device, non_blocking=True)  # [B, 3, S, S]
+        labels = labels.to(self.eng.device, non_blocking=True)  # [B]
+        if self.mixup_fn is not None:
+            images, labels = self.mixup_fn(images, labels)  # labels -> soft targets [B, C]
+        loss = self.criterion(self.eng.net(images), labels)  # [B, C] logits vs [B] labels or [B, C] soft targets
+        return loss, [loss]
+
+    def count(self, batch) -> int:
+        return batch[0][0].shape[0]
+
+    def position(self) -> dict[str, Any] | None:
+        return self.train.position()
+
+    def evaluate(self, st: loop.LoopState, final: bool) -> dict[str, float]:
+        """Top-1 / top-5 / loss on the val shards (all ranks); the best weights to ``best.pt`` (rank 0)."""
+        from localmim.eval.classify import evaluate
+
+        ev = evaluate(self.eng.model, self.val.epoch(0), self.eng.device, self.eng.prec.dtype,
+                      num_classes=unwrap(self.eng.model).num_classes)
+        if ev["top1"] > self.best_top1:
+            self.best_top1, self.best_epoch = ev["top1"], st.epoch
+            if self.eng.dist.is_main:
+                _save_weights(self.eng.model, self.run_dir / "best.pt")
+        return {"train_loss": st.summary.get("train_loss", float("nan")), "lr": st.summary.get("lr", 0.0),
+                "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"], "val_samples": ev["n"],
+                "best_top1": self.best_top1}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_top1": self.best_top1, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_top1, self.best_epoch = state.get("best_top1", -1.0), state.get("best_epoch", 0)
+
+    def checkpointed(self, path: Path | None) -> None:
+        if self.eng.dist.is_main:
+            _save_weights(self.eng.model, self.run_dir / "last.pt")
 
 
 def finetune(cfg, enc: EncoderSpec, data: FinetuneData, *, log_fn: LogFn | None = None,
-             dist: DistInfo | None = None) -> FinetuneResult:
+             dist: DistInfo | None = None, progress: bool = False) -> loop.LoopResult:
     """Fine-tune ``enc`` on ``data.train_dir`` and evaluate on ``data.val_dir`` every epoch (module docstring).
 
-    Keeps ``best.pt`` / ``last.pt`` (plain timm state dicts) in the run's checkpoint directory (``run_dir`` of the
-    result) and resumes from its newest checkpoint; the result's ``recipe`` says how to rebuild the model.
-    """
-    from localmim.data.classify import make_loader
-
+    Keeps ``best.pt`` / ``last.pt`` (plain timm state dicts) in the run's checkpoint directory (the result's
+    ``run_dir``) and resumes from its newest checkpoint. The result's ``metrics`` hold the last epoch's ``top1``,
+    ``top5``, ``val_loss``, ``val_samples``, the best top-1 and its epoch (``best_top1``, ``best_epoch``), ``seconds``
+    (this call's wall time) and the counters; its ``state["recipe"]`` says how to rebuild the model."""
     t0 = time.time()
     dist = setup(cfg.device, dist)
+    cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
     seed_everything(cfg.seed + dist.rank)  # drop path, RandAugment/erasing workers, Mixup (DDP broadcasts the init)
-    eng, p = _build(cfg, enc, data, dist)
-    state = _resume(p.ckpts, eng)
-    prior_seconds, steps, pin = state["seconds"], len(p.train_ds), dist.device.type == "cuda"
-    meter = LossMeter("finetune", ["train_loss"], dist.device, p.ckpts)
-    for epoch in range(state["epoch"], cfg.epochs):
-        p.train_ds.set_epoch(epoch)
-        train_one_epoch(eng, make_loader(p.train_ds, cfg.num_workers, pin), p.schedule, p.criterion, p.mixup_fn,
-                        meter, epoch=epoch, steps=steps, accum_iter=cfg.accum_for(dist.world_size))
-        train_loss = meter.read(dist.world_size, epoch=epoch)["train_loss"]  # one sync
-        _end_epoch(cfg, eng, p, state, epoch, train_loss, log_fn)
-        state["seconds"] = prior_seconds + time.time() - t0
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            p.ckpts.save(eng, epoch=epoch + 1, step=(epoch + 1) * steps, extra={k: v for k, v in state.items()
-                                                                               if k != "epoch"})
-            if dist.is_main:
-                _save_weights(eng.model, p.ckpts.dir / "last.pt")
-    last = state["history"][-1]
-    return FinetuneResult(last["top1"], last["top5"], state["best_top1"], state["best_epoch"], len(state["history"]),
-                          prior_seconds + time.time() - t0, state["history"], _recipe(eng.model, enc, cfg, state),
-                          p.ckpts.dir)
+    method, ckpts, plan = _build(cfg, enc, data, dist, progress)
+    schedule = WarmupCosine(method.eng.opt, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    res = loop.run(method, method.eng, schedule, plan, ckpts=ckpts, log_fn=log_fn)
+    res.metrics.update(best_top1=method.best_top1, best_epoch=method.best_epoch, seconds=time.time() - t0)
+    res.state["recipe"] = _recipe(method.eng.model, enc, cfg, method)
+    return res
 
 
-def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo) -> tuple[Engine, _Parts]:
+def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo,
+           progress: bool) -> tuple[FinetuneMethod, Checkpoints, loop.Plan]:
     from localmim.data.classify import ClassifyShards, build_transform, num_classes_of
+    from localmim.data.shards.stream import ShardLoader
     from localmim.train.optim import create_adamw
 
-    dev = dist.device
+    dev, pin = dist.device, dist.device.type == "cuda"
     num_classes = data.num_classes or num_classes_of(data.train_dir)
     if not num_classes:
         raise ValueError(f"{data.train_dir}: class count unknown (no manifest 'classes'); pass num_classes")
@@ -151,51 +149,29 @@ def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo) -> tuple[E
                              weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), device=dev)
     tf = build_transform(size, train=True, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)
     train_ds = ClassifyShards(data.train_dir, tf, batch_size=cfg.batch_size, train=True, rank=dist.rank,
-                              world=dist.world_size, seed=cfg.seed)
+                              world=dist.world_size, seed=cfg.seed, global_batch=cfg.global_batch, with_index=True)
     val_ds = ClassifyShards(data.val_dir, build_transform(size, train=False), batch_size=cfg.batch_size,
                             train=False, rank=dist.rank, world=dist.world_size)
-    eng = Engine(model, wrap_ddp(model, dist), optimizer, Precision.of(cfg.amp, dev), dist)
-    schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    net = torch.compile(model) if cfg.compile else model
+    eng = Engine(model, wrap_ddp(net, dist), optimizer, Precision.of(cfg.amp, dev), dist)
     ckpts = Checkpoints.of(data.ckpt_dir, "finetune", cfg, dist, encoder=encoder_fingerprint(enc),
                            data=data_fingerprint(data.train_dir))
-    return eng, _Parts(schedule, train_ds, val_ds, *build_mixup(cfg, num_classes), ckpts)
+    method = FinetuneMethod(cfg, eng, ShardLoader(train_ds, cfg.num_workers, pin), ShardLoader(val_ds,
+                            cfg.num_workers, pin), *build_mixup(cfg, num_classes), ckpts.dir)
+    cadence = loop.Cadence.of(cfg, "epoch", eval_every=1)
+    plan = loop.Plan("finetune", cfg.epochs, train_ds.optimizer_steps, ("train_loss",), train_ds.accum, cadence,
+                     cfg.seed, progress=progress and dist.is_main)
+    return method, ckpts, plan
 
 
-def _end_epoch(cfg, eng: Engine, p: _Parts, state: dict, epoch: int, train_loss: float,
-               log_fn: LogFn | None) -> None:
-    """Evaluate; keep the best weights; log the epoch's row."""
-    from localmim.data.classify import make_loader
-    from localmim.eval.classify import evaluate
-
-    loader = make_loader(p.val_ds, cfg.num_workers, eng.device.type == "cuda")
-    ev = evaluate(eng.model, loader, eng.device, eng.prec.dtype, num_classes=unwrap(eng.model).num_classes)
-    row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": p.schedule(epoch + 1), "top1": ev["top1"],
-           "top5": ev["top5"], "val_loss": ev["loss"], "val_samples": ev["n"]}
-    state["history"].append(row)
-    if ev["top1"] > state["best_top1"]:
-        state["best_top1"], state["best_epoch"] = ev["top1"], epoch + 1
-        if eng.dist.is_main:
-            _save_weights(eng.model, p.ckpts.dir / "best.pt")
-    if log_fn is not None and eng.dist.is_main:
-        log_fn({k: v for k, v in row.items() if k != "epoch"} | {"best_top1": state["best_top1"]}, epoch + 1)
-
-
-def _recipe(model, enc: EncoderSpec, cfg, state: dict) -> dict[str, Any]:
+def _recipe(model, enc: EncoderSpec, cfg, method: FinetuneMethod) -> dict[str, Any]:
     """How to rebuild the classifier: ``encoder_io.create_timm_model(timm_name, head, **timm_kwargs)`` (plain timm
     for ``head == 'timm'``; Swin's ``pool_norm`` head swaps timm's per-token norm for a pooled one, method §8.2)."""
     kwargs = dict(enc.timm_kwargs) | {"img_size": cfg.input_size or enc.img_size, "global_pool": "avg",
                                      "num_classes": unwrap(model).num_classes}
     name = enc.timm_name if cfg.model == "auto" else cfg.model
-    return {"timm_name": name, "head": classifier_head(name), "timm_kwargs": kwargs, "best_epoch": state["best_epoch"],
-            "best_top1": state["best_top1"]}
-
-
-def _resume(ckpts: Checkpoints, eng: Engine) -> dict[str, Any]:
-    """The state of this run's newest checkpoint (weights etc. restored into ``eng``), else a fresh state."""
-    payload = ckpts.resume(eng)
-    if payload is None:
-        return {"epoch": 0, "best_top1": -1.0, "best_epoch": 0, "history": [], "seconds": 0.0}
-    return dict(payload["extra"]) | {"epoch": payload["epoch"]}
+    return {"timm_name": name, "head": classifier_head(name), "timm_kwargs": kwargs,
+            "best_epoch": method.best_epoch, "best_top1": method.best_top1}
 
 
 def _save_weights(model, path: Path) -> None:

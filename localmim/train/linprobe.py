@@ -8,15 +8,12 @@ every epoch; caching un-augmented features makes the probe a cheap signal for co
 runs (seconds instead of a full-encoder pass per epoch). Optimizer: LARS as in MAE (timm's ``Lars``,
 trust ratio on the weight matrix only, as MAE excludes 1-D params) or SGD / AdamW. Feature extraction autocasts per
 ``amp`` (bf16 where supported, else fp16; nothing is back-propagated through the encoder, so no loss scaling); the
-head trains in fp32 on the cached features, its steps and non-finite-loss guard on :mod:`localmim.train.engine`.
+head trains in fp32 on the cached features, on the training loop (:mod:`localmim.train.loop`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,16 +22,9 @@ from localmim.models.encoder_io import EncoderSpec
 from localmim.runtime.distributed import DistInfo
 from localmim.runtime.precision import Precision, autocast
 from localmim.runtime.seed import seed_everything
-from localmim.train.engine import Engine, LossMeter, set_lr
-from localmim.train.finetune import FinetuneResult
+from localmim.train import loop
+from localmim.train.engine import Engine, LogFn
 from localmim.train.schedule import WarmupCosine
-
-LogFn = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class LinprobeResult(FinetuneResult):
-    head: dict[str, torch.Tensor] = field(default_factory=dict)  # the best epoch's probe state dict
 
 
 def build_encoder(enc: EncoderSpec, *, model: str = "auto", input_size: int = 0) -> torch.nn.Module:
@@ -91,58 +81,74 @@ def build_optimizer(head: torch.nn.Module, name: str, weight_decay: float,
     raise ValueError(f"linprobe optimizer must be lars|sgd|adamw, got {name!r}")
 
 
-def _probe_loss(head, crit, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return crit(head(x), y)  # [B, d] -> [B, C] logits
+class ProbeMethod(loop.Method):
+    """The probe head on cached features ``x [N, d]`` / ``y [N]``: a fresh permutation every epoch (drawn from a
+    generator seeded ``seed``), full global batches (drop last, as MAE), top-1/top-5 on the val features after every
+    epoch; keeps the best epoch's head."""
+
+    def __init__(self, cfg, eng: Engine, train_xy: tuple[torch.Tensor, torch.Tensor],
+                 val_xy: tuple[torch.Tensor, torch.Tensor]):
+        self.cfg, self.eng, (self.x, self.y), self.val = cfg, eng, train_xy, val_xy
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.crit = torch.nn.CrossEntropyLoss()
+        self.best, self.best_epoch, self.best_head = -1.0, 0, None
+
+    def batches(self, epoch: int, done: int, position):
+        perm = torch.randperm(len(self.x), generator=self.gen).to(self.x.device)
+        b = self.cfg.batch_size
+        micro = len(self.x) // self.cfg.global_batch * self.cfg.accum_for(1)
+        return ((self.x[idx], self.y[idx]) for idx in (perm[i * b:(i + 1) * b] for i in range(micro)))
+
+    def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, y = batch
+        loss = self.crit(self.eng.net(x), y)  # [B, d] -> [B, C] logits
+        return loss, [loss]
+
+    def count(self, batch) -> int:
+        return len(batch[1])
+
+    def evaluate(self, st: loop.LoopState, final: bool) -> dict[str, float]:
+        from localmim.eval.classify import evaluate
+
+        ev = evaluate(self.eng.model, [self.val], self.eng.device)
+        if ev["top1"] > self.best:
+            self.best, self.best_epoch = ev["top1"], st.epoch
+            self.best_head = {k: v.detach().cpu().clone() for k, v in self.eng.model.state_dict().items()}
+        return {"train_loss": st.summary.get("train_loss", float("nan")), "lr": st.summary.get("lr", 0.0),
+                "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"], "best_top1": self.best}
 
 
 def train_probe(
     cfg, train_xy: tuple[torch.Tensor, torch.Tensor], val_xy: tuple[torch.Tensor, torch.Tensor], num_classes: int,
     log_fn: LogFn | None = None,
-) -> LinprobeResult:
-    """Train the probe head on cached features, evaluating top-1/top-5 on the val features each epoch."""
-    from localmim.eval.classify import evaluate
-
+) -> loop.LoopResult:
+    """Train the probe head on cached features, evaluating top-1/top-5 on the val features each epoch; the result's
+    ``metrics`` hold the last epoch's and the best top-1 (``best_top1``, ``best_epoch``), ``state["head"]`` the best
+    epoch's head. One process, fp32, no checkpoints (the head trains in seconds on the cache)."""
     t0 = time.time()
-    (x, y), (vx, vy) = train_xy, val_xy
+    x = train_xy[0]
     dev = x.device
     seed_everything(cfg.seed)
     head = build_head(x.shape[1], num_classes).to(dev)
     opt = build_optimizer(head, cfg.optimizer, cfg.weight_decay, cfg.betas)
     eng = Engine(head, head, opt, Precision.of("none", dev), DistInfo(0, 1, 0, dev))  # fp32, one process
-    steps, accum = max(1, len(x) // cfg.batch_size), cfg.accum_for(1)  # drop_last, as MAE
-    schedule = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    crit = torch.nn.CrossEntropyLoss()
-    meter = LossMeter("linprobe", ["train_loss"], dev)
-    history, best, best_epoch, best_head = [], -1.0, 0, None
-    for epoch in range(cfg.epochs):
-        head.train()
-        perm = torch.randperm(len(x), generator=gen).to(dev)
-        for it in range(steps):
-            if it % accum == 0:
-                set_lr(eng.opt, schedule(epoch + it / steps))
-            idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-            loss = eng.step(partial(_probe_loss, head, crit, x[idx], y[idx]), it=it, accum=accum, steps=steps)
-            meter.add([loss], epoch * steps + it)
-        train_loss = meter.read(1, epoch=epoch)["train_loss"]
-        ev = evaluate(head, [(vx, vy)], dev)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": schedule(epoch + 1),
-               "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"]}
-        history.append(row)
-        if ev["top1"] > best:
-            best, best_epoch = ev["top1"], epoch + 1
-            best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-        if log_fn is not None:
-            log_fn({k: v for k, v in row.items() if k != "epoch"} | {"best_top1": best}, epoch + 1)
-    last = history[-1]
-    return LinprobeResult(last["top1"], last["top5"], best, best_epoch, cfg.epochs, time.time() - t0, history,
-                          head=best_head)
+    steps = len(x) // cfg.global_batch
+    if steps < 1:
+        raise ValueError(f"linprobe: {len(x)} training features are fewer than global_batch={cfg.global_batch}")
+    method = ProbeMethod(cfg, eng, train_xy, val_xy)
+    plan = loop.Plan("linprobe", cfg.epochs, steps, ("train_loss",), cfg.accum_for(1),
+                     loop.Cadence("epoch", steps, eval_every=1), cfg.seed, progress=False)
+    res = loop.run(method, eng, WarmupCosine(opt, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs), plan,
+                   log_fn=log_fn)
+    res.metrics.update(best_top1=method.best, best_epoch=method.best_epoch, seconds=time.time() - t0)
+    res.state["head"] = method.best_head
+    return res
 
 
 def linprobe(
     cfg, enc: EncoderSpec, *, train_dir: str | Path, val_dir: str | Path, num_classes: int | None = None,
     log_fn: LogFn | None = None,
-) -> LinprobeResult:
+) -> loop.LoopResult:
     """Extract features of both splits with the frozen encoder, then :func:`train_probe`. Single process."""
     from localmim.data.classify import ClassifyShards, build_transform, make_loader, num_classes_of
     from localmim.runtime.distributed import resolve_device
@@ -162,5 +168,5 @@ def linprobe(
         ds = ClassifyShards(d, tf, batch_size=256, train=False)
         xy.append(extract_features(encoder, make_loader(ds, cfg.num_workers, dev.type == "cuda"), dev, amp))
     res = train_probe(cfg, xy[0], xy[1], num_classes, log_fn)
-    res.seconds = time.time() - t0
+    res.metrics["seconds"] = time.time() - t0
     return res

@@ -1,64 +1,97 @@
-"""Masked-image-modeling pre-training loop (method §7), resumable and distributed.
+"""Masked-image-modeling pre-training (method §7): the LocalMIM (or MAE baseline) method on the training loop.
 
-``run_pretrain(cfg, data_dir, ckpt_dir, log_fn)`` trains a ``localmim.models`` pre-training model (LocalMIM or the
-MAE baseline) and returns it with summary metrics. The same function serves the ``pretrain`` stage, the
+``run_pretrain(cfg, data_dir, ckpt_dir, log_fn)`` trains a ``localmim.models`` pre-training model and returns it
+with summary metrics (:class:`~localmim.train.loop.LoopResult`). The same function serves the ``pretrain`` stage, the
 LocalMIM-vs-MAE benchmark and the tests.
 
-* lr = ``blr × global_batch / 256`` (or ``lr``); accumulation ``global_batch / (batch_size × world_size)``;
-  per-iteration warm-up + cosine, set at the
-  start of each accumulation cycle; AdamW (``betas``, method §7: 0.9, 0.95) without decay on norms/biases.
+* The recipe is the global batch: lr = ``blr × global_batch / 256`` (or ``lr``); each rank accumulates
+  ``global_batch / (batch_size × world_size)`` micro-batches per optimizer step; per-iteration warm-up + cosine;
+  AdamW (``betas``, method §7: 0.9, 0.95) without decay on norms/biases. An epoch is ``N // global_batch`` steps.
 * Masking noise from ``seed + rank`` (method §7); the model is built from ``seed`` on every rank.
-* The step, AMP, DDP, the non-finite-loss guard and the checkpoint rule are the engine's
-  (:mod:`localmim.train.engine`); the run's identity holds the data manifest. Checkpoints every ``ckpt_every``
-  epochs and, mid-epoch, every ``ckpt_minutes``; the newest is resumed automatically.
+* What every loop shares (the step, accumulation, AMP, DDP, the non-finite-loss guard, cadence, checkpoints and
+  resume) is :mod:`localmim.train.loop`'s. The data position is the shard reader's
+  (:meth:`~localmim.data.shards.stream.ShardLoader.position`), so a run stopped mid-epoch continues at the same
+  optimizer step on any number of ranks, no sample of the epoch read twice or skipped.
 """
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from localmim.models.encoder_io import build_pretrain_model
-from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
+from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
 from localmim.runtime.precision import Precision
 from localmim.runtime.seed import seed_everything
-from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter, NonFiniteLossError, data_fingerprint, set_lr
+from localmim.train import loop
+from localmim.train.engine import Checkpoints, Engine, LogFn, NonFiniteLossError, data_fingerprint
 from localmim.train.optim import create_adamw
 from localmim.train.schedule import WarmupCosine
 
-__all__ = ["NonFiniteLossError", "PretrainResult", "make_run", "run_pretrain", "train_one_epoch"]
+__all__ = ["NonFiniteLossError", "PretrainMethod", "build_engine", "plan_of", "run_pretrain"]
+
+Monitor = Callable[[int, torch.nn.Module], dict[str, float] | None]  # (epochs done, model) -> row
 
 
-@dataclass
-class PretrainResult:
-    """The trained (unwrapped) model, summary metrics, the last checkpoint written and the rows the epoch hook
-    returned over the whole run (kept in the checkpoints, so a resumed run still has the earlier epochs')."""
+class PretrainMethod(loop.Method):
+    """LocalMIM / MAE on a shard loader (:class:`~localmim.data.pretrain.PretrainLoader` with ``with_index``, or any
+    object with ``epoch(epoch, skip, rank_of=, batches=)`` yielding ``(images, meta)`` batches); ``monitor`` is called
+    after every epoch (the kNN monitor: it says itself when it is due)."""
 
-    model: torch.nn.Module
-    metrics: dict[str, float]
-    checkpoint: Path | None
-    monitor: list[dict[str, float]] = field(default_factory=list)
+    def __init__(self, cfg, eng: Engine, loader, monitor: Monitor | None = None):
+        self.cfg, self.eng, self.loader, self.monitor = cfg, eng, loader, monitor
+        self.accum = cfg.accum_for(eng.dist.world_size)
+
+    def batches(self, epoch: int, done: int, position: dict[str, Any] | None):
+        skip, rank_of = (done * self.accum, None) if position is None else self.loader.resume(epoch, position)
+        return self.loader.epoch(epoch, skip, rank_of=rank_of, batches=(len(self.loader) // self.accum - done)
+                                 * self.accum)
+
+    def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        from localmim.data.views import targets_from_finest
+
+        model = self.eng.model
+        data = batch[0]
+        images, finest = data if isinstance(data, tuple) else (data, None)
+        images = images.to(self.eng.device, non_blocking=True)  # uint8 [B, 3, S, S]
+        targets = None if finest is None else targets_from_finest(finest.to(self.eng.device, non_blocking=True),
+                                                                   model.hog_nbins, model.target_cells)
+        loss, per_tap, _ = self.eng.net(images, mask_ratio=self.cfg.mask_ratio, targets=targets)
+        return loss, [loss, *(per_tap[n] for n in model.loss_names)]
+
+    def count(self, batch) -> int:
+        data = batch[0]
+        return (data[0] if isinstance(data, tuple) else data).shape[0]
+
+    def position(self) -> dict[str, Any] | None:
+        return self.loader.position()
+
+    def evaluate(self, st: loop.LoopState, final: bool) -> dict[str, float] | None:
+        return self.monitor(st.epoch, self.eng.model) if self.monitor is not None else None
 
 
-@dataclass
-class _Run:
-    cfg: Any
-    eng: Engine
-    sched: WarmupCosine
-    loader: Any
-    ckpts: Checkpoints
-    log_fn: LogFn
-    progress: bool
-    step: int = 0  # global iteration (micro-batch) count
-    summary: dict[str, float] = field(default_factory=dict)
-    monitor: list[dict[str, float]] = field(default_factory=list)  # rows returned by the epoch hook
+def build_engine(cfg, dist: DistInfo) -> Engine:
+    """Model (seeded ``cfg.seed``, the same on every rank), AdamW, precision and the DDP / compiled wrapper. Leaves
+    the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
+    seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_pretrain_model(cfg).to(dist.device)
+    opt = create_adamw(model, cfg.peak_lr(), cfg.weight_decay, tuple(cfg.betas), dist.device)
+    net = torch.compile(model) if cfg.compile else model
+    # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
+    net = wrap_ddp(net, dist, forward_sync_buffers=False)
+    seed_everything(cfg.seed + dist.rank)  # masking noise: seed + rank (method §7)
+    return Engine(model, net, opt, Precision.of(cfg.amp, dist.device), dist)
+
+
+def plan_of(cfg, steps: int, world: int, taps: list[str], progress: bool = True) -> loop.Plan:
+    """The loop plan of a pre-training run of ``steps`` optimizer steps per epoch on ``world`` ranks, the model's
+    reconstruction taps named ``taps``."""
+    cadence = loop.Cadence.of(cfg, "epoch", eval_every=1)
+    return loop.Plan("pretrain", cfg.epochs, steps, ("loss", *(f"loss_{n}" for n in taps)), cfg.accum_for(world),
+                     cadence, cfg.seed, eval_at_end=False, progress=progress)
 
 
 def _check_views(model: torch.nn.Module, data_dir: Path) -> None:
@@ -74,125 +107,19 @@ def _check_views(model: torch.nn.Module, data_dir: Path) -> None:
         raise ValueError(f"{data_dir}: view shards do not match the model ({detail}); re-run `localmim targets`")
 
 
-def _setup(cfg, data_dir: Path, ckpt_dir: Path, log_fn: LogFn | None, progress: bool, dist: DistInfo | None) -> _Run:
+def _loader(cfg, data_dir: Path, dist: DistInfo):
     from localmim.data.pretrain import PretrainLoader, PretrainStream
 
-    dist = setup(cfg.device, dist)
     ds = PretrainStream(data_dir, input_size=cfg.input_size, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=dist.rank,
-                        world=dist.world_size, views=cfg.data == "views")
-    loader = PretrainLoader(ds, cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
-    accum = cfg.accum_for(dist.world_size)
-    if len(loader) < accum:
-        raise ValueError(f"{len(loader)} batches per epoch is fewer than the accumulation {accum}")
-    ckpts = Checkpoints.of(ckpt_dir, "pretrain", cfg, dist, data=data_fingerprint(data_dir))
-    run = make_run(cfg, dist, loader, ckpts, log_fn, progress)
-    if cfg.data == "views":
-        _check_views(run.eng.model, data_dir)
-    return run
-
-
-def make_run(cfg, dist: DistInfo, loader, ckpts: Checkpoints, log_fn: LogFn | None = None,
-             progress: bool = False) -> _Run:
-    """Model (seeded ``cfg.seed``), AdamW, precision, schedule and DDP wrapper around a batch source ``loader``
-    (``len(loader)`` batches per epoch, ``loader.epoch(epoch, skip)`` yields them): what :func:`train_one_epoch`
-    runs. Leaves the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
-    seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_pretrain_model(cfg).to(dist.device)
-    opt = create_adamw(model, cfg.peak_lr(), cfg.weight_decay, tuple(cfg.betas), dist.device)
-    net = torch.compile(model) if cfg.compile else model
-    # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.
-    net = wrap_ddp(net, dist, forward_sync_buffers=False)
-    seed_everything(cfg.seed + dist.rank)  # masking noise: seed + rank (method §7)
-    sched = WarmupCosine(cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    eng = Engine(model, net, opt, Precision.of(cfg.amp, dist.device), dist)
-    return _Run(cfg, eng, sched, loader, ckpts, log_fn or (lambda m, s: None), progress)
-
-
-def _save(run: _Run, epoch: int, batches: int) -> None:
-    """Checkpoint at data position (epoch, batches), with the schedule position and the latest summary."""
-    at = epoch + batches / len(run.loader)
-    sched = {"lr": run.sched.lr, "min_lr": run.sched.min_lr, "warmup_epochs": run.sched.warmup_epochs,
-             "epochs": run.sched.epochs, "at_epoch": at, "lr_at": run.sched(at)}
-    extra = {"summary": run.summary, "schedule": sched, "world_size": run.eng.dist.world_size, "monitor": run.monitor}
-    run.ckpts.save(run.eng, epoch=epoch, step=run.step, batches=batches, extra=extra)
-
-
-def _resume(run: _Run) -> tuple[int, int]:
-    """Restore the newest checkpoint of this run, if any; returns (epoch, batches already done in it)."""
-    payload = run.ckpts.resume(run.eng)
-    if payload is None:
-        return 0, 0
-    run.step, run.summary = payload["step"], dict(payload["extra"].get("summary", {}))
-    run.monitor = list(payload["extra"].get("monitor", []))
-    return payload["data"]["epoch"], payload["data"]["batches"]
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
-    """One epoch (from batch ``skip``); returns the last interval's metrics."""
-    from tqdm import tqdm
-
-    from localmim.data.views import targets_from_finest
-
-    cfg, eng, model, steps = run.cfg, run.eng, run.eng.model, len(run.loader)
-    names = ["loss", *(f"loss_{n}" for n in model.loss_names)]
-    meter, accum, out = LossMeter("pretrain", names, eng.device, run.ckpts), cfg.accum_for(eng.dist.world_size), {}
-    bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", disable=not (run.progress and eng.dist.is_main),
-               dynamic_ncols=True, leave=False)
-    batches = iter(run.loader.epoch(epoch, skip=skip))
-    for it in range(skip, steps):
-        t = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            raise RuntimeError(f"epoch {epoch}: data ended after {it} of {steps} batches (shard manifest counts "
-                               f"do not match the tars?)")
-        meter.wait += time.perf_counter() - t
-        images, finest = batch if isinstance(batch, tuple) else (batch, None)
-        images = images.to(eng.device, non_blocking=True)  # uint8 [B, 3, S, S]
-        targets = None if finest is None else targets_from_finest(finest.to(eng.device, non_blocking=True),
-                                                                   model.hog_nbins, model.target_cells)
-        if it % accum == 0:  # lr per accumulation cycle, at the fractional epoch
-            lr = set_lr(eng.opt, run.sched(epoch + it / steps))
-        forward = partial(eng.net, images, mask_ratio=cfg.mask_ratio, targets=targets)
-        loss, per_tap, _ = eng.step(forward, it=it, accum=accum, steps=steps)
-        meter.add([loss, *(per_tap[n] for n in model.loss_names)], run.step, images.shape[0])
-        run.step += 1
-        bar.update(1)
-        if run.step % cfg.log_every == 0 or it + 1 == steps:
-            out = meter.read(eng.dist.world_size, epoch=epoch)
-            out.update(peak_mem_mb=_peak_mb(eng.device), lr=lr, epoch=epoch + (it + 1) / steps)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['images_per_s']:.1f}")
-            if eng.dist.is_main:
-                run.log_fn(out, int((epoch + (it + 1) / steps) * 1000))  # x-axis epoch_1000x, as in MAE
-            cycle_done = (it + 1) % accum == 0
-            if cycle_done and it + 1 < steps and _minutes_due(run):
-                _save(run, epoch, it + 1)
-    bar.close()
-    return out
-
-
-def _minutes_due(run: _Run) -> bool:
-    """Whether a time-based checkpoint is due, decided by rank 0 and shared (all ranks must save together)."""
-    if run.cfg.ckpt_minutes <= 0:
-        return False
-    due = torch.tensor(float(time.monotonic() - run.ckpts.saved_at >= 60 * run.cfg.ckpt_minutes))
-    if run.eng.dist.distributed:
-        import torch.distributed as tdist
-
-        due = due.to(run.eng.device)
-        tdist.broadcast(due, src=0)
-    return bool(due.item())
+                        world=dist.world_size, views=cfg.data == "views", global_batch=cfg.global_batch,
+                        with_index=True)
+    return PretrainLoader(ds, cfg.num_workers, pin_memory=cfg.pin_memory and dist.device.type == "cuda")
 
 
 def run_pretrain(cfg, data_dir: str | Path, ckpt_dir: str | Path, log_fn: LogFn | None = None, *,
-                 on_epoch_end: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True,
-                 dist: DistInfo | None = None) -> PretrainResult:
+                 monitor: Monitor | None = None, progress: bool = True,
+                 dist: DistInfo | None = None) -> loop.LoopResult:
     """Pre-train per ``cfg`` (a ``PretrainConfig``) on ``data_dir`` (raw train shards, or view shards when
     ``cfg.data == 'views'``), resuming from ``ckpt_dir`` automatically.
 
@@ -200,28 +127,29 @@ def run_pretrain(cfg, data_dir: str | Path, ckpt_dir: str | Path, log_fn: LogFn 
         cfg: resolved ``pretrain`` params.
         data_dir: shard directory for ``cfg.data``.
         ckpt_dir: checkpoint root (each run uses its own keyed sub-directory).
-        log_fn: ``log_fn(metrics, epoch_1000x)`` on rank 0 every ``cfg.log_every`` steps: ``loss``, ``loss_<tap>``,
-            ``lr``, ``epoch``, ``images_per_s`` (end-to-end), ``images_per_s_compute``, ``data_wait_frac``,
-            ``peak_mem_mb``.
-        on_epoch_end: ``fn(epoch, model)`` after each epoch, before its checkpoint, on every rank; a dict it
-            returns is kept in ``PretrainResult.monitor`` and in the checkpoints (rank 0's).
-        progress: show a tqdm bar on rank 0.
+        log_fn: ``log_fn(metrics, step)`` on rank 0 every ``cfg.log_every`` optimizer steps: ``loss``,
+            ``loss_<tap>``, ``lr``, ``epoch``, ``images_per_s`` (end-to-end), ``images_per_s_compute``,
+            ``data_wait_frac``, ``peak_mem_mb``; and the monitor's rows.
+        monitor: ``fn(epochs_done, model)`` after each epoch on every rank; a row it returns is logged and kept in
+            the result's history and in the checkpoints.
+        progress: show a progress bar on rank 0.
         dist: the process group the stage started (default: started here from torchrun's environment).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the message names the step and the last good checkpoint).
-        ValueError: inconsistent params/data (e.g. view shards built for another model).
+        ValueError: inconsistent params/data (e.g. view shards built for another model, a global batch that does
+            not divide).
     """
-    run = _setup(cfg, Path(data_dir), Path(ckpt_dir), log_fn, progress, dist)
-    start_epoch, skip = _resume(run)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        last = train_one_epoch(run, epoch, skip if epoch == start_epoch else 0)
-        run.summary = {**{f"final_{k}": v for k, v in last.items()}, "epochs_done": epoch + 1, "steps": run.step}
-        if on_epoch_end is not None and (row := on_epoch_end(epoch, run.eng.model)):
-            run.monitor.append(dict(row))
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            _save(run, epoch + 1, 0)
-    metrics = {**run.summary, "train_seconds": time.perf_counter() - t0, "world_size": run.eng.dist.world_size,
-               "peak_lr": run.sched.lr, "steps_per_epoch": len(run.loader)}
-    return PretrainResult(unwrap(run.eng.net), metrics, run.ckpts.last, run.monitor)
+    dist = setup(cfg.device, dist)
+    cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
+    data_dir = Path(data_dir)
+    loader = _loader(cfg, data_dir, dist)
+    eng = build_engine(cfg, dist)
+    if cfg.data == "views":
+        _check_views(eng.model, data_dir)
+    ckpts = Checkpoints.of(ckpt_dir, "pretrain", cfg, dist, data=data_fingerprint(data_dir))
+    plan = plan_of(cfg, loader.ds.optimizer_steps, dist.world_size, eng.model.loss_names, progress)
+    schedule = WarmupCosine(eng.opt, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    result = loop.run(PretrainMethod(cfg, eng, loader, monitor), eng, schedule, plan, ckpts=ckpts, log_fn=log_fn)
+    result.metrics.update(peak_lr=cfg.peak_lr(), global_batch=cfg.global_batch)
+    return result

@@ -1,77 +1,89 @@
-"""Learning-rate schedules: the lr as a function of the training position; loops set it with
-:func:`localmim.train.engine.set_lr` (which multiplies in each param group's ``lr_scale``).
+"""Learning-rate schedules: each sets the lr of every param group of the optimizer for an optimizer step (times the
+group's ``lr_scale``, layer-wise decay) and returns the unscaled lr. The training loop calls
+``schedule(step, epoch)`` at the start of every accumulation cycle, with the optimizer step and the fractional epoch.
 
-* :class:`WarmupCosine` (method §7, §8; pretrain, finetune, linprobe): timm's ``CosineLRScheduler`` with the warm-up
-  as a prefix (linear from 0, then a half cosine to ``min_lr``). Equal to the method §7 formula this module wrote
-  out before, up to float rounding: timm computes ``e·(lr/W)`` and ``π·t/T`` where the formula had ``lr·e/W`` and
-  ``π·(t/T)``; measured at most 2.2e-13 relative, largest where the lr nears ``min_lr``
-  (``tests/test_engine.py``).
-* :class:`PolyWarmup` (method §9.1, segment) and :class:`DetSchedule` (method §9.2, detect) stay written out: their
-  warm-ups multiply the decayed lr by a linear factor (MMCV's and Detectron2's rule), while timm's
-  ``PolyLRScheduler`` / ``MultiStepLRScheduler`` / ``CosineLRScheduler`` *replace* the lr by a linear ramp up to the
-  peak during warm-up. The two agree only when no decay happens inside the warm-up (a step schedule whose first
-  drop comes after it); the poly and cosine schedules decay from the first iteration, so timm would change the lr
-  of every warm-up iteration (and jump at its end).
+* :class:`WarmupCosine` (method §7, §8; pretrain, finetune, linprobe): timm's ``CosineLRScheduler`` driven directly on
+  the training optimizer (timm applies ``lr_scale``), stepped by fractional epoch, with the warm-up as a prefix
+  (linear from 0, then a half cosine to ``min_lr``). Equal to the method §7 formula up to float rounding: timm
+  computes ``e·(lr/W)`` and ``π·t/T`` where the formula has ``lr·e/W`` and ``π·(t/T)``; measured at most 2.2e-13
+  relative, largest where the lr nears ``min_lr`` (``tests/test_engine.py``).
+* :class:`PolyWarmup` (method §9.1, segment) and :class:`DetSchedule` (method §9.2, detect) stay written out, applied
+  by :class:`StepSchedule`: their warm-ups multiply the decayed lr by a linear factor (MMCV's and Detectron2's rule),
+  while timm's ``PolyLRScheduler`` / ``MultiStepLRScheduler`` / ``CosineLRScheduler`` *replace* the lr by a linear
+  ramp up to the peak during warm-up. The two agree only when no decay happens inside the warm-up (a step schedule
+  whose first drop comes after it); the poly and cosine schedules decay from the first iteration, so timm would
+  change the lr of every warm-up iteration (and jump at its end).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from localmim.train.engine import set_lr
 
-@dataclass(frozen=True)
+
+def check_cosine(lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> None:
+    """Raises ValueError for a schedule that cannot run (no epochs, warm-up outside the run, negative lr)."""
+    if epochs <= 0:
+        raise ValueError(f"schedule: epochs must be > 0, got {epochs}")
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"schedule: warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    if lr < 0 or min_lr < 0:
+        raise ValueError(f"schedule: lr={lr} and min_lr={min_lr} must be >= 0")
+
+
 class WarmupCosine:
-    """lr as a function of the fractional epoch ``e`` (method §7).
-
-    ``lr·e/W`` for ``e < W``, then ``min_lr + (lr - min_lr)·½·(1 + cos(π(e - W)/(E - W)))``, computed by timm's
-    ``CosineLRScheduler`` (``warmup_prefix=True``, ``warmup_lr_init=0``) on a one-parameter holder optimizer.
+    """lr at the fractional epoch ``e`` (method §7): ``lr·e/W`` for ``e < W``, then
+    ``min_lr + (lr - min_lr)·½·(1 + cos(π(e - W)/(E - W)))``, set on ``optimizer`` by timm's ``CosineLRScheduler``
+    (``warmup_prefix=True``, ``warmup_lr_init=0``, ``t_in_epochs=True``).
 
     Args:
+        optimizer: the training optimizer; every group's base lr becomes ``lr`` (timm multiplies in ``lr_scale``).
         lr: peak learning rate (absolute, already scaled by the batch size).
         min_lr: final learning rate.
         warmup_epochs: W, may be fractional.
         epochs: E, the total length of the schedule.
     """
 
-    lr: float
-    min_lr: float
-    warmup_epochs: float
-    epochs: float
-    _timm: Any = field(default=None, init=False, repr=False, compare=False)
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float, warmup_epochs: float,
+                 epochs: float):
+        from timm.scheduler import CosineLRScheduler
 
-    def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise ValueError(f"schedule: epochs must be > 0, got {self.epochs}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"schedule: warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.lr < 0 or self.min_lr < 0:
-            raise ValueError(f"schedule: lr={self.lr} and min_lr={self.min_lr} must be >= 0")
-        if self.epochs > self.warmup_epochs:
-            from timm.scheduler import CosineLRScheduler
-
-            holder = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=self.lr)
-            quiet = logging.getLogger("timm.scheduler.cosine_lr")
-            level = quiet.level  # timm warns "no effect" for a cosine of length 1; stepped by fractional epochs it has
-            quiet.setLevel(logging.ERROR)
-            try:
-                sched = CosineLRScheduler(holder, t_initial=self.epochs - self.warmup_epochs, lr_min=self.min_lr,
-                                          warmup_t=self.warmup_epochs, warmup_lr_init=0.0, warmup_prefix=True,
+        check_cosine(lr, min_lr, warmup_epochs, epochs)
+        self.lr, self.min_lr, self.warmup_epochs, self.epochs = lr, min_lr, warmup_epochs, epochs
+        for group in optimizer.param_groups:  # timm's base value of every group (before its lr_scale)
+            group["lr"] = group["initial_lr"] = lr
+        quiet = logging.getLogger("timm.scheduler.cosine_lr")
+        level = quiet.level  # timm warns "no effect" for a cosine of length 1; stepped by fractional epochs it has
+        quiet.setLevel(logging.ERROR)
+        try:
+            # a warm-up over the whole run never reaches the cosine (any positive length: it is not evaluated)
+            self.timm = CosineLRScheduler(optimizer, t_initial=(epochs - warmup_epochs) or 1.0, lr_min=min_lr,
+                                          warmup_t=warmup_epochs, warmup_lr_init=0.0, warmup_prefix=True,
                                           t_in_epochs=True)
-            finally:
-                quiet.setLevel(level)
-            object.__setattr__(self, "_timm", (holder, sched))
+        finally:
+            quiet.setLevel(level)
 
-    def __call__(self, epoch: float) -> float:
-        if self._timm is None:  # warm-up covers the whole run: linear, then stay at the peak
-            return self.lr * epoch / self.warmup_epochs if epoch < self.warmup_epochs else self.lr
-        holder, sched = self._timm
-        sched.step(epoch)
-        return holder.param_groups[0]["lr"]
+    def __call__(self, step: int, epoch: float) -> float:
+        self.timm.step(epoch)
+        group = self.timm.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+
+class StepSchedule:
+    """A schedule written as ``fn(step) -> lr`` (:class:`PolyWarmup`, :class:`DetSchedule`) applied to ``optimizer``
+    with :func:`~localmim.train.engine.set_lr`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]):
+        self.optimizer, self.fn = optimizer, fn
+
+    def __call__(self, step: int, epoch: float) -> float:
+        return set_lr(self.optimizer, self.fn(step))
 
 
 @dataclass(frozen=True)
