@@ -13,14 +13,14 @@ checkpoints every ``ckpt_every`` epochs, and the best and the last weights as pl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from localmim.models.encoder_io import EncoderSpec, build_classifier, classifier_head
+from localmim.models.encoder_io import ClassifierSpec, EncoderSpec, build_classifier
 from localmim.models.layer_decay import layer_decay_groups
 from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
 from localmim.runtime.precision import Precision
@@ -87,7 +87,7 @@ class FinetuneResult:
     epochs: int
     seconds: float
     history: list[dict[str, float]]
-    recipe: dict[str, Any] = field(default_factory=dict)  # model.json: timm_name, timm_kwargs, best epoch/top-1
+    spec: ClassifierSpec | None = None  # what rebuilds the classifier (the stage's model.json)
     run_dir: Path | None = None  # the run's checkpoint directory: best.pt, last.pt
 
 
@@ -132,9 +132,9 @@ def finetune(cfg, enc: EncoderSpec, data: FinetuneData, *, log_fn: LogFn | None 
             if dist.is_main:
                 _save_weights(eng.model, p.ckpts.dir / "last.pt")
     last = state["history"][-1]
+    spec = ClassifierSpec.of(enc, unwrap(eng.model).num_classes, model=cfg.model, input_size=cfg.input_size)
     return FinetuneResult(last["top1"], last["top5"], state["best_top1"], state["best_epoch"], len(state["history"]),
-                          prior_seconds + time.time() - t0, state["history"], _recipe(eng.model, enc, cfg, state),
-                          p.ckpts.dir)
+                          prior_seconds + time.time() - t0, state["history"], spec, p.ckpts.dir)
 
 
 def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo) -> tuple[Engine, _Parts]:
@@ -178,16 +178,6 @@ def _end_epoch(cfg, eng: Engine, p: _Parts, state: dict, epoch: int, train_loss:
             _save_weights(eng.model, p.ckpts.dir / "best.pt")
     if log_fn is not None and eng.dist.is_main:
         log_fn({k: v for k, v in row.items() if k != "epoch"} | {"best_top1": state["best_top1"]}, epoch + 1)
-
-
-def _recipe(model, enc: EncoderSpec, cfg, state: dict) -> dict[str, Any]:
-    """How to rebuild the classifier: ``encoder_io.create_timm_model(timm_name, head, **timm_kwargs)`` (plain timm
-    for ``head == 'timm'``; Swin's ``pool_norm`` head swaps timm's per-token norm for a pooled one, method §8.2)."""
-    kwargs = dict(enc.timm_kwargs) | {"img_size": cfg.input_size or enc.img_size, "global_pool": "avg",
-                                     "num_classes": unwrap(model).num_classes}
-    name = enc.timm_name if cfg.model == "auto" else cfg.model
-    return {"timm_name": name, "head": classifier_head(name), "timm_kwargs": kwargs, "best_epoch": state["best_epoch"],
-            "best_top1": state["best_top1"]}
 
 
 def _resume(ckpts: Checkpoints, eng: Engine) -> dict[str, Any]:
