@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,10 @@ def _outputs(task: str, model: torch.nn.Module, x) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> dict:
-    """The three tiny models (seeded, BatchNorm statistics moved off their defaults), saved, with their outputs."""
+def saved(tmp_path_factory) -> Iterator[dict]:
+    """The three tiny models (seeded, BatchNorm statistics moved off their defaults), saved, with their outputs
+    (one intra-op thread, as the loading process: the same kernels, bit for bit)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("models")
     enc = micro_spec("vit")
@@ -61,7 +64,8 @@ def saved(tmp_path_factory) -> dict:
                    else None)
     x = _inputs()
     outs = {t: _outputs(t, m, x[t]) for t, m in models.items()}
-    return {"root": root, "outs": outs, "last": _outputs("classify", last, x["classify"]), "inputs": x}
+    yield {"root": root, "outs": outs, "last": _outputs("classify", last, x["classify"]), "inputs": x}
+    torch.set_num_threads(threads)
 
 
 LOADER = """
