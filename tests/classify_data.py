@@ -75,8 +75,9 @@ def pretrained_micro_encoder(train_dir: Path, out_dir: Path, steps: int = 30, mo
 
 
 def plain_timm(info: dict, **overrides) -> torch.nn.Module:
-    """The timm model an ``encoder.json`` / ``model.json`` describes, built with timm alone (the documented rule):
-    ``timm.create_model`` for a registered name, else the family's class from the full ``timm_kwargs``."""
+    """The timm model an ``encoder.json`` / the spec of a classifier's ``model.json`` describes, built with timm
+    alone (the documented rule): ``timm.create_model`` for a registered name, else the family's class from the full
+    ``timm_kwargs``."""
     import timm
 
     name, kwargs = info["timm_name"], {**info["timm_kwargs"], **overrides}

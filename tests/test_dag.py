@@ -144,3 +144,29 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
             assert gpu and int(gpu.group(1)) == 1, res
         else:
             assert gpu is None, res
+
+
+def test_nodes_declare_the_paths_their_commands_write():
+    """Each node's command, parsed by the real CLI (flags it leaves out take their defaults): its output directory,
+    metrics file and curves are the node's declared outs / metrics / plots, and the encoder it reads a dep, so a
+    path the DAG declares and the flag default a stage uses cannot drift apart."""
+    import shlex
+
+    from localmim.cli import build_parser
+    from localmim.pipeline.dag import pipeline
+
+    parser = build_parser()
+    for node in pipeline():
+        if not node.params:  # the summary is not a stage
+            continue
+        args = vars(parser.parse_args(shlex.split(node.cmd)[1:]))
+        out = args.get("out")
+        assert any(o == out or o.startswith(f"{out}/") for o in node.outs), (node.name, out, node.outs)
+        if args.get("metrics"):
+            assert node.metrics == [args["metrics"]], (node.name, args["metrics"])
+            curves = f"metrics/curves/{node.name}"  # where the runner writes a stage's curves
+            assert curves in node.plots or not any("curves" in p for p in node.plots), (node.name, node.plots)
+        if args.get("encoder"):
+            assert args["encoder"] in node.deps, (node.name, args["encoder"])
+        if args.get("ckpt_dir"):
+            assert args["ckpt_dir"] == f"data/checkpoints/{node.name}", (node.name, args["ckpt_dir"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from localmim.models.detection import DetectionBackbone, build_mask_rcnn
+from localmim.models.detection import DetectionBackbone, DetectorSpec, build_mask_rcnn
 from localmim.models.encoder_io import EncoderSpec, read_encoder
 from localmim.train.schedule import DetSchedule
 from tests.coco_data import hand_coco, synth_coco
@@ -90,7 +90,7 @@ def test_training_step_with_an_empty_image_and_layer_decay(tmp_path, family):
     split = load_coco(tmp_path / "coco", "train", train=True)
     enc = read_encoder(micro_encoder(tmp_path / "enc", family))
     torch.manual_seed(0)
-    model = build_mask_rcnn(enc, 2, image_size=64, box_head_dim=32, mask_head_channels=8)
+    model = build_mask_rcnn(enc, DetectorSpec(num_classes=2, image_size=64, box_head_dim=32, mask_head_channels=8))
     images, targets = collate([coco_dataset(split, train_transforms(split, "lsj", 64, (0.8, 1.2)))[i] for i in (0, 1)])
     assert len(targets[1]["boxes"]) == 0
     losses = model.train()(images, targets)
@@ -236,10 +236,12 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
     ev.accumulate()
     ev.summarize()
     assert {r["image_id"] for r in prior} == set(gt.imgs) and m["bbox_AP50_prior"] == ev.stats[1]
-    info = json.loads((out / "model.json").read_text())
-    model = build_mask_rcnn(EncoderSpec(info["timm_name"], info["timm_kwargs"], {}), info["num_classes"],
-                            **info["kwargs"])
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    from localmim.models.artifact import load_model
+
+    model, spec = load_model(out, task="detect")
+    card = json.loads((out / "model.json").read_text())
+    assert spec.image_size == 32 and card["info"]["label_to_category"] == {str(k): v for k, v in
+                                                                           load_coco(root, "val").label_to_cat.items()}
     from localmim.data.dense.coco import coco_dataset, collate
     from localmim.data.dense.coco_transforms import eval_transforms
     from localmim.eval.detection import to_coco_results
@@ -272,9 +274,7 @@ def test_coco_presets_validate_and_build_the_detector(preset):
     enc = (EncoderSpec("vit_base_patch16_224", {"img_size": 224, "patch_size": 16}, {}) if vit else
            EncoderSpec("swin_base_patch4_window7_224", {"img_size": 224}, {}))
     with torch.device("meta"):
-        model = build_mask_rcnn(enc, 80, pretrained=False, image_size=cfg.image_size, max_size=cfg.max_size,
-                                train_scales=cfg.train_scales, window_size=cfg.window_size,
-                                global_blocks=cfg.global_blocks)
+        model = build_mask_rcnn(enc, DetectorSpec.from_config(cfg, num_classes=80), pretrained=False)
     blocks = model.backbone.body.encoder.blocks if vit else []
     assert [type(b).__name__ == "WindowedBlock" for b in blocks] == [i not in (2, 5, 8, 11) for i in range(len(blocks))]
     assert model.transform.min_size[-1] == cfg.image_size and model.transform.max_size == (cfg.max_size or 1024)

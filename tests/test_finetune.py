@@ -62,9 +62,11 @@ def test_finetune_beats_chance_and_best_checkpoint_reproduces(data, tmp_path):
     steps = m["steps_per_epoch"]  # optimizer steps: 160 images / global batch 16
     assert steps == 10 and [s for s, r in logged if "top1" in r] == [steps * e for e in range(1, 7)]
     assert m["epochs_done"] == 6 and m["best_top1"] == max(r["top1"] for r in res.history)
-    # plain timm, nothing from localmim: model.json recipe + best.pt weights
-    info = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert info["timm_name"] == "vit_micro_patch8_32" and info["best_epoch"] == m["best_epoch"]
+    # plain timm, nothing from localmim: model.json's spec + best.pt weights
+    card = json.loads((tmp_path / "out" / "model.json").read_text())
+    info = card["spec"]
+    assert card["task"] == "classify" and card["weights"] == "best.pt" and card["other_weights"] == ["last.pt"]
+    assert info["timm_name"] == "vit_micro_patch8_32" and card["info"]["best_epoch"] == m["best_epoch"]
     model = plain_timm(info)
     model.load_state_dict(torch.load(tmp_path / "out" / "best.pt", weights_only=True))
     top1, loss = _eval_independently(model, data["val"], info["timm_kwargs"]["img_size"])
@@ -200,7 +202,7 @@ def test_stage_under_torchrun_two_ranks(data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads(metrics.read_text())
     assert m["val_samples"] == 40 and m["epochs"] == 2
-    info = json.loads((out / "model.json").read_text())
+    info = json.loads((out / "model.json").read_text())["spec"]
     model = plain_timm(info)
     model.load_state_dict(torch.load(out / "best.pt", weights_only=True))
     assert _eval_independently(model, data["val"], 32)[0] == pytest.approx(m["best_top1"], abs=1e-9)

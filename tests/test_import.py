@@ -299,4 +299,4 @@ def test_downstream_stages_run_from_an_import(tmp_path, imported):
     assert lp["epochs"] == 2 and 0 <= lp["top1"] <= 100
     assert ft["epochs"] == 1 and ft["val_samples"] == 16
     assert lp["chance_top1"] == ft["chance_top1"] == 100 / 4  # make_shards' 4 classes: the report's baseline
-    assert json.loads((tmp_path / "ft" / "model.json").read_text())["timm_kwargs"]["img_size"] == 32
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["spec"]["timm_kwargs"]["img_size"] == 32

@@ -21,7 +21,7 @@ from localmim.data.dense import ade20k_transforms as AT
 from localmim.eval.segmentation import confusion_matrix, scores, slide_logits
 from localmim.models import create
 from localmim.models.encoder_io import EncoderSpec
-from localmim.models.segmentation import build_segmenter
+from localmim.models.segmentation import SegmenterSpec, build_segmenter
 from localmim.train.schedule import PolyWarmup
 from tests.encoders import micro_encoder, micro_spec
 from tests.resume import kill_then_resume, same_weights
@@ -77,8 +77,8 @@ def test_neck_shapes_at_512(name, shapes):
     export = export_swin_encoder if "swin" in name else export_encoder
     with torch.device("meta"):
         timm_name, kwargs, _ = export(create(name))
-        model = build_segmenter(EncoderSpec(timm_name, kwargs, {}), 150, crop_size=512, channels=64,
-                                pretrained=False)
+        model = build_segmenter(EncoderSpec(timm_name, kwargs, {}),
+                                SegmenterSpec(num_classes=150, crop_size=512, channels=64), pretrained=False)
         x = torch.empty(2, 3, 512, 512)
         assert [tuple(f.shape) for f in model.levels(x)] == shapes
         logits, aux = model.train()(x)
@@ -87,7 +87,8 @@ def test_neck_shapes_at_512(name, shapes):
 
 def test_slide_equals_whole_when_one_window_covers_the_image():
     torch.manual_seed(0)
-    model = build_segmenter(micro_spec(), 5, crop_size=32, channels=16, aux_channels=8).eval()
+    model = build_segmenter(micro_spec(), SegmenterSpec(num_classes=5, crop_size=32, channels=16,
+                                                        aux_channels=8)).eval()
     img = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
     with torch.no_grad():
         whole = model(img)[0]
@@ -314,6 +315,11 @@ def test_stage_through_the_cli_on_the_synth_layout(tmp_path):
         f.name for f in (tmp_path / "seg").iterdir()}
     state = torch.load(tmp_path / "seg" / "model.pt", weights_only=True)
     assert "decode_head.cls.weight" in state and not list(tmp_path.glob(".seg*"))
+    from localmim.models.artifact import load_model
+
+    model, spec = load_model(tmp_path / "seg", task="segment")  # the saved segmenter rebuilds and takes its weights
+    assert spec.num_classes == 4 and torch.equal(model.state_dict()["decode_head.cls.weight"],
+                                                  state["decode_head.cls.weight"])
 
 
 @pytest.mark.slow

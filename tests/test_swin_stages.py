@@ -39,7 +39,7 @@ def test_swin_pretrain_then_finetune_through_params_only(tmp_path):
     # the reported top-1 is the written classifier's: plain timm + the test's own eval transform reproduce it
     from localmim.models.encoder_io import create_timm_model
 
-    info = json.loads((tmp_path / "ft" / "model.json").read_text())
+    info = json.loads((tmp_path / "ft" / "model.json").read_text())["spec"]
     assert info["head"] == "pool_norm"
     model = create_timm_model(info["timm_name"], info["head"], **info["timm_kwargs"]).eval()
     model.load_state_dict(torch.load(tmp_path / "ft" / "best.pt", weights_only=True))

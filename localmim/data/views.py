@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from localmim.data.shards.manifest import VIEWS_MANIFEST, shard_set
 from localmim.data.shards.stream import raw_samples
 from localmim.data.shards.tario import ShardSink, tar_members
 from localmim.targets.hog import hog_from_pooled, pixel_histograms, pool_cells, to_tokens
+from localmim.utils.io import replace_dir, staging_dir
 
 TAR_OVERHEAD = 3 * 1024  # per sample: three 512-byte tar headers plus padding, rounded up
 
@@ -169,9 +169,7 @@ def write_views(
     src, out = Path(src), Path(out)
     source = shard_set(src)
     n = source.total
-    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    stage = staging_dir(out)  # what a killed earlier run left is removed (or its interrupted swap recovered)
     sinks = [ShardSink(stage / f"view-{k:02d}", "views", max_samples_per_shard) for k in range(spec.views)]
     try:
         for sink in sinks:
@@ -189,7 +187,7 @@ def write_views(
             sink.close()
         manifest = _manifest(spec, sinks, n, src, extra)
         (stage / VIEWS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(stage, out)
+        replace_dir(stage, out)  # the old view shards are kept until the new ones are in place
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -229,10 +227,3 @@ def _manifest(spec: ViewSpec, sinks: list[ShardSink], n: int, src: Path, extra: 
         **(extra or {}),
     }
 
-
-def _swap_into_place(stage: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Annotated, ClassVar
 
+from pydantic import Field
 from torch import Tensor, nn
 
+from localmim.config.base import NonNegInt, PosInt
 from localmim.models.backbone import EncoderFeatures
-from localmim.models.encoder_io import EncoderSpec
+from localmim.models.encoder_io import EncoderSpec, ModelSpec
 
 FPN_CHANNELS = 256
 STRIDES = (4, 8, 16, 32)
@@ -128,51 +131,57 @@ def anchor_sizes(image_size: int, anchor_size: int = 0) -> tuple[tuple[int], ...
     return tuple((a * 2**i,) for i in range(5))
 
 
-def build_mask_rcnn(
-    enc: EncoderSpec,
-    num_classes: int,
-    *,
-    image_size: int,
-    max_size: int = 0,
-    train_scales: list[int] | None = None,
-    drop_path: float = 0.0,
-    pretrained: bool = True,
-    anchor_size: int = 0,
-    window_size: int = 0,
-    global_blocks: list[int] | None = None,
-    rpn_batch_size_per_image: int = 256,
-    box_batch_size_per_image: int = 512,
-    detections_per_img: int = 100,
-    box_head_dim: int = 1024,
-    mask_head_channels: int = 256,
-) -> nn.Module:
-    """torchvision ``MaskRCNN`` (``num_classes`` foreground classes + background) on :class:`DetectionBackbone`.
+class DetectorSpec(ModelSpec):
+    """The Mask R-CNN of :func:`build_mask_rcnn`, in the ``detect`` params' names
+    (``DetectorSpec.from_config(cfg, num_classes=...)``; defaults: torchvision's).
 
     Training resizes to a random short side from ``train_scales`` (empty: ``image_size``; must contain it
     otherwise), testing to ``image_size``; the long side is capped at ``max_size`` (0: ``image_size``, i.e.
     LSJ's square input). Heads: torchvision's two-MLP box head (``box_head_dim``, 1024 in torchvision) and
     four-conv mask head (``mask_head_channels``, 256 in torchvision); smaller only to fit CPU budgets.
     ``window_size``/``global_blocks``: ViTDet windowed attention for a ViT encoder (0: every block global;
-    ``global_blocks`` None: ViTDet's last block of each quarter).
+    ``global_blocks`` empty: ViTDet's last block of each quarter). ``anchor_size``: see :func:`anchor_sizes`.
+    """
+
+    task: ClassVar[str] = "detect"
+    num_classes: PosInt  # foreground classes (the detector adds the background)
+    image_size: Annotated[int, Field(ge=32)]
+    max_size: NonNegInt = 0
+    train_scales: list[Annotated[int, Field(ge=32)]] = []
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    anchor_size: NonNegInt = 0
+    window_size: NonNegInt = 0
+    global_blocks: list[NonNegInt] = []
+    rpn_batch_size_per_image: PosInt = 256
+    box_batch_size_per_image: PosInt = 512
+    detections_per_img: PosInt = 100
+    box_head_dim: PosInt = 1024
+    mask_head_channels: PosInt = 256
+
+
+def build_mask_rcnn(enc: EncoderSpec, spec: DetectorSpec, *, pretrained: bool = True) -> nn.Module:
+    """torchvision ``MaskRCNN`` (``spec.num_classes`` foreground classes + background) on
+    :class:`DetectionBackbone` (``pretrained=False``: the same encoder randomly initialised); see
+    :class:`DetectorSpec`.
     """
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-    backbone = DetectionBackbone(enc, image_size, drop_path=drop_path, pretrained=pretrained,
-                                 window_size=window_size, global_blocks=global_blocks or None)
-    scales = tuple(sorted(set(train_scales or ()) - {image_size})) + (image_size,)  # eval uses the last one
-    anchors = AnchorGenerator(anchor_sizes(image_size, anchor_size), ((0.5, 1.0, 2.0),) * 5)
-    c, k = FPN_CHANNELS, num_classes + 1
-    model = MaskRCNN(backbone, min_size=scales, max_size=max_size or image_size, rpn_anchor_generator=anchors,
-                     rpn_batch_size_per_image=rpn_batch_size_per_image,
-                     box_batch_size_per_image=box_batch_size_per_image,
-                     box_detections_per_img=detections_per_img, box_head=TwoMLPHead(c * 7 * 7, box_head_dim),
-                     box_predictor=FastRCNNPredictor(box_head_dim, k),
-                     mask_head=MaskRCNNHeads(c, [mask_head_channels] * 4, 1),
-                     mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, k))
-    return model
+    s = spec
+    backbone = DetectionBackbone(enc, s.image_size, drop_path=s.drop_path, pretrained=pretrained,
+                                 window_size=s.window_size, global_blocks=list(s.global_blocks) or None)
+    scales = tuple(sorted(set(s.train_scales) - {s.image_size})) + (s.image_size,)  # eval uses the last one
+    anchors = AnchorGenerator(anchor_sizes(s.image_size, s.anchor_size), ((0.5, 1.0, 2.0),) * 5)
+    c, k, m = FPN_CHANNELS, s.num_classes + 1, s.mask_head_channels
+    return MaskRCNN(backbone, min_size=scales, max_size=s.max_size or s.image_size, rpn_anchor_generator=anchors,
+                    rpn_batch_size_per_image=s.rpn_batch_size_per_image,
+                    box_batch_size_per_image=s.box_batch_size_per_image,
+                    box_detections_per_img=s.detections_per_img, box_head=TwoMLPHead(c * 7 * 7, s.box_head_dim),
+                    box_predictor=FastRCNNPredictor(s.box_head_dim, k), mask_head=MaskRCNNHeads(c, [m] * 4, 1),
+                    mask_predictor=MaskRCNNPredictor(m, m, k))
 
 
-__all__ = ["DetectionBackbone", "SimpleFeaturePyramid", "StageFPN", "anchor_sizes", "build_mask_rcnn"]
+__all__ = ["DetectionBackbone", "DetectorSpec", "SimpleFeaturePyramid", "StageFPN", "anchor_sizes",
+           "build_mask_rcnn"]

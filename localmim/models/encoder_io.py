@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from localmim.models.export import export_encoder, load_pretrained_into_timm
@@ -124,6 +125,47 @@ def _read_json(p: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+class ModelSpec(BaseModel):
+    """What rebuilds a trained downstream model besides its encoder's architecture, in the vocabulary of the stage's
+    params (:mod:`localmim.models.artifact` writes it into ``model.json``). ``task`` names the kind of model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, cfg: Any, **given: Any):
+        """The spec of the stage params ``cfg``: every field read from the param of the same name, but ``given``."""
+        return cls(**({k: getattr(cfg, k) for k in cls.model_fields if k not in given} | given))
+
+
+class ClassifierSpec(ModelSpec):
+    """A classifier (method §8): ``create_timm_model(timm_name, head, **timm_kwargs)``, which is plain timm for
+    ``head == 'timm'`` (ViT); Swin's ``pool_norm`` head swaps timm's per-token norm for a pooled one (method §8.2).
+    ``timm_kwargs`` hold the whole architecture, ``num_classes`` and ``img_size`` included."""
+
+    task: ClassVar[str] = "classify"
+    timm_name: str
+    head: Literal["timm", "pool_norm"] = "timm"
+    timm_kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, enc: EncoderSpec, num_classes: int, *, model: str = "auto", input_size: int = 0) -> ClassifierSpec:
+        """The classifier on ``enc``: timm model ``model`` (``auto``: the encoder's), ``global_pool='avg'``, the
+        :func:`classifier_head` of its family, at ``input_size`` (0: the pre-training resolution)."""
+        name = enc.timm_name if model == "auto" else model
+        kwargs = dict(enc.timm_kwargs) | {"img_size": input_size or enc.img_size, "global_pool": "avg",
+                                          "num_classes": num_classes}
+        return cls(timm_name=name, head=classifier_head(name), timm_kwargs=kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.timm_kwargs["num_classes"])
+
+    def build(self, **timm_overrides: Any) -> nn.Module:
+        """The untrained classifier (``timm_overrides``: e.g. ``drop_path_rate``, which does not change weights)."""
+        return create_timm_model(self.timm_name, self.head, **(self.timm_kwargs | timm_overrides))
+
+
 def build_classifier(
     enc: EncoderSpec,
     num_classes: int,
@@ -133,23 +175,15 @@ def build_classifier(
     input_size: int = 0,
     head_init_std: float = 2e-5,
 ) -> torch.nn.Module:
-    """timm classifier with ``global_pool='avg'`` and the :func:`classifier_head` of its family, encoder weights
-    loaded (method §8.2), fresh head.
+    """The :meth:`ClassifierSpec.of` classifier (timm, ``global_pool='avg'``, the :func:`classifier_head` of its
+    family), encoder weights loaded (method §8.2), fresh head.
 
     The position embedding is interpolated bicubically (cls slot kept) when ``input_size`` differs from
     the pre-training resolution (method §14.3); ``input_size=0`` keeps the pre-training resolution.
     """
     from timm.layers import trunc_normal_
 
-
-    kwargs = dict(enc.timm_kwargs)
-    kwargs.pop("num_classes", None)
-    kwargs.pop("global_pool", None)
-    if input_size:
-        kwargs["img_size"] = input_size
-    name = enc.timm_name if model == "auto" else model
-    net = create_timm_model(name, classifier_head(name), num_classes=num_classes, drop_path_rate=drop_path,
-                            global_pool="avg", **kwargs)
+    net = ClassifierSpec.of(enc, num_classes, model=model, input_size=input_size).build(drop_path_rate=drop_path)
     load_pretrained_into_timm(net, enc.state_dict)
     head = net.get_classifier()
     trunc_normal_(head.weight, std=head_init_std)

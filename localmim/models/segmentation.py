@@ -16,13 +16,16 @@ method §9.1; it would also add a dependency for ~80 lines.
 
 from __future__ import annotations
 
+from typing import Annotated, ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from timm.layers import ConvNormAct, LayerNorm2d
 from torch import Tensor, nn
 
 from localmim.models.backbone import EncoderFeatures
-from localmim.models.encoder_io import EncoderSpec
+from localmim.models.encoder_io import EncoderSpec, ModelSpec
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
@@ -158,11 +161,24 @@ class Segmenter(nn.Module):
         return logits, aux
 
 
-def build_segmenter(enc: EncoderSpec, num_classes: int, *, crop_size: int, channels: int, aux_channels: int = 256,
-                    drop_path: float = 0.0, pretrained: bool = True) -> Segmenter:
-    """UperNet on the exported encoder ``enc`` (``pretrained=False``: the same encoder randomly initialised)."""
-    backbone = EncoderFeatures(enc, img_size=crop_size, drop_path=drop_path, pretrained=pretrained)
-    return Segmenter(backbone, num_classes, channels, aux_channels)
+class SegmenterSpec(ModelSpec):
+    """The UperNet of :func:`build_segmenter`, in the ``segment`` params' names (``SegmenterSpec.from_config(cfg)``):
+    ``num_classes`` (decode and auxiliary heads), ``crop_size`` (the backbone's position grid), ``channels``
+    (UPerHead width), ``aux_channels`` (0: no auxiliary head), ``drop_path`` (the encoder's stochastic depth)."""
+
+    task: ClassVar[str] = "segment"
+    num_classes: Annotated[int, Field(ge=1)]
+    crop_size: Annotated[int, Field(ge=1)]
+    channels: Annotated[int, Field(ge=1)]
+    aux_channels: Annotated[int, Field(ge=0)] = 256
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-__all__ = ["FCNHead", "Segmenter", "SwinNeck", "UPerHead", "ViTMultiScaleNeck", "build_segmenter"]
+def build_segmenter(enc: EncoderSpec, spec: SegmenterSpec, *, pretrained: bool = True) -> Segmenter:
+    """UperNet ``spec`` on the exported encoder ``enc`` (``pretrained=False``: the same encoder randomly
+    initialised)."""
+    backbone = EncoderFeatures(enc, img_size=spec.crop_size, drop_path=spec.drop_path, pretrained=pretrained)
+    return Segmenter(backbone, spec.num_classes, spec.channels, spec.aux_channels)
+
+
+__all__ = ["FCNHead", "Segmenter", "SegmenterSpec", "SwinNeck", "UPerHead", "ViTMultiScaleNeck", "build_segmenter"]

@@ -21,8 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localmim.pipeline.paths import (
+    ANALYZE_PLOTS,
+    ENCODER,
+    IMPORTED,
+    RAW,
+    VIEWS,
+    ckpt_dir,
+    curves_dir,
+    manifest,
+    metrics_file,
+    out_dir,
+    raw,
+    shards,
+)
+
 TORCHRUN = "torchrun"
-RAW = "data/raw"  # the embedded datasets (synth) and the dataset manifests
 DATASETS = ("imagenet", "ade20k", "coco")
 
 
@@ -101,7 +115,7 @@ def pipeline() -> list[Node]:
             f"localmim synth {RAW}",
             params=["synth"],
             deps=["localmim/synth"],
-            outs=[f"{RAW}/{name}" for name in DATASETS],
+            outs=[raw(name) for name in DATASETS],
         ),
     ]
     nodes += dataset_nodes()
@@ -109,10 +123,10 @@ def pipeline() -> list[Node]:
         nodes.append(
             Node(
                 f"shard_{split}",
-                f"localmim shard {manifest('imagenet')} data/shards/{split} --split {split}",
+                f"localmim shard {manifest('imagenet')} {shards(split)} --split {split}",
                 params=["shard"],
                 deps=[manifest("imagenet")],
-                outs=[f"data/shards/{split}"],
+                outs=[shards(split)],
                 threads=2,
             )
         )
@@ -125,11 +139,6 @@ def pipeline() -> list[Node]:
     return nodes
 
 
-def manifest(name: str) -> str:
-    """The manifest of raw dataset ``name``: what every node reading it depends on (it names the dataset's root)."""
-    return f"{RAW}/{name}.json"
-
-
 def dataset_nodes() -> list[Node]:
     """One manifest node per raw dataset: ``localmim dataset NAME data/raw`` describes the folder ``datasets.<name>``
     (or the embedded copy, synth's output, when that is empty) in ``data/raw/<name>.json`` and its file list, without
@@ -140,8 +149,8 @@ def dataset_nodes() -> list[Node]:
     folder's fingerprint, computed when the DAG is built (``dataset_state`` in workflow/rules/common.smk).
     """
     return [Node(f"dataset_{name}", f"localmim dataset {name} {RAW}",
-                 params=[f"datasets.{name}", "datasets.fingerprint"], deps=[f"{RAW}/{name}"],
-                 outs=[manifest(name), f"{RAW}/{name}.files.tsv.gz"], always_changed=True,
+                 params=[f"datasets.{name}", "datasets.fingerprint"], deps=[raw(name)],
+                 outs=[manifest(name), f"{raw(name)}.files.tsv.gz"], always_changed=True,
                  smk_triggers={"state": f"lambda wildcards: dataset_state({name!r})"})
             for name in DATASETS]
 
@@ -164,15 +173,14 @@ def pretrain_nodes() -> list[Node]:
     Snakemake: not even that, its trigger for the rule omits the targets section in online mode).
     """
     views_only = 'config["targets"] if config["pretrain"]["data"] == "views" else None'
-    targets = Node("targets", "localmim targets data/shards/train data/views --placeholder-unless-views",
-                   params=["targets", "pretrain.data"], deps=["data/shards/train"], outs=["data/views"], threads=2,
+    targets = Node("targets", f"localmim targets {shards('train')} {VIEWS} --placeholder-unless-views",
+                   params=["targets", "pretrain.data"], deps=[shards("train")], outs=[VIEWS], threads=2,
                    smk_params={"targets": views_only, "pretrain.data": 'config["pretrain"]["data"]'})
-    cmd = ("localmim pretrain --out data/pretrain --ckpt-dir data/checkpoints/pretrain --metrics metrics/pretrain.json"
-           " --imported data/imported")
+    cmd = (f"localmim pretrain --out {ENCODER} --ckpt-dir {ckpt_dir('pretrain')} --metrics {metrics_file('pretrain')}"
+           f" --imported {IMPORTED}")
     # data/shards/val: the kNN monitor's queries (pretrain.knn_every)
-    pretrain = Node("pretrain", cmd, params=["pretrain"],
-                    deps=["data/shards/train", "data/views", "data/shards/val", "data/imported"],
-                    outs=["data/pretrain"], metrics=["metrics/pretrain.json"], plots=["metrics/curves/pretrain"],
+    pretrain = Node("pretrain", cmd, params=["pretrain"], deps=[shards("train"), VIEWS, shards("val"), IMPORTED],
+                    outs=[ENCODER], metrics=[metrics_file("pretrain")], plots=[curves_dir(metrics_file("pretrain"))],
                     threads=2, launcher=TORCHRUN)
     return [targets, import_node(), pretrain]
 
@@ -182,45 +190,45 @@ def import_node() -> Node:
     placeholder while the source is null. ``pretrain`` always depends on it and, when it holds an encoder, copies it
     to ``data/pretrain`` instead of training, so the DAG starts from the import with the same nodes. The checkpoint
     lies outside the DAG: ``imported.sha256`` pins its bytes (a params key, hence a rerun trigger)."""
-    return Node("import_encoder", "localmim import --out data/imported --placeholder-unless-source",
-                params=["imported"], outs=["data/imported"])
+    return Node("import_encoder", f"localmim import --out {IMPORTED} --placeholder-unless-source",
+                params=["imported"], outs=[IMPORTED])
 
 
 def evaluation_nodes() -> list[Node]:
     """Fine-tuning (torchrun, one process per GPU) and the linear probe of the exported encoder ``data/pretrain``."""
-    deps = ["data/pretrain", "data/shards/train", "data/shards/val"]
+    deps = [ENCODER, shards("train"), shards("val")]
     return [
-        Node("finetune", "localmim finetune --encoder data/pretrain --out data/finetune", params=["finetune"],
-             deps=deps, outs=["data/finetune"], metrics=["metrics/finetune.json"], plots=["metrics/curves/finetune"],
-             threads=2, launcher=TORCHRUN),
-        Node("linprobe", "localmim linprobe --encoder data/pretrain --out data/linprobe", params=["linprobe"],
-             deps=deps, outs=["data/linprobe"], metrics=["metrics/linprobe.json"], plots=["metrics/curves/linprobe"],
-             threads=2, one_gpu=True),
+        Node("finetune", f"localmim finetune --encoder {ENCODER} --out {out_dir('finetune')}", params=["finetune"],
+             deps=deps, outs=[out_dir("finetune")], metrics=[metrics_file("finetune")],
+             plots=[curves_dir(metrics_file("finetune"))], threads=2, launcher=TORCHRUN),
+        Node("linprobe", f"localmim linprobe --encoder {ENCODER} --out {out_dir('linprobe')}", params=["linprobe"],
+             deps=deps, outs=[out_dir("linprobe")], metrics=[metrics_file("linprobe")],
+             plots=[curves_dir(metrics_file("linprobe"))], threads=2, one_gpu=True),
     ]
 
 
 def analyze_node() -> Node:
     """Per-layer probe/kNN, attention NMI/distance and tap reconstructions of ``data/pretrain`` (the decoders come
     from the pre-training checkpoint recorded in ``encoder.json``, which is not a declared output)."""
-    return Node("analyze", "localmim analyze --encoder data/pretrain --out data/analyze", params=["analyze"],
-                deps=["data/pretrain", "data/shards/train", "data/shards/val"], outs=["data/analyze"],
-                metrics=["metrics/analyze.json"], plots=["metrics/analyze_layers.csv"], threads=2, one_gpu=True)
+    return Node("analyze", f"localmim analyze --encoder {ENCODER} --out {out_dir('analyze')}", params=["analyze"],
+                deps=[ENCODER, shards("train"), shards("val")], outs=[out_dir("analyze")],
+                metrics=[metrics_file("analyze")], plots=[ANALYZE_PLOTS], threads=2, one_gpu=True)
 
 
 def detect_node() -> Node:
     """COCO detection / instance segmentation with Mask R-CNN on the exported encoder (torchrun, one process per
     GPU); its checkpoints (data/checkpoints/detect) are not declared."""
-    return Node("detect", f"localmim detect --encoder data/pretrain --data {manifest('coco')} --out data/detect "
-                "--ckpt-dir data/checkpoints/detect --metrics metrics/detect.json", params=["detect"],
-                deps=["data/pretrain", manifest("coco")], outs=["data/detect"], metrics=["metrics/detect.json"],
+    return Node("detect", f"localmim detect --encoder {ENCODER} --data {manifest('coco')} --out {out_dir('detect')} "
+                f"--ckpt-dir {ckpt_dir('detect')} --metrics {metrics_file('detect')}", params=["detect"],
+                deps=[ENCODER, manifest("coco")], outs=[out_dir("detect")], metrics=[metrics_file("detect")],
                 threads=2, launcher=TORCHRUN)
 
 
 def segment_node() -> Node:
     """ADE20K semantic segmentation (method §9.1) on the exported encoder, under torchrun like fine-tuning."""
-    return Node("segment", f"localmim segment --encoder data/pretrain --data {manifest('ade20k')} --out data/segment",
-                params=["segment"], deps=["data/pretrain", manifest("ade20k")], outs=["data/segment"],
-                metrics=["metrics/segment.json"], threads=2, launcher=TORCHRUN)
+    return Node("segment", f"localmim segment --encoder {ENCODER} --data {manifest('ade20k')} --out "
+                f"{out_dir('segment')}", params=["segment"], deps=[ENCODER, manifest("ade20k")],
+                outs=[out_dir("segment")], metrics=[metrics_file("segment")], threads=2, launcher=TORCHRUN)
 
 
 # The default experiments table (`make exps`): these params and the headline metrics of every stage

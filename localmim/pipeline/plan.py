@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from localmim.config import ParamsError, apply_overrides, read_params_file, validate_all
+from localmim.pipeline import paths
 
 IMAGENET_TRAIN = 1_281_167
 OFFICIAL = {"imagenet": (IMAGENET_TRAIN, 50_000), "ade20k": (20_210, 2_000), "coco": (118_287, 5_000)}
@@ -199,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", default="data/raw", help="folder of the dataset manifests (default: %(default)s)")
+    p.add_argument("--raw", default=paths.RAW, help="folder of the dataset manifests (default: %(default)s)")
     p.add_argument("--ips", action="append", default=[], metavar="STAGE=N",
                    help="images/s per device for STAGE (pretrain, finetune, segment, detect, or infer for forward "
                         "passes), e.g. measured in MLflow; repeatable")

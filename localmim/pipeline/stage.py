@@ -11,10 +11,12 @@ A stage is one function ``run(cfg, ctx) -> metrics`` registered with :func:`stag
    the upstream runs found in the inputs' lineage files, input datasets; see ``lineage.py``), unless the stage's
    ``tracked(cfg, args)`` says this invocation is bookkeeping (the embedded copy's dataset manifest);
 5. log the returned metrics; write the curves, register an exported encoder, leave a lineage file in every
-   output directory.
+   output directory;
+6. turn an error of the stage's input (:data:`STAGE_ERRORS`) into one line naming the stage, exit 1: stage modules
+   do not catch errors to re-raise their message.
 
-Stages write their outputs atomically (``localmim.utils.io``) and dump the resolved params next to them
-with :meth:`StageContext.dump_params`.
+Stages write their outputs atomically (``localmim.utils.io``; a whole directory with ``replace_dir``) and dump the
+resolved params next to them with :meth:`StageContext.dump_params`. Default paths: :mod:`localmim.pipeline.paths`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from localmim.config.base import ParamsError, Section, apply_overrides, read_params_file, validate_section
+from localmim.pipeline import paths
 from localmim.tracking.metrics import split_measurements, timing_path
 from localmim.tracking.mlflow_run import StageRun, TrackingError
 from localmim.utils.io import atomic_write_json, atomic_write_yaml
@@ -54,17 +57,18 @@ def flag(*flags: str, key: str | None = None, **kwargs: Any) -> Flag:
 
 def shared_flags(stage: str, *names: str) -> list[Flag]:
     """The flags several stages share, by name, in the order given: the paths ``encoder``, ``train``, ``val``,
-    ``out`` (``data/<stage>``), ``ckpt-dir`` (``data/checkpoints/<stage>``), ``metrics`` (``metrics/<stage>.json``);
-    the params ``epochs``, ``iters``, ``batch-size``, ``lr``, ``device``; and ``no-progress``."""
+    ``out`` (``data/<stage>``), ``ckpt-dir`` (``data/checkpoints/<stage>``), ``metrics`` (``metrics/<stage>.json``),
+    whose defaults are the DAG's paths (:mod:`localmim.pipeline.paths`); the params ``epochs``, ``iters``,
+    ``batch-size``, ``lr``, ``device``; and ``no-progress``."""
     dflt = " (default: %(default)s)"
     known = {
-        "encoder": flag("--encoder", default="data/pretrain", help="exported encoder: directory or .pt" + dflt),
-        "train": flag("--train", default="data/shards/train", help="train shard directory" + dflt),
-        "val": flag("--val", default="data/shards/val", help="val shard directory" + dflt),
-        "out": flag("--out", default=f"data/{stage}", help="output directory" + dflt),
-        "ckpt-dir": flag("--ckpt-dir", default=f"data/checkpoints/{stage}",
+        "encoder": flag("--encoder", default=paths.ENCODER, help="exported encoder: directory or .pt" + dflt),
+        "train": flag("--train", default=paths.shards("train"), help="train shard directory" + dflt),
+        "val": flag("--val", default=paths.shards("val"), help="val shard directory" + dflt),
+        "out": flag("--out", default=paths.out_dir(stage), help="output directory" + dflt),
+        "ckpt-dir": flag("--ckpt-dir", default=paths.ckpt_dir(stage),
                          help="resumable checkpoints, outside the DAG's outputs" + dflt),
-        "metrics": flag("--metrics", default=f"metrics/{stage}.json", help="metrics file" + dflt),
+        "metrics": flag("--metrics", default=paths.metrics_file(stage), help="metrics file" + dflt),
         "epochs": flag("--epochs", key="epochs", type=int, metavar="N", help="epochs"),
         "iters": flag("--iters", key="iters", type=int, metavar="N", help="training iterations"),
         "batch-size": flag("--batch-size", key="batch_size", type=int, metavar="N", help="batch size per device"),
@@ -222,8 +226,24 @@ def lineage_paths(
         inputs = {k: str(ns[k]) for k in INPUT_ARGS if isinstance(ns.get(k), str | Path)}
     outputs = [str(ns[k]) for k in OUTPUT_ARGS if isinstance(ns.get(k), str | Path)]
     metrics = ns.get("metrics")
-    curves = Path(metrics).parent / "curves" / Path(metrics).stem if isinstance(metrics, str | Path) else None
+    curves = Path(paths.curves_dir(metrics)) if isinstance(metrics, str | Path) else None
     return inputs, outputs, curves
+
+
+# What a stage raises for bad input (a param, a file, a dataset: ParamsError, DatasetError, CocoError, ImageFileError,
+# ModelArtifactError, ... are ValueErrors; a missing or unreadable file an OSError) or a run that cannot go on (a
+# non-finite loss: FloatingPointError): the runner prints one line naming the stage, the stage modules never wrap.
+STAGE_ERRORS = (StageError, TrackingError, ValueError, OSError, FloatingPointError)
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` for the one-line error: an error re-raised by a DataLoader embeds the worker's
+    traceback, of which the last line (``<path>: <reason>``, without the exception's module path) is kept."""
+    if "Traceback (most recent call last)" not in str(err):
+        return str(err).strip()
+    from localmim.data.raw.imagefile import one_line
+
+    return one_line(err)
 
 
 _HANDLER_PID: list[int] = []
@@ -262,8 +282,8 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
             numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             tracker.log_metrics(numeric, step=tracker.last_step, curve=False)
             tracker.finish(numeric)
-    except (StageError, TrackingError, ParamsError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except STAGE_ERRORS as e:
+        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:

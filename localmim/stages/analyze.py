@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from localmim.config.analyze import AnalyzeConfig
+from localmim.pipeline import paths
 from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
@@ -36,7 +37,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
         flag("--checkpoint", default=None, help="pre-training checkpoint with the decoders (default: the one "
              "recorded in encoder.json; reconstructions are skipped when there is none)"),
         *shared_flags("analyze", "train", "val", "out", "metrics"),
-        flag("--plots", default="metrics/analyze_layers.csv", help="per-block CSV (DVC plot; default: %(default)s)"),
+        flag("--plots", default=paths.ANALYZE_PLOTS, help="per-block CSV (DVC plot; default: %(default)s)"),
         *shared_flags("analyze", "device"),
     ],
 )
@@ -50,20 +51,17 @@ def run(cfg: AnalyzeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     args, t0 = ctx.args, time.time()
-    try:
-        dev = resolve_device(cfg.device)
-        enc = read_encoder(args.encoder)
-        num_classes = num_classes_of(args.train)
-        if not num_classes:
-            raise ValueError(f"{args.train}: class count unknown (no manifest 'classes')")
-        net = create_encoder(enc, input_size=cfg.input_size).to(dev).eval()
-        size = cfg.input_size or enc.img_size
-        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev)
-        train = split_outputs(net, args.train, cfg.probe_train, 0, size, **kw)
-        val = split_outputs(net, args.val, cfg.probe_val, cfg.attn_images, size, **kw)
-        pretrain = _pretrain_model(args.checkpoint, Path(args.encoder), dev)
-    except (ValueError, FileNotFoundError) as e:
-        raise StageError(f"analyze: {e}") from None
+    dev = resolve_device(cfg.device)
+    enc = read_encoder(args.encoder)
+    num_classes = num_classes_of(args.train)
+    if not num_classes:
+        raise StageError(f"{args.train}: class count unknown (no manifest 'classes')")
+    net = create_encoder(enc, input_size=cfg.input_size).to(dev).eval()
+    size = cfg.input_size or enc.img_size
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev)
+    train = split_outputs(net, args.train, cfg.probe_train, 0, size, **kw)
+    val = split_outputs(net, args.val, cfg.probe_val, cfg.attn_images, size, **kw)
+    pretrain = _pretrain_model(args.checkpoint, Path(args.encoder), dev)
     swin = is_swin(net)
     scores = per_layer_scores(train.feats, train.labels, val.feats, val.labels, num_classes,
                               probe_steps=cfg.probe_steps, weight_decay=cfg.probe_weight_decay, k=cfg.knn_k,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from localmim.config.datasets import DatasetsConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, flag, stage
 
 
 @stage(
@@ -42,7 +42,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, stage
 def run(cfg: DatasetsConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm import tqdm
 
-    from localmim.data.raw.datasets import DatasetError, write_manifest
+    from localmim.data.raw.datasets import write_manifest
 
     name, out = ctx.args.name, Path(ctx.args.out)
     given = cfg.path_of(name)
@@ -57,11 +57,8 @@ def run(cfg: DatasetsConfig, ctx: StageContext) -> dict[str, float]:
             return bars.enter_context(tqdm(unit="file", desc=f"{what} {name}", file=sys.stderr, mininterval=0.5,
                                            dynamic_ncols=True)).update  # fmt: skip
 
-        try:
-            man = write_manifest(name, root, out, mode=mode, source=source, progress=progress,
-                                 what=f"datasets.{name}" if given else "embedded copy")
-        except (DatasetError, OSError) as e:
-            raise StageError(str(e)) from None
+        man = write_manifest(name, root, out, mode=mode, source=source, progress=progress,
+                             what=f"datasets.{name}" if given else "embedded copy")
     seconds = time.time() - t0
     ctx.tracker.log_artifact(out / f"{name}.json")
     counts = ", ".join(f"{s}: {v.get('num_images', 0)} images" for s, v in man["splits"].items())

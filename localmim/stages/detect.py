@@ -1,8 +1,8 @@
 """``localmim detect --encoder data/pretrain --data data/raw/coco --out data/detect``: COCO detection and instance
 segmentation with Mask R-CNN on the exported encoder (method §9.2).
 
-Outputs (``OUT``): ``model.pt`` (the detector's state dict; ``model.json`` holds what rebuilds it:
-:func:`localmim.models.detection.build_mask_rcnn` with the encoder spec and the ``detect`` params),
+Outputs (``OUT``): ``model.pt`` + ``model.json``, the saved detector (:mod:`localmim.models.artifact`,
+``load_model(OUT)``; ``info`` maps its labels to COCO category ids and names),
 ``detections_val.json`` (COCO results format: bbox + RLE segmentation + score, re-scorable with pycocotools),
 ``val_predictions.png`` (a few val images with predicted masks and boxes), ``data_report.json`` (images and
 annotations found / used / skipped with reasons, load-time skips included, and notes on usable files worth
@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.detect import DetectConfig
+from localmim.pipeline import paths
 from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
@@ -36,34 +37,24 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
     help="COCO detection / instance segmentation: Mask R-CNN on the exported encoder (box and mask AP)",
     flags=[
         *shared_flags("detect", "encoder"),
-        flag("--data", default="data/raw/coco", help="COCO root: train2017/, val2017/, annotations/, or its dataset "
+        flag("--data", default=paths.raw("coco"), help="COCO root: train2017/, val2017/, annotations/, or its dataset "
                                                       "manifest (data/raw/coco.json) (default: %(default)s)"),
         *shared_flags("detect", "out", "ckpt-dir", "metrics", "epochs", "batch-size", "lr", "device"),
     ],
     system_metrics=True,
 )
 def run(cfg: DetectConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.raw.imagefile import ImageFileError, one_line
     from localmim.models.encoder_io import read_encoder
     from localmim.runtime.distributed import process_group
     from localmim.train.detect import run_detect
 
     args = ctx.args
-    try:
-        enc = read_encoder(args.encoder)
-    except (ValueError, FileNotFoundError) as e:
-        raise StageError(str(e)) from None
+    enc = read_encoder(args.encoder)
     with process_group(cfg.device) as dist:
-        try:
-            train, val, skips = _splits(cfg, args, ctx.is_main)
-            if ctx.is_main:
-                ctx.dump_params(cfg, args.out)
-            res = run_detect(cfg, enc, train, val, args.ckpt_dir, dist=dist, log_fn=ctx.tracker.log_metrics,
-                             skips=skips)
-        except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
-            raise StageError(one_line(e)) from None
-        except (ValueError, FloatingPointError) as e:
-            raise StageError(str(e)) from None
+        train, val, skips = _splits(cfg, args, ctx.is_main)
+        if ctx.is_main:
+            ctx.dump_params(cfg, args.out)
+        res = run_detect(cfg, enc, train, val, args.ckpt_dir, dist=dist, log_fn=ctx.tracker.log_metrics, skips=skips)
     for name, split in (("train", train), ("val", val)):  # load-time skips move from used to skipped
         split.report.add_load_skips(split.coco, split.image_dir, skips[name].records())
     m = res.metrics
@@ -133,8 +124,9 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
     from torchvision.io import encode_png
 
     from localmim.eval.detection import render
-    from localmim.train.detect import model_kwargs
-    from localmim.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+    from localmim.models.artifact import save_model
+    from localmim.models.detection import DetectorSpec
+    from localmim.utils.io import atomic_write_bytes, atomic_write_json
 
     out = Path(ctx.args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,14 +134,9 @@ def _write_outputs(cfg: DetectConfig, ctx: StageContext, enc, train, val, res, m
     cat_names = {c: val.coco.cats[c]["name"] for c in val.cat_ids}
     grid = render(res.state["kept"], cat_names, val.label_to_cat)
     atomic_write_bytes(out / "val_predictions.png", bytes(encode_png(grid).numpy()))
-    atomic_torch_save({k: v.detach().cpu() for k, v in res.model.state_dict().items()}, out / "model.pt")
-    atomic_write_json(out / "model.json", {
-        "build": "localmim.models.detection.build_mask_rcnn", "timm_name": enc.timm_name,
-        "timm_kwargs": dict(enc.timm_kwargs), "num_classes": len(val.cat_ids),
-        "kwargs": model_kwargs(cfg) | {"pretrained": False},
-        "label_to_category": {str(k): v for k, v in val.label_to_cat.items()}, "categories": cat_names,
-        "note": "build_mask_rcnn(EncoderSpec(timm_name, timm_kwargs, {}), num_classes, **kwargs), then "
-                "load_state_dict(torch.load('model.pt', weights_only=True))"})
+    save_model(out, res.model.state_dict(), DetectorSpec.from_config(cfg, num_classes=len(train.cat_ids)), encoder=enc,
+               info={"label_to_category": {str(k): v for k, v in val.label_to_cat.items()},
+                     "categories": {str(c): name for c, name in cat_names.items()}})
     atomic_write_json(out / "data_report.json", {"train": train.report.to_dict(), "val": val.report.to_dict()})
     ctx.write_metrics(ctx.args.metrics, metrics)
     for name in ("detections_val.json", "val_predictions.png", "model.json", "data_report.json"):

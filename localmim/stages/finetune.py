@@ -1,10 +1,11 @@
 """``localmim finetune --encoder data/pretrain --out data/finetune``: method §8 fine-tuning of the exported encoder.
 
-Outputs: ``OUT/best.pt`` and ``OUT/last.pt`` (state dicts of the model ``OUT/model.json`` describes:
-``localmim.models.encoder_io.create_timm_model(timm_name, head, **timm_kwargs)``, which for ViT is plain timm,
-``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``; Swin is timm's
-``SwinTransformer`` with the method §8.2 pooled-LayerNorm head; ``load_state_dict(torch.load(p, weights_only=True))``),
-``OUT/params.yaml`` and ``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds, chance_top1 = 100 /
+Outputs: the saved classifier (:mod:`localmim.models.artifact`, ``load_model(OUT)``): ``OUT/best.pt`` (the best
+epoch's weights, the ones ``OUT/model.json`` names) and ``OUT/last.pt`` (the last epoch's: ``load_model(OUT,
+weights="last.pt")``); the spec in ``model.json`` is ``create_timm_model(timm_name, head, **timm_kwargs)``, which for
+ViT is plain timm (``timm.create_model`` for a registered name, else ``timm.models.VisionTransformer(**kwargs)``);
+Swin is timm's ``SwinTransformer`` with the method §8.2 pooled-LayerNorm head. ``OUT/params.yaml`` and
+``metrics/finetune.json`` (top1, top5, best_top1, epochs, seconds, chance_top1 = 100 /
 classes). Resumable checkpoints live in ``--ckpt-dir/<run key>`` (outside the DAG's declared outputs, which DVC
 deletes before a re-run). Per-epoch metrics (train loss, lr, val top-1/top-5/loss) go to MLflow. Runs under torchrun
 for DDP.
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.finetune import FinetuneConfig
-from localmim.pipeline.stage import StageContext, StageError, shared_flags, stage
+from localmim.pipeline.stage import StageContext, shared_flags, stage
 
 
 @stage(
@@ -34,23 +35,17 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.train.finetune import FinetuneData, finetune
 
     args = ctx.args
-    try:
-        enc = read_encoder(args.encoder)
-    except (ValueError, FileNotFoundError) as e:
-        raise StageError(str(e)) from None
+    enc = read_encoder(args.encoder)
     with process_group(cfg.device) as dist:
-        try:
-            if ctx.is_main:
-                ctx.dump_params(cfg, args.out)
-            res = finetune(cfg, enc, FinetuneData(args.train, args.val, args.ckpt_dir),
-                           log_fn=ctx.tracker.log_metrics, dist=dist)
-            if dist.is_main:
-                write_outputs(res, res.run_dir, args.out)
-        except (ValueError, FloatingPointError) as e:
-            raise StageError(str(e)) from None
-    m, recipe = res.metrics, res.state["recipe"]
+        if ctx.is_main:
+            ctx.dump_params(cfg, args.out)
+        res = finetune(cfg, enc, FinetuneData(args.train, args.val, args.ckpt_dir), log_fn=ctx.tracker.log_metrics,
+                       dist=dist)
+        if dist.is_main:
+            write_outputs(res, res.run_dir, args.out)
+    m = res.metrics
     metrics = {k: m[k] for k in ("top1", "top5", "best_top1", "best_epoch", "seconds", "val_samples")} | {
-        "epochs": m["epochs_done"], "chance_top1": 100.0 / recipe["timm_kwargs"]["num_classes"]}  # top1's baseline
+        "epochs": m["epochs_done"], "chance_top1": 100.0 / res.state["spec"].num_classes}  # top1's baseline
     if ctx.is_main:
         ctx.write_metrics(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")
@@ -62,15 +57,15 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
 
 
 def write_outputs(res, ckpt_dir: str | Path, out_dir: str | Path) -> None:
-    """Copy ``best.pt`` / ``last.pt`` from the run's ``ckpt_dir`` into ``out_dir`` (temp name, then rename) and write
-    ``model.json`` (timm name + kwargs, best epoch / top-1) next to them."""
-    import shutil
+    """Save the classifier into ``out_dir``: the weights of the best epoch (``best.pt``, kept in the run's
+    ``ckpt_dir``) with ``model.json`` (its spec; best epoch / top-1), and the last epoch's as ``last.pt``."""
+    import torch
 
-    from localmim.utils.io import atomic_write_json
+    from localmim.models.artifact import save_model
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("best.pt", "last.pt"):
-        shutil.copyfile(Path(ckpt_dir) / name, out / f".{name}.tmp")
-        (out / f".{name}.tmp").replace(out / name)
-    atomic_write_json(out / "model.json", res.state["recipe"])
+    def weights(name: str) -> dict:
+        return torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=True)
+
+    save_model(out_dir, weights("best.pt"), res.state["spec"], weights_file="best.pt",
+               other_weights={"last.pt": weights("last.pt")},
+               info={"best_epoch": res.metrics["best_epoch"], "best_top1": res.metrics["best_top1"]})

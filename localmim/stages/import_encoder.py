@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from localmim.config.imported import ImportConfig
+from localmim.pipeline import paths
 from localmim.pipeline.stage import StageContext, StageError, flag, stage
 
 PLACEHOLDER = {"encoder": False,
@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
         flag("src", key="source", nargs="?", help="checkpoint file ({'model': state_dict, ...} or a state dict)"),
         flag("--from", key="format", choices=["auto", "localmim-vit", "localmim-swin", "mae"],
              help="source format, checked against the keys"),
-        flag("--out", default="data/imported", help="output directory for encoder.pt / encoder.json "
+        flag("--out", default=paths.IMPORTED, help="output directory for encoder.pt / encoder.json "
                                                     "(default: %(default)s)"),
         flag("--model", key="model", metavar="NAME", help="target architecture: a registry name, e.g. "
                                                          "localmim_vit_base_patch16 (default: read off the shapes)"),
@@ -70,13 +70,10 @@ def run(cfg: ImportConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.sha256 and digest != cfg.sha256:
         raise StageError(f"{src}: sha256 {digest or '(no such file)'} differs from imported.sha256 "
                          f"{cfg.sha256}")
-    try:
-        loaded = load_checkpoint(src)  # its errors name the file
-    except ValueError as e:
-        raise StageError(str(e)) from None
+    loaded = load_checkpoint(src)  # its errors name the file
     try:
         conv = convert(loaded, cfg.format, cfg.model, cfg.img_size, cfg.num_heads, cfg.final_norm)
-    except ValueError as e:
+    except ValueError as e:  # the conversion's errors do not know the file: name it
         raise StageError(f"{src}: {e}") from None
     for line in loaded.notes + conv.arch.notes + conv.accounting.lines():
         _log(line)
@@ -105,13 +102,11 @@ def sha256(path: Path) -> str:
 def _placeholder(out: Path, ctx: StageContext) -> dict[str, float]:
     """Replace ``out`` by a directory holding only a constant file: the same bytes whatever the other ``imported``
     params say, so DVC sees the same output hash and does not rerun ``pretrain`` (as the targets placeholder)."""
-    from localmim.utils.io import atomic_write_text
+    from localmim.utils.io import atomic_write_text, replace_dir, staging_dir
 
-    staging = out.with_name(f".{out.name}.placeholder-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(out)
     atomic_write_text(staging / "PLACEHOLDER.json", json.dumps(PLACEHOLDER, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    replace_dir(staging, out)
     ctx.tracker.set_tags({"placeholder": "imported.source is null"})
     _log(f"imported.source is null: nothing imported, placeholder -> {out}")
     return {"source_keys": 0}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from localmim.config.linprobe import LinprobeConfig
-from localmim.pipeline.stage import StageContext, StageError, shared_flags, stage
+from localmim.pipeline.stage import StageContext, shared_flags, stage
 
 
 @stage(
@@ -28,11 +28,8 @@ def run(cfg: LinprobeConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.utils.io import atomic_torch_save
 
     args = ctx.args
-    try:
-        enc = read_encoder(args.encoder)
-        res = linprobe(cfg, enc, train_dir=args.train, val_dir=args.val, log_fn=ctx.tracker.log_metrics)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        raise StageError(str(e)) from None
+    enc = read_encoder(args.encoder)
+    res = linprobe(cfg, enc, train_dir=args.train, val_dir=args.val, log_fn=ctx.tracker.log_metrics)
     out = Path(args.out)
     ctx.dump_params(cfg, out)
     atomic_torch_save(res.state["head"], out / "head.pt")

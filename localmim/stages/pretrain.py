@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from localmim.config.pretrain import PretrainConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
+from localmim.pipeline import paths
+from localmim.pipeline.stage import StageContext, flag, shared_flags, stage
 
 
 @stage(
@@ -27,8 +28,8 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
     help="masked-image-modeling pre-training (LocalMIM or MAE baseline); exports the encoder for timm",
     flags=[
         *shared_flags("pretrain", "out"),
-        flag("--shards", default="data/shards/train", help="raw train shards (data: online)"),
-        flag("--views-dir", default="data/views", help="view shards of `localmim targets` (data: views)"),
+        flag("--shards", default=paths.shards("train"), help="raw train shards (data: online)"),
+        flag("--views-dir", default=paths.VIEWS, help="view shards of `localmim targets` (data: views)"),
         *shared_flags("pretrain", "ckpt-dir", "metrics"),
         flag("--knn-val", default=None, help="val shards of the kNN monitor (default: val/ next to --shards)"),
         flag("--imported", default=None, metavar="DIR",
@@ -45,7 +46,7 @@ from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.eval.knn import build_knn_monitor
     from localmim.runtime.distributed import barrier, process_group
-    from localmim.train.pretrain import NonFiniteLossError, run_pretrain
+    from localmim.train.pretrain import run_pretrain
 
     args = ctx.args
     if args.imported and (Path(args.imported) / "encoder.json").is_file():
@@ -53,12 +54,9 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     data_dir = Path(args.views_dir if cfg.data == "views" else args.shards)
     log = lambda m, step: ctx.tracker.log_metrics(m, step=step)
     with process_group(cfg.device) as dist:
-        try:
-            monitor = build_knn_monitor(cfg, Path(args.shards), args.knn_val, ctx.is_main)
-            result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, monitor=monitor, progress=not args.no_progress,
-                                  dist=dist)
-        except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-            raise StageError(str(e)) from None
+        monitor = build_knn_monitor(cfg, Path(args.shards), args.knn_val, ctx.is_main)
+        result = run_pretrain(cfg, data_dir, args.ckpt_dir, log, monitor=monitor, progress=not args.no_progress,
+                              dist=dist)
         # every monitored epoch, those before a resume included (rows: step, epoch, knn_top1, knn_seconds)
         knn_history = [{k: v for k, v in r.items() if k != "step"} for r in result.history]
         metrics = {k: float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")}

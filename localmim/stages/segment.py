@@ -7,7 +7,7 @@ changed files). A file that fails to load during the run (damaged after the chec
 ``CKPT_DIR/load-skips-*.jsonl`` (``skip``) or stops the run with one line naming it (``fail``). Outputs (rank 0,
 the whole directory appears at once: built under ``.<out>.staging`` and renamed):
 
-- ``OUT/model.pt`` (the segmenter's state dict, ``weights_only``-loadable) + ``OUT/model.json`` (how to rebuild it);
+- ``OUT/model.pt`` + ``OUT/model.json``: the saved segmenter (:mod:`localmim.models.artifact`, ``load_model(OUT)``);
 - ``OUT/pred/<annotation name>.png``: one label map per val image in ADE20K's convention (class k -> k + 1,
   0 never predicted), at the annotation's size, so any ADE20K scorer can re-score them;
 - ``OUT/grid.png``: image | ground truth | prediction for the first ``num_vis`` val images (torchvision's palette);
@@ -24,13 +24,13 @@ MLflow: params, per-iteration loss/lr, eval metrics with their step, the grid an
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from localmim.config.segment import SegmentConfig
+from localmim.pipeline import paths
 from localmim.pipeline.stage import StageContext, StageError, flag, shared_flags, stage
 
 
@@ -80,7 +80,7 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     help="ADE20K semantic segmentation: UperNet on the exported encoder (mIoU, label-map PNGs)",
     flags=[
         *shared_flags("segment", "encoder"),
-        flag("--data", default="data/raw/ade20k", help="ADE20K release folder, or its dataset manifest "
+        flag("--data", default=paths.raw("ade20k"), help="ADE20K release folder, or its dataset manifest "
                                                         "(data/raw/ade20k.json) (default: %(default)s)"),
         *shared_flags("segment", "out", "ckpt-dir", "metrics", "iters", "device", "no-progress"),
     ],
@@ -90,18 +90,14 @@ def run(cfg: SegmentConfig, ctx: StageContext) -> dict[str, float]:
     from localmim.models.encoder_io import read_encoder
     from localmim.runtime.distributed import process_group
 
-    try:
-        enc = read_encoder(ctx.args.encoder)
-    except (ValueError, FileNotFoundError) as e:
-        raise StageError(str(e)) from None
+    enc = read_encoder(ctx.args.encoder)
+    out = Path(ctx.args.out)
     with process_group(cfg.device) as dist:
         scans = _scans(cfg, ctx)
-        out = Path(ctx.args.out)
-        staging = out.with_name(f".{out.name}.staging")
-        res = _train(cfg, ctx, enc, scans, staging, dist)
+        res = _train(cfg, ctx, enc, scans, out, dist)
     if not ctx.is_main:
         return {}
-    metrics = _finish(cfg, ctx, enc, res, scans, staging, out)
+    metrics = _finish(cfg, ctx, enc, res, scans, out)
     print(f"localmim segment: mIoU {metrics['mIoU']:.2f}, mAcc {metrics['mAcc']:.2f}, aAcc {metrics['aAcc']:.2f} "
           f"after {res.metrics['iters']} iterations -> {out}", file=sys.stderr)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
@@ -121,16 +117,16 @@ def _scans(cfg: SegmentConfig, ctx: StageContext) -> dict:
     return scans
 
 
-def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Path, dist):
-    """Train and evaluate; every val prediction is written into ``staging/pred`` as it comes."""
-    from localmim.data.raw.imagefile import ImageFileError, one_line
+def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, out: Path, dist):
+    """Train and evaluate; every val prediction is written into ``out``'s staging directory as it comes."""
     from localmim.runtime.distributed import barrier
     from localmim.train.segment import run_segment
+    from localmim.utils.io import staging_dir, staging_path
 
     val_pairs = scans["val"].pairs
+    staging = staging_path(out)  # every rank writes its share of the predictions there
     if ctx.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "pred").mkdir(parents=True)
+        (staging_dir(out) / "pred").mkdir()
     barrier()
 
     def on_pred(idx: int, pred) -> None:  # ADE20K convention: class k -> k + 1 (0 = ignore, never predicted)
@@ -138,14 +134,9 @@ def _train(cfg: SegmentConfig, ctx: StageContext, enc, scans: dict, staging: Pat
             return
         _png(staging / "pred" / val_pairs[idx].annotation.name, (pred + 1).to("cpu").numpy().astype(np.uint8))
 
-    try:
-        res = run_segment(cfg, enc, scans["train"].pairs, val_pairs, ctx.args.ckpt_dir, on_pred=on_pred,
-                          log_fn=lambda m, step: ctx.tracker.log_metrics(m, step=step),
-                          progress=not ctx.args.no_progress, dist=dist)
-    except ImageFileError as e:  # on_bad=fail: the file that failed to load (re-raised by the DataLoader)
-        raise StageError(one_line(e)) from None
-    except (ValueError, FloatingPointError) as e:
-        raise StageError(str(e)) from None
+    res = run_segment(cfg, enc, scans["train"].pairs, val_pairs, ctx.args.ckpt_dir, on_pred=on_pred,
+                      log_fn=lambda m, step: ctx.tracker.log_metrics(m, step=step),
+                      progress=not ctx.args.no_progress, dist=dist)
     barrier()
     return res
 
@@ -186,22 +177,21 @@ def _split_counts(scans, val_images: int) -> dict:
     return out
 
 
-def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -> dict:
-    """Model, grid, per-class table and params into ``staging``, renamed to ``out``; the metrics file."""
+def _finish(cfg, ctx: StageContext, enc, res, scans, out: Path) -> dict:
+    """Model, grid, per-class table and params into the staging directory, swapped in for ``out``; the metrics
+    file."""
     import torch
 
     from localmim.eval.segmentation import baseline_scores
+    from localmim.models.artifact import save_model
+    from localmim.models.segmentation import SegmenterSpec
     from localmim.train.segment import inference_mode
-    from localmim.utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+    from localmim.utils.io import atomic_write_text, replace_dir, staging_path
 
-    m = res.metrics
-    atomic_torch_save({k: v.detach().cpu() for k, v in res.model.state_dict().items()}, staging / "model.pt")
-    atomic_write_json(staging / "model.json", {
-        "encoder": {"timm_name": enc.timm_name, "timm_kwargs": enc.timm_kwargs}, "num_classes": cfg.num_classes,
-        "crop_size": cfg.crop_size, "channels": cfg.channels, "aux_channels": cfg.aux_channels,
-        "label_convention": "ADE20K: prediction k (0-based) is written as k + 1; 0 = ignore",
-        "build": "localmim.models.segmentation.build_segmenter(read_encoder(...), num_classes, crop_size=..., "
-                 "channels=..., aux_channels=...)"})
+    m, staging = res.metrics, staging_path(out)
+    save_model(staging, res.model, SegmenterSpec.from_config(cfg), encoder=enc,
+               info={"label_convention": "ADE20K: prediction k (0-based) is written as k + 1; 0 = ignore",
+                     "inference": inference_mode(cfg, res.model)})
     val = scans["val"].pairs
     rows = [(p.image, p.annotation, staging / "pred" / p.annotation.name) for p in val[:cfg.num_vis]]
     if rows:
@@ -211,12 +201,7 @@ def _finish(cfg, ctx: StageContext, enc, res, scans, staging: Path, out: Path) -
         for k, (i, a) in enumerate(zip(m["per_class_iou"], m["per_class_acc"], strict=True))]
     atomic_write_text(staging / "per_class.csv", "\n".join(lines) + "\n")
     ctx.dump_params(cfg, staging)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.replace(old)
-    staging.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, out)  # the old output kept until the new one is complete
     val_images = len(list((out / "pred").glob("*.png")))  # scored in the final pass (placeholders write none)
     metrics = {"mIoU": m["mIoU"], **baseline_scores(torch.tensor(m["confusion"])), "mAcc": m["mAcc"],
                "aAcc": m["aAcc"], "iters": m["iters"],

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from localmim.config.shard import ShardConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, flag, stage
 
 
 def _warn(msg: str) -> None:
@@ -71,18 +71,15 @@ def source_inventory(src: str, split: str):
     run_name=lambda a: f"shard_{a.split}",
 )
 def run(cfg: ShardConfig, ctx: StageContext) -> dict[str, float]:
-    from localmim.data.shards.write import BadImageError, ShardOptions, write_shards
+    from localmim.data.shards.write import ShardOptions, write_shards
 
     args = ctx.args
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx.dump_params(cfg, out, name=f"{args.split}.params.yaml")
     t0 = time.time()
-    try:
-        inv = source_inventory(args.src, args.split)
-        manifest = write_shards(inv, out, args.split, ShardOptions(**cfg.to_dict()), warn=_warn)
-    except (BadImageError, FileNotFoundError, ValueError) as e:
-        raise StageError(str(e)) from None
+    inv = source_inventory(args.src, args.split)
+    manifest = write_shards(inv, out, args.split, ShardOptions(**cfg.to_dict()), warn=_warn)
     seconds = time.time() - t0
     ctx.tracker.log_artifact(out / f"{args.split}.json")
     n = manifest["num_samples"]

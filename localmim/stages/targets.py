@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from localmim.config.targets import TargetsConfig
-from localmim.pipeline.stage import StageContext, StageError, flag, stage
+from localmim.pipeline.stage import StageContext, flag, stage
 
 
 def _log(msg: str) -> None:
@@ -46,19 +46,13 @@ def run(cfg: TargetsConfig, ctx: StageContext) -> dict[str, float]:
     if ctx.args.placeholder_unless_views and (ctx.params_tree.get("pretrain") or {}).get("data") != "views":
         return _placeholder(Path(ctx.args.out), ctx)
     kw = {"img_size": cfg.input_size} | ({"hog_nbins": cfg.hog_nbins} if cfg.hog_nbins else {})
-    try:
-        with torch.device("meta"):  # only the geometry is needed, not the weights
-            model = create(cfg.model, **kw)
-        spec = spec_from_model(model, cfg.views, cfg.seed, cfg.dtype)
-    except ValueError as e:
-        raise StageError(f"targets: {e}") from None
+    with torch.device("meta"):  # only the geometry is needed, not the weights
+        model = create(cfg.model, **kw)
+    spec = spec_from_model(model, cfg.views, cfg.seed, cfg.dtype)
     out = Path(ctx.args.out)
     t0 = time.time()
-    try:
-        man = write_views(ctx.args.src, out, spec, max_samples_per_shard=cfg.max_samples_per_shard,
-                          workers=cfg.workers, log=_log, extra={"model": cfg.model, "params": cfg.to_dict()})
-    except (ValueError, FileNotFoundError) as e:
-        raise StageError(f"targets: {e}") from None
+    man = write_views(ctx.args.src, out, spec, max_samples_per_shard=cfg.max_samples_per_shard,
+                      workers=cfg.workers, log=_log, extra={"model": cfg.model, "params": cfg.to_dict()})
     ctx.dump_params(cfg, out)
     ctx.tracker.log_artifact(out / "views.json")
     seconds = time.time() - t0
@@ -78,15 +72,12 @@ def _placeholder(out: Path, ctx: StageContext) -> dict[str, float]:
     """Replace ``out`` by a directory holding only a constant file (same bytes every time, so DVC sees the same
     output hash and does not rerun pretraining); no targets params are dumped into it for the same reason."""
     import json
-    import shutil
 
-    from localmim.utils.io import atomic_write_text
+    from localmim.utils.io import atomic_write_text, replace_dir, staging_dir
 
-    stage = out.with_name(f".{out.name}.placeholder-tmp")
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = staging_dir(out)
     atomic_write_text(stage / "PLACEHOLDER.json", json.dumps(PLACEHOLDER, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    stage.rename(out)
+    replace_dir(stage, out)
     ctx.tracker.set_tags({"placeholder": "pretrain.data is online"})
     _log(f"targets: pretrain.data is online: no view shards, placeholder -> {out}")
     return {"num_samples": 0, "views": 0}

@@ -15,7 +15,7 @@ import numpy as np
 
 from localmim.synth.draw import DrawnObject, encode_jpeg, encode_png, image_size, render
 from localmim.synth.shapes import MAX_CLASSES, SHAPE_NAMES
-from localmim.utils.io import clean_stale_tmp
+from localmim.utils.io import clean_stale_tmp, replace_dir
 
 # Share of embedded ImageNet images drawn in their class's typical hue. With random colours only (0.0), 60 images
 # per class were too few for anything to generalise: a 4-layer CNN reached ~25% val top-1 and the ViT-Tiny
@@ -208,15 +208,8 @@ def generate_all(
         n = write_coco(tmp / "coco", num_classes=seg_classes, sizes={"train": coco_train, "val": coco_val}, **common)
         counts.update({f"coco_{k}": v for k, v in n.items()})
         for name in ("imagenet", "ade20k", "coco"):
-            _replace_dir(tmp / name, out / name)
+            replace_dir(tmp / name, out / name)  # the old copy kept until the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return counts
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.with_name(f".{dst.name}.old.tmp-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

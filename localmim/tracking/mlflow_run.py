@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -32,7 +31,7 @@ from localmim.tracking.lineage import (
 )
 from localmim.tracking.metrics import encoder_tags, is_measurement
 from localmim.utils.gitinfo import git_commit
-from localmim.utils.io import atomic_write_text
+from localmim.utils.io import atomic_write_text, recover_dir, replace_dir, staging_dir
 
 DEFAULT_EXPERIMENT = "localmim"
 
@@ -343,20 +342,18 @@ def write_curves(directory: Path, curves: dict[str, dict[int, float]]) -> None:
     A resumed run logs only the steps after its checkpoint: the points the directory holds before this run's first
     step are kept (they are the same run's: a checkpoint resumes only with the same params and data). A run that
     logged nothing (resumed at its end, e.g. a forced rerun) leaves the directory as it is."""
+    recover_dir(directory)  # a swap interrupted by a crash: the earlier points are read back below
     first = min((s for points in curves.values() for s in points), default=None)
     if first is None and directory.is_dir():
         return
     if first:
         for name, points in read_curves(directory).items():
             curves[name] = {s: v for s, v in points.items() if s < first} | curves.get(name, {})
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(directory)
     for name, points in curves.items():
         rows = "".join(f"{s}\t{points[s]!r}\n" for s in sorted(points))
         atomic_write_text(tmp / f"{name}.tsv", f"step\t{name}\n{rows}")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    replace_dir(tmp, directory)
 
 
 def read_curves(directory: Path) -> dict[str, dict[int, float]]:

@@ -33,16 +33,6 @@ ENCODER_PREFIX = "backbone.body.encoder."
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")  # torchvision's
 
 
-def model_kwargs(cfg) -> dict:
-    """The ``detect`` params that shape the detector: ``build_mask_rcnn(enc, num_classes, **model_kwargs(cfg))``."""
-    return dict(image_size=cfg.image_size, max_size=cfg.max_size, train_scales=list(cfg.train_scales),
-                drop_path=cfg.drop_path, pretrained=cfg.pretrained, anchor_size=cfg.anchor_size,
-                window_size=cfg.window_size, global_blocks=list(cfg.global_blocks),
-                rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-                box_batch_size_per_image=cfg.box_batch_size_per_image, detections_per_img=cfg.detections_per_img,
-                box_head_dim=cfg.box_head_dim, mask_head_channels=cfg.mask_head_channels)
-
-
 def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
     """This rank's share of ``ds`` for ``epoch`` (a fixed shuffle per epoch; worker seeds fixed by
     ``(seed, epoch, rank)``)."""
@@ -82,11 +72,12 @@ def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, A
     to load follows ``skips[split]``: training substitutes the next one, evaluation leaves it out)."""
     from localmim.data.dense.coco import coco_dataset
     from localmim.data.dense.coco_transforms import eval_transforms, train_transforms
-    from localmim.models.detection import build_mask_rcnn
+    from localmim.models.detection import DetectorSpec, build_mask_rcnn
     from localmim.train.optim import create_adamw
 
     seed_everything(cfg.seed)  # the same initial model on every rank
-    model = build_mask_rcnn(enc, len(train.cat_ids), **model_kwargs(cfg))
+    spec = DetectorSpec.from_config(cfg, num_classes=len(train.cat_ids))  # the stage's model.json writes the same
+    model = build_mask_rcnn(enc, spec, pretrained=cfg.pretrained)
     seed_everything(cfg.seed + dist.rank)  # drop path, augmentation (num_workers = 0)
     train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range),
                              skips.get("train"), train=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from localmim.models.encoder_io import EncoderSpec, build_classifier, classifier_head
+from localmim.models.encoder_io import ClassifierSpec, EncoderSpec, build_classifier
 from localmim.models.layer_decay import layer_decay_groups
 from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
 from localmim.runtime.precision import Precision
@@ -120,7 +120,8 @@ def finetune(cfg, enc: EncoderSpec, data: FinetuneData, *, log_fn: LogFn | None 
     Keeps ``best.pt`` / ``last.pt`` (plain timm state dicts) in the run's checkpoint directory (the result's
     ``run_dir``) and resumes from its newest checkpoint. The result's ``metrics`` hold the last epoch's ``top1``,
     ``top5``, ``val_loss``, ``val_samples``, the best top-1 and its epoch (``best_top1``, ``best_epoch``), ``seconds``
-    (this call's wall time) and the counters; its ``state["recipe"]`` says how to rebuild the model."""
+    (this call's wall time) and the counters; its ``state["spec"]`` (a
+    :class:`~localmim.models.encoder_io.ClassifierSpec`) rebuilds the model."""
     t0 = time.time()
     dist = setup(cfg.device, dist)
     cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
@@ -129,7 +130,8 @@ def finetune(cfg, enc: EncoderSpec, data: FinetuneData, *, log_fn: LogFn | None 
     schedule = WarmupCosine(method.eng.opt, cfg.peak_lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     res = loop.run(method, method.eng, schedule, plan, ckpts=ckpts, log_fn=log_fn)
     res.metrics.update(best_top1=method.best_top1, best_epoch=method.best_epoch, seconds=time.time() - t0)
-    res.state["recipe"] = _recipe(method.eng.model, enc, cfg, method)
+    res.state["spec"] = ClassifierSpec.of(enc, unwrap(method.eng.model).num_classes, model=cfg.model,
+                                          input_size=cfg.input_size)
     return res
 
 
@@ -162,16 +164,6 @@ def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo,
     plan = loop.Plan("finetune", cfg.epochs, train_ds.optimizer_steps, ("train_loss",), train_ds.accum, cadence,
                      cfg.seed, progress=progress and dist.is_main)
     return method, ckpts, plan
-
-
-def _recipe(model, enc: EncoderSpec, cfg, method: FinetuneMethod) -> dict[str, Any]:
-    """How to rebuild the classifier: ``encoder_io.create_timm_model(timm_name, head, **timm_kwargs)`` (plain timm
-    for ``head == 'timm'``; Swin's ``pool_norm`` head swaps timm's per-token norm for a pooled one, method §8.2)."""
-    kwargs = dict(enc.timm_kwargs) | {"img_size": cfg.input_size or enc.img_size, "global_pool": "avg",
-                                     "num_classes": unwrap(model).num_classes}
-    name = enc.timm_name if cfg.model == "auto" else cfg.model
-    return {"timm_name": name, "head": classifier_head(name), "timm_kwargs": kwargs,
-            "best_epoch": method.best_epoch, "best_top1": method.best_top1}
 
 
 def _save_weights(model, path: Path) -> None:

@@ -27,7 +27,7 @@ from localmim.data.dense.ade20k_transforms import train_transform
 from localmim.eval.segmentation import evaluate
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay
-from localmim.models.segmentation import Segmenter, build_segmenter
+from localmim.models.segmentation import Segmenter, SegmenterSpec, build_segmenter
 from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
 from localmim.runtime.precision import Precision
 from localmim.runtime.seed import seed_everything
@@ -54,8 +54,7 @@ def pairs_fingerprint(pairs: list[Pair]) -> str:
 
 def _build(cfg, enc: EncoderSpec, dist: DistInfo) -> Engine:
     seed_everything(cfg.seed)  # identical init on every rank
-    model = build_segmenter(enc, cfg.num_classes, crop_size=cfg.crop_size, channels=cfg.channels,
-                            aux_channels=cfg.aux_channels, drop_path=cfg.drop_path, pretrained=cfg.pretrained)
+    model = build_segmenter(enc, SegmenterSpec.from_config(cfg), pretrained=cfg.pretrained)
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
