@@ -60,9 +60,9 @@ def _get(tree: dict[str, Any], key: str) -> Any:
     return tree
 
 
-def _nest(leaves: dict[str, Any]) -> dict[str, Any]:
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
-    for key, value in leaves.items():
+    for key, value in flat.items():
         *path, last = key.split(".")
         node = tree
         for part in path:
@@ -229,12 +229,16 @@ def record_restored() -> int:
     for name, keys in stale.items():
         print(f"{PROG}: {name}: params changed since dvc.lock ({keys}); Snakemake and DVC rerun it")
     by_name = {n.name: n for n in nodes}
+    done: list[str] = []
     for rules, overlay in passes(record, {r: lock_leaves(lock[r]) for r in record}):
         t = touch(by_name, rules, overlay)
-        if t.returncode != 0:
-            print(f"{PROG}: error: `snakemake --touch` failed for {', '.join(rules)}:\n{t.stdout[-2000:]}"
-                  f"{t.stderr[-3000:]}", file=sys.stderr)
+        if t.returncode != 0:  # e.g. dvc.lock's params fail today's schema; later runs would sit on unrecorded ones
+            left = record[len(done):]
+            print(f"{t.stdout[-2000:]}{t.stderr[-3000:]}\n{PROG}: error: `snakemake --touch` failed (above) for "
+                  f"{', '.join(rules)}; not recorded: {', '.join(left)}. Snakemake decides those by file times; "
+                  f"`snakemake --forcerun {' '.join(left)}` reruns them", file=sys.stderr)
             return 1
+        done += rules
     never = [n.name for n in nodes if n.name not in lock]
     if record:
         print(f"{PROG}: recorded for Snakemake (outputs restored by DVC, params from dvc.lock): {', '.join(record)}")
