@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_NUM_THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint dag exps clean-data venv
+.PHONY: demo test bench lint dag exps pull clean-data venv
 
 venv: $(STAMP)
 
@@ -55,6 +55,9 @@ dag: $(STAMP)
 
 exps: $(STAMP)  ## DVC experiments with the params that matter and the headline metrics (ARGS=... adds dvc exp show args)
 	$(BIN)/python -m localmim.pipeline.dag exps $(ARGS)
+
+pull: $(STAMP)  ## a fresh clone: `dvc pull`, then record for Snakemake the stages DVC restored (ARGS=-r REMOTE)
+	$(BIN)/localmim pull $(ARGS)
 
 clean-data:
 	rm -rf data/raw data/shards data/views data/pretrain data/finetune data/linprobe data/analyze data/segment data/detect data/checkpoints metrics/*.json metrics/*.csv metrics/curves logs reports/metrics.tsv .snakemake

@@ -2,7 +2,8 @@
 # Every rule runs one `localmim <stage>` command; the rules are generated from the stage registry
 # (localmim/pipeline/dag.py) together with dvc.yaml, so the two cannot drift (`localmim dag --check`).
 # Run: `snakemake --cores 2` (the default workflow profile, profiles/default -> workflow/profiles/default,
-# sets rerun triggers without mtime: rules rerun when their params, inputs or command change).
+# sets rerun triggers without mtime: rules rerun when their params, inputs or command change, or an input directory
+# is newer than their outputs; after `git clone` + `dvc pull`, `localmim pull` records the restored stages).
 # `--configfile FILE` / `--config KEY=VALUE` change what the stages compute: every command gets exactly the config
 # Snakemake sees (each rule's params, written to .snakemake/localmim/params-<hash>.yaml and passed with --params).
 # After a successful run, the stages of this run whose params equal params.yaml are recorded in DVC (`dvc commit`)
@@ -38,6 +39,10 @@ rule all:
 
 
 onsuccess:
+    # `snakemake --touch` (e.g. `localmim pull`) produced nothing: recording its outputs in DVC as made from
+    # params.yaml would be a claim no run made.
+    if workflow.touch:
+        return
     rules = sorted({job.rule.name for job in workflow.dag.jobs} - {"all"})
     cmd = ["python", "-m", "localmim.pipeline.dvc_sync", "--params", params_file(config), *rules]
     try:

@@ -1,4 +1,5 @@
-"""``localmim`` command line: one subcommand per pipeline stage, plus ``params``, ``dag``, ``report``, ``compare``."""
+"""``localmim`` command line: one subcommand per pipeline stage, plus ``params``, ``dag``, ``report``, ``compare``,
+``pull``."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from localmim.tracking import compare
 
     return compare.main(args)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from localmim.pipeline import pull
+
+    return pull.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare.add_args(p)
     p.set_defaults(_run=_cmd_compare)
+
+    p = sub.add_parser("pull", help="`dvc pull`, then record for Snakemake the stages DVC restored (a fresh clone "
+                                    "reruns nothing that is up to date)")
+    from localmim.pipeline import pull
+
+    pull.add_args(p)
+    p.set_defaults(_run=_cmd_pull)
     return parser
 
 

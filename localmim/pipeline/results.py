@@ -80,6 +80,34 @@ def headline_table(rows: list[tuple[str, str, float]]) -> list[str]:
     return lines
 
 
+def provenance(mdir: Path, lock_path: Path = Path("dvc.lock")) -> list[str]:
+    """Where the numbers come from: which metrics files are the results ``dvc.lock`` records (md5, as DVC hashes
+    them), and a note when MLflow has no store here (a pulled pipeline: the runs stayed with the machine that ran it).
+    """
+    import hashlib
+
+    from localmim.tracking.mlflow_run import tracking_uri
+
+    lines = []
+    if lock_path.is_file():
+        from localmim.pipeline.pull import YAMLError, read_lock
+
+        try:
+            recorded = {Path(str(o.get("path"))): o.get("md5") for st in read_lock(lock_path).values()
+                        for o in st.get("outs") or [] if isinstance(o, dict)}
+        except YAMLError as e:
+            return [f"{e}"]
+        files = sorted(f for f in recorded if f.parent == mdir and f.suffix == ".json")
+        same = [f for f in files if f.is_file() and hashlib.md5(f.read_bytes()).hexdigest() == recorded[f]]
+        lines.append(f"{len(same)} of {len(files)} metrics files listed in {lock_path} match it (its recorded results)")
+        lines += [f"  {f}: not the result {lock_path} records (`dvc status` says why)" for f in files if f not in same]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        lines.append(f"MLflow has no runs here (no store at {uri}): the numbers come from {mdir}/ and {lock_path}; "
+                     "`localmim compare` compares the DVC experiments")
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
     mdir = Path(args.metrics_dir)
     rows = collect(mdir)
@@ -94,6 +122,9 @@ def report(args: argparse.Namespace) -> int:
         print()
     print("\n".join(headline_table(rows)))
     print(f"\n({len(rows)} numbers in {mdir}/*.json; `localmim report --all` lists them all)")
+    if not getattr(args, "out", None):  # the DAG's summary node (--out) runs before dvc.lock is updated
+        for line in provenance(mdir):
+            print(line)
     if getattr(args, "out", None):
         write_outputs(rows, Path(args.out))
         print(f"wrote {args.out}/metrics.tsv and {args.out}/metrics.png")

@@ -36,7 +36,12 @@ class Group:
 
 
 class NothingToCompare(RuntimeError):
-    """No run/group matches; the message says what was looked for where."""
+    """No run/group matches; the message says what was looked for where. ``empty``: the store holds no runs at all
+    (then the DVC results are compared instead, ``compare_dvc``)."""
+
+    def __init__(self, message: str, empty: bool = False):
+        super().__init__(message)
+        self.empty = empty
 
 
 def _run_params(run: Any, sections: set[str]) -> dict[str, str]:
@@ -51,10 +56,10 @@ def load_groups(client: Any, experiment: str, *, names: list[str] | None = None,
     experiment name (``names``), by member run ids, then the ``last`` N."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise NothingToCompare(f"no MLflow experiment {experiment!r} in this tracking store")
+        raise NothingToCompare(f"no MLflow experiment {experiment!r} in this tracking store", empty=True)
     runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
     if not runs:
-        raise NothingToCompare(f"MLflow experiment {experiment!r} has no runs yet (run the pipeline first)")
+        raise NothingToCompare(f"MLflow experiment {experiment!r} has no runs yet (run the pipeline first)", empty=True)
     by_id = {r.info.run_id: r for r in runs}
     sections = {r.data.tags.get("section") for r in runs} - {None}
     groups: dict[str, Group] = {}
@@ -145,16 +150,16 @@ def render(groups: list[Group], diff: list[str], fmt: str) -> str:
 def main(args: argparse.Namespace) -> int:
     import os
 
-    import mlflow
-
-    from localmim.tracking.compare_plots import write_plots
     from localmim.tracking.mlflow_run import DEFAULT_EXPERIMENT, store_lock, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        print(f"localmim compare: nothing to compare: no MLflow store at {uri} (run the pipeline first, or set "
-              "MLFLOW_TRACKING_URI / --tracking-uri)", file=sys.stderr)
-        return 1
+        return compare_dvc_results(args, f"no MLflow store at {uri} (set MLFLOW_TRACKING_URI / --tracking-uri to a "
+                                         "team's server)")
+    import mlflow
+
+    from localmim.tracking.compare_plots import write_plots
+
     with store_lock(uri):
         client = mlflow.MlflowClient(uri)
     default = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
@@ -165,21 +170,48 @@ def main(args: argparse.Namespace) -> int:
     try:
         groups = load_groups(client, experiment, names=names, run_ids=args.runs, last=args.last)
     except NothingToCompare as e:
+        if e.empty:
+            return compare_dvc_results(args, f"{e} (tracking URI {uri})")
         print(f"localmim compare: nothing to compare: {e} (tracking URI {uri})", file=sys.stderr)
         return 1
-    diff = differing_params(groups)
-    text = render(groups, diff, args.format)
-    print(text, end="")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"compare.{args.format}").write_text(text)
+    diff = write_table(groups, args)
     if len(groups) < 2:
         print(f"localmim compare: only one pipeline group in {experiment!r}; run another (e.g. `dvc exp run -S "
               "pretrain.mask_ratio=0.6`) to compare", file=sys.stderr)
     elif not diff:
         print("localmim compare: the groups have the same params (reruns of one configuration)", file=sys.stderr)
-    paths = write_plots(client, groups, diff, out)
+    paths = write_plots(client, groups, diff, Path(args.out))
     print(f"localmim compare: {len(groups)} groups; plots: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def write_table(groups: list[Group], args: argparse.Namespace) -> list[str]:
+    """Print the table and write it to ``<out>/compare.<format>`` (atomically); returns the differing params."""
+    from localmim.utils.io import atomic_write_text
+
+    diff = differing_params(groups)
+    text = render(groups, diff, args.format)
+    print(text, end="")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"compare.{args.format}", text)
+    return diff
+
+
+def compare_dvc_results(args: argparse.Namespace, why: str) -> int:
+    """MLflow has no runs here (``why``): the table of the DVC results instead (``compare_dvc``), no plots."""
+    from localmim.tracking.compare_dvc import load_dvc_groups
+
+    try:
+        groups = load_dvc_groups(names=list(args.names) + ([args.experiment] if args.experiment else []),
+                                 last=args.last)
+    except NothingToCompare as e:
+        print(f"localmim compare: nothing to compare: {why}; {e}", file=sys.stderr)
+        return 1
+    print(f"localmim compare: MLflow has no runs here: {why}. Comparing the {len(groups)} DVC results with metrics "
+          "instead: the workspace (metrics/ and dvc.lock) and the DVC experiments of this commit", file=sys.stderr)
+    write_table(groups, args)
+    print("localmim compare: no plots without MLflow runs (`dvc plots diff` draws the DVC curves)", file=sys.stderr)
     return 0
 
 
