@@ -144,9 +144,11 @@ def test_report_plot_marks_each_headlines_baselines(tmp_path):
         assert min(xs) < centers[label] < max(xs) and max(xs) - min(xs) < 1, gid  # across its own bar only
     hatched = {label for label, bar in zip(labels, ax.patches, strict=True) if bar.get_hatch()}
     assert hatched == {"detect\nbbox_AP"}  # 0.2 % <= its prior's 0.5 %; every other bar beats its baselines
+    red = {t.get_text() for t in ax.get_xticklabels() if t.get_color() == "red"}
+    assert red == hatched
     legend = {t.get_text() for t in ax.get_legend().get_texts()}
     assert {"baseline: chance", "baseline: most frequent class", "baseline: uniform random class",
-            "baseline: training boxes, image unseen", "hatched: not above its baseline"} == legend
+            "baseline: training boxes, image unseen", "hatched, red label: not above its baseline"} == legend
 
     assert report(Namespace(metrics_dir=str(tmp_path), out=str(tmp_path / "out"), all=False)) == 0
     assert (tmp_path / "out" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,7 +48,7 @@ _BASELINE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))
 def metrics_figure(rows: list[tuple[str, str, float]]):
     """The report plot: a bar per headline score (percent) with a black line across the bar at each baseline its
     stage wrote (``BASELINES``; line gid ``baseline:<stage>.<metric>:<baseline key>``); a bar that does not beat its
-    best baseline is hatched. Right: pretraining's final loss per decoder tap."""
+    best baseline is hatched and its label red. Right: pretraining's final loss per decoder tap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,9 +86,10 @@ def metrics_figure(rows: list[tuple[str, str, float]]):
         if written and scores[i][1] <= max(as_percent(k, values[(s, b)]) for b, _ in written):
             bar = axes[0].patches[i]
             bar.set_hatch("//")
+            axes[0].get_xticklabels()[i].set_color("red")  # a bar of height ~0 shows no hatch
             bar.set_gid(f"not-above-baseline:{s}.{k}")
             hatch = Patch(facecolor="white", edgecolor="black", hatch="//")
-            legend.setdefault("hatched: not above its baseline", hatch)
+            legend.setdefault("hatched, red label: not above its baseline", hatch)
     if legend:  # above the bars: 40 % headroom
         axes[0].set_ylim(top=1.4 * max(axes[0].get_ylim()[1], 1e-9))
         axes[0].legend(legend.values(), legend.keys(), fontsize=6, loc="upper center", ncol=2, handlelength=4)
