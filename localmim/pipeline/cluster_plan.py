@@ -16,9 +16,10 @@ Given ``--nodes`` x ``--gpus-per-node`` GPUs of ``--gpu-mem`` GiB and a job time
 * **Chained jobs:** a stage longer than the time limit runs as jobs that each resume from the newest checkpoint
   (``snakemake --retries``). Each job pays a restart (``--restart-minutes``, an assumption: start-up, checkpoint
   load, data-loader warm-up) and, when cut by the limit, loses the work since its last checkpoint (at most the
-  stage's checkpoint interval ``C``, from its params). Worst case, ``jobs = 1 + ceil((wall - (limit - restart)) /
-  (limit - restart - C))`` (1 when ``wall + restart <= limit``), and the wall time printed is the compute time plus
-  ``jobs x restart + (jobs - 1) x C``. A stage without resumable checkpoints (linprobe, analyze) must fit one job.
+  stage's checkpoint interval ``C``: ``ckpt_every`` and ``ckpt_minutes`` from its params). Worst case,
+  ``jobs = 1 + ceil((wall - (limit - restart)) / (limit - restart - C))`` (1 when ``wall + restart <= limit``), and
+  the wall time printed is the compute time plus ``jobs x restart + (jobs - 1) x C``. A stage without resumable
+  checkpoints (linprobe, analyze) must fit one job.
 """
 
 from __future__ import annotations
@@ -135,15 +136,13 @@ def accum(stage: str, section: dict[str, Any], n: int) -> int:
 
 
 def checkpoint_hours(stage: str, section: dict[str, Any], wall_h: float) -> float | None:
-    """Wall hours between two resumable checkpoints of ``stage`` (None: it has none, it must fit one job)."""
-    if stage == "pretrain":
-        every = section["ckpt_every"] * wall_h / section["epochs"]
-        return min(every, section["ckpt_minutes"] / 60) if section["ckpt_minutes"] > 0 else every
-    if stage in ("finetune", "detect"):
-        return section["ckpt_every"] * wall_h / section["epochs"]
-    if stage == "segment":
-        return section["ckpt_every"] * wall_h / section["iters"]
-    return None
+    """Wall hours between two resumable checkpoints of ``stage``: every ``ckpt_every`` epochs (segment: iterations)
+    and, where the section has it, every ``ckpt_minutes``; None: the stage has none, it must fit one job."""
+    if stage not in ("pretrain", "finetune", "segment", "detect"):
+        return None
+    every = section["ckpt_every"] * wall_h / section["iters" if stage == "segment" else "epochs"]
+    minutes = section.get("ckpt_minutes", 0)
+    return min(every, minutes / 60) if minutes > 0 else every
 
 
 def jobs(wall_h: float, ckpt_h: float | None, limit_h: float, restart_h: float) -> tuple[int | None, float]:
