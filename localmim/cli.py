@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_run=_cmd_dag)
 
     p = sub.add_parser("plan", help="images processed and projected device-hours per stage, from the params' recipe "
-                                    "and stated or measured images/s (each rate's source is printed)")
+                                    "and stated or measured images/s (each rate's source is printed); per-device "
+                                    "batch, accumulation and chained jobs on the cluster you give")
     base.add_common_args(p)
     from localmim.pipeline import plan
 

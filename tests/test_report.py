@@ -110,3 +110,45 @@ def test_report_prints_headlines_next_to_their_baselines(tmp_path, capsys):
 
     assert report(Namespace(metrics_dir=str(tmp_path), out=None, all=True)) == 0
     assert "mAcc" in capsys.readouterr().out  # --all lists every number
+
+
+def test_report_plot_marks_each_headlines_baselines(tmp_path):
+    """The plot's baseline lines sit at the values of the metrics files (in percent, COCO's 0-1 x100, worked out
+    here by hand), across the bar of their own headline; a bar at or below its best baseline is hatched."""
+    from localmim.pipeline.results import collect, metrics_figure, report
+
+    metrics = {
+        "segment": {"mIoU": 31.3, "mIoU_majority": 1.5, "mIoU_chance": 6.0},
+        "detect": {"bbox_AP": 0.002, "bbox_AP_prior": 0.005, "bbox_AP50": 0.125, "bbox_AP50_prior": 0.003,
+                   "segm_AP": 0.04},
+        "linprobe": {"top1": 42.0, "chance_top1": 10.0},
+    }
+    for stage, m in metrics.items():
+        (tmp_path / f"{stage}.json").write_text(json.dumps(m))
+    want = {  # gid -> (bar label, y in percent)
+        "baseline:segment.mIoU:mIoU_majority": ("segment\nmIoU", 1.5),
+        "baseline:segment.mIoU:mIoU_chance": ("segment\nmIoU", 6.0),
+        "baseline:detect.bbox_AP:bbox_AP_prior": ("detect\nbbox_AP", 0.5),
+        "baseline:detect.bbox_AP50:bbox_AP50_prior": ("detect\nbbox_AP50", 0.3),
+        "baseline:linprobe.top1:chance_top1": ("linprobe\ntop1", 10.0),
+    }
+    fig = metrics_figure(collect(tmp_path))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    centers = {label: bar.get_x() + bar.get_width() / 2 for label, bar in zip(labels, ax.patches, strict=True)}
+    lines = {ln.get_gid(): ln for ln in ax.get_lines() if (ln.get_gid() or "").startswith("baseline:")}
+    assert set(lines) == set(want)  # segm_AP has no baseline written: no line
+    for gid, (label, y) in want.items():
+        xs, ys = lines[gid].get_data()
+        assert list(ys) == pytest.approx([y, y]), gid
+        assert min(xs) < centers[label] < max(xs) and max(xs) - min(xs) < 1, gid  # across its own bar only
+    hatched = {label for label, bar in zip(labels, ax.patches, strict=True) if bar.get_hatch()}
+    assert hatched == {"detect\nbbox_AP"}  # 0.2 % <= its prior's 0.5 %; every other bar beats its baselines
+    red = {t.get_text() for t in ax.get_xticklabels() if t.get_color() == "red"}
+    assert red == hatched
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"baseline: chance", "baseline: most frequent class", "baseline: uniform random class",
+            "baseline: training boxes, image unseen", "hatched, red label: not above its baseline"} == legend
+
+    assert report(Namespace(metrics_dir=str(tmp_path), out=str(tmp_path / "out"), all=False)) == 0
+    assert (tmp_path / "out" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,10 +3,9 @@
 Prints each headline metric (``localmim.tracking.metrics``) next to the baselines that could beat it (chance, the
 most frequent class, the training boxes guessed on every image: ``BASELINES``), as far as the stages wrote them;
 ``--all`` prints every numeric metric first. With ``--out`` it also writes ``DIR/metrics.tsv`` (stage, metric, value)
-and ``DIR/metrics.png``
-(the headline metrics of every evaluation stage, ``localmim.tracking.metrics``, and pretraining's final loss per
-tap). The DAG's ``summary`` node writes them
-to ``reports/`` for the Snakemake report (``snakemake --report report.html``) and ``dvc plots show``.
+and ``DIR/metrics.png`` (the headline metrics of every evaluation stage, ``localmim.tracking.metrics``, each with a
+line at every baseline its stage wrote, and pretraining's final loss per tap). The DAG's ``summary`` node writes
+them to ``reports/`` for the Snakemake report (``snakemake --report report.html``) and ``dvc plots show``.
 """
 
 from __future__ import annotations
@@ -30,18 +29,37 @@ def collect(metrics_dir: Path) -> list[tuple[str, str, float]]:
 
 
 def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from localmim.tracking.metrics import FRACTION, PERCENT, as_percent, is_headline
     from localmim.utils.io import atomic_open, atomic_write_text
 
     lines = [f"{s}\t{k}\t{v:.6g}\n" for s, k, v in rows]
     atomic_write_text(out / "metrics.tsv", "stage\tmetric\tvalue\n" + "".join(lines))
-    scores = [(f"{s}\n{k}", as_percent(k, v)) for s, k, v in rows
-              if s != "pretrain" and k in PERCENT | FRACTION and is_headline(s, k)]
+    fig = metrics_figure(rows)
+    with atomic_open(out / "metrics.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+# Line styles of the kinds of baseline (``what`` in BASELINES), given out in order of first appearance.
+_BASELINE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))
+
+
+def metrics_figure(rows: list[tuple[str, str, float]]):
+    """The report plot: a bar per headline score (percent) with a black line across the bar at each baseline its
+    stage wrote (``BASELINES``; line gid ``baseline:<stage>.<metric>:<baseline key>``); a bar that does not beat its
+    best baseline is hatched and its label red. Right: pretraining's final loss per decoder tap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from localmim.tracking.metrics import FRACTION, PERCENT, as_percent, baselines, is_headline
+
+    values = {(s, k): v for s, k, v in rows}
+    heads = [(s, k) for s, k, _ in rows if s != "pretrain" and k in PERCENT | FRACTION and is_headline(s, k)]
+    scores = [(f"{s}\n{k}", as_percent(k, values[(s, k)])) for s, k in heads]
     taps = sorted((k.removeprefix("final_loss_"), v) for s, k, v in rows if s == "pretrain" and
                   k.startswith("final_loss_tap"))
     fig, axes = plt.subplots(1, 2, figsize=(4 + 0.9 * len(scores), 3.8), width_ratios=(max(len(scores), 2), 3))
@@ -55,10 +73,28 @@ def write_outputs(rows: list[tuple[str, str, float]], out: Path) -> None:
         ax.set_ylabel(ylabel)
         if not data:
             ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
+    legend: dict[str, object] = {}
+    styles: dict[str, object] = {}
+    for i, (s, k) in enumerate(heads):
+        written = [(b, what) for b, what in baselines(s, k) if (s, b) in values]
+        for b, what in written:
+            y = as_percent(k, values[(s, b)])  # bar i spans [i - 0.4, i + 0.4] (matplotlib's default width 0.8)
+            style = styles.setdefault(what, _BASELINE_STYLES[len(styles) % len(_BASELINE_STYLES)])
+            (line,) = axes[0].plot([i - 0.45, i + 0.45], [y, y], color="black", lw=1.5, ls=style,
+                                   gid=f"baseline:{s}.{k}:{b}")
+            legend.setdefault(f"baseline: {what}", line)
+        if written and scores[i][1] <= max(as_percent(k, values[(s, b)]) for b, _ in written):
+            bar = axes[0].patches[i]
+            bar.set_hatch("//")
+            axes[0].get_xticklabels()[i].set_color("red")  # a bar of height ~0 shows no hatch
+            bar.set_gid(f"not-above-baseline:{s}.{k}")
+            hatch = Patch(facecolor="white", edgecolor="black", hatch="//")
+            legend.setdefault("hatched, red label: not above its baseline", hatch)
+    if legend:  # above the bars: 40 % headroom
+        axes[0].set_ylim(top=1.4 * max(axes[0].get_ylim()[1], 1e-9))
+        axes[0].legend(legend.values(), legend.keys(), fontsize=6, loc="upper center", ncol=2, handlelength=4)
     fig.tight_layout()
-    with atomic_open(out / "metrics.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def headline_table(rows: list[tuple[str, str, float]]) -> list[str]:

@@ -106,8 +106,12 @@ def _save(fig: Any, path: Path, tight: bool = True) -> Path:
 
     if tight:
         fig.tight_layout()
+    from matplotlib.legend import Legend
+
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # legends outside the axes stay in
+    # legends outside the axes stay in; a legend added with ax.add_artist (a second one) must be named to count
+    legends = [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
     tmp.replace(path)
     return path
