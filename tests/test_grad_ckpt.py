@@ -140,3 +140,42 @@ def test_switching_off_and_models_without_support():
     with pytest.raises(ValueError, match="no part that supports gradient checkpointing"):
         set_grad_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)), True)
     assert set_grad_checkpointing(torch.nn.Linear(2, 2), False) == []
+
+
+def test_the_param_is_a_runtime_key_of_the_four_stages():
+    """A resumed run may toggle it: it does not change what is computed, so it stays out of the run's identity."""
+    from localmim.config.detect import DetectConfig
+    from localmim.config.finetune import FinetuneConfig
+    from localmim.config.pretrain import PretrainConfig
+    from localmim.config.segment import SegmentConfig
+
+    for section in (PretrainConfig, FinetuneConfig, SegmentConfig, DetectConfig):
+        off, on = section(), section(grad_checkpointing=True)
+        assert off.grad_checkpointing is False and off.run_key() == on.run_key(), section.__name__
+
+
+def test_pretrain_run_recomputes_its_blocks_and_trains_the_same(tmp_path):
+    """``pretrain.grad_checkpointing`` reaches the model ``make_run`` builds: its blocks run twice per step, and two
+    AdamW steps end at the same weights as without."""
+    from localmim.config.pretrain import PretrainConfig
+    from localmim.runtime.distributed import DistInfo
+    from localmim.train.engine import Checkpoints
+    from localmim.train.pretrain import make_run, train_one_epoch
+    from tests.pretrain_helpers import FixedBatches
+
+    imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    weights, calls = {}, {}
+    for on in (False, True):
+        cfg = PretrainConfig(model=MICRO["vit"][0], input_size=32, global_batch=4, batch_size=4, epochs=1,
+                             warmup_epochs=0, lr=1e-3, min_lr=1e-3, ckpt_minutes=0, grad_checkpointing=on)
+        run = make_run(cfg, dist, FixedBatches([imgs[:4], imgs[4:]]), Checkpoints.of(tmp_path, "pretrain", cfg, dist))
+        count: Counter = Counter()
+        for m in run.eng.model.modules():
+            if isinstance(m, Mlp):
+                m.register_forward_pre_hook(lambda mod, args, count=count: count.update(["mlp"]))
+        train_one_epoch(run, 0)
+        weights[on], calls[on] = run.eng.model.state_dict(), count["mlp"]
+    assert calls[False] == 2 * (4 + 4) and calls[True] == 2 * calls[False]  # 2 steps x (4 encoder + 4 decoder blocks)
+    for k, w in weights[False].items():
+        torch.testing.assert_close(weights[True][k], w, rtol=1e-6, atol=1e-7, msg=k)

@@ -14,7 +14,7 @@ from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNeg
 
 @register_section("finetune")
 class FinetuneConfig(GlobalBatch, Section):
-    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "nproc_per_node"})
+    runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "nproc_per_node", "grad_checkpointing"})
     model: str = "auto"  # timm model name; "auto" = the one recorded with the exported encoder
     epochs: PosInt = 10
     warmup_epochs: NonNeg = 2
@@ -41,6 +41,7 @@ class FinetuneConfig(GlobalBatch, Section):
     seed: int = 0
     device: Device = "auto"
     amp: Amp = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
+    grad_checkpointing: bool = False  # recompute the blocks in the backward: less memory, same gradients
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
 
