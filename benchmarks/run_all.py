@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["bench_shards.py", "bench_manifest.py", "bench_image_check.py", "bench_targets.py", "bench_models.py",
-         "bench_swin.py", "bench_pretrain.py", "bench_segment.py", "bench_detect.py"]
+         "bench_swin.py", "bench_pretrain.py", "bench_segment.py", "bench_detect.py", "bench_grad_ckpt.py"]
 
 
 def machine() -> str:
