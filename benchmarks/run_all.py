@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["bench_shards.py", "bench_manifest.py", "bench_image_check.py", "bench_targets.py", "bench_models.py",
-         "bench_swin.py", "bench_pretrain.py", "bench_segment.py", "bench_detect.py"]
+         "bench_swin.py", "bench_pretrain.py", "bench_segment.py", "bench_detect.py", "bench_grad_ckpt.py"]
 LONG = ("localmim_vs_mae", "transfer")  # each its own one command; included as last measured (its .md)
 BEGIN, END = "<!-- BEGIN generated: {} -->", "<!-- END generated: {} -->"
 

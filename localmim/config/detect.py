@@ -18,7 +18,7 @@ from localmim.config.base import Amp, Betas, Device, Frac, NonNeg, NonNegInt, Po
 class DetectConfig(Section):
     # eval_every stays in the run's identity: an evaluation's loader draws from the global RNG (so the training stream)
     runtime_keys = frozenset({"num_workers", "device", "ckpt_minutes", "ckpt_every", "log_every", "vis_images",
-                              "nproc_per_node", "on_bad"})
+                              "nproc_per_node", "on_bad", "grad_checkpointing"})
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (baseline)
     image_size: Annotated[int, Field(ge=32)] = 64  # LSJ crop / test short side (long side for LSJ)
     augment: Literal["lsj", "multiscale"] = "lsj"
@@ -51,6 +51,7 @@ class DetectConfig(Section):
     seed: int = 0
     device: Device = "auto"
     amp: Amp = "auto"
+    grad_checkpointing: bool = False  # recompute the blocks in the backward: less memory, same gradients
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     ckpt_minutes: NonNeg = 30  # also checkpoint mid-run this often (0 = never)
     log_every: PosInt = 10  # iterations between loss reads (a host sync) and MLflow points

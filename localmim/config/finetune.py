@@ -16,7 +16,7 @@ from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNeg
 class FinetuneConfig(GlobalBatch, Section):
     # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset({"num_workers", "device", "ckpt_every", "ckpt_minutes", "log_every", "compile",
-                              "nproc_per_node", "batch_size"})
+                              "nproc_per_node", "batch_size", "grad_checkpointing"})
     model: str = "auto"  # timm model name; "auto" = the one recorded with the exported encoder
     epochs: PosInt = 10
     warmup_epochs: NonNeg = 2
@@ -43,6 +43,7 @@ class FinetuneConfig(GlobalBatch, Section):
     seed: int = 0
     device: Device = "auto"
     amp: Amp = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
+    grad_checkpointing: bool = False  # recompute the blocks in the backward: less memory, same gradients
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     ckpt_minutes: NonNeg = 30  # also checkpoint mid-epoch this often (0 = never)
     log_every: PosInt = 50  # optimizer steps between loss reads (a host sync) and MLflow points (and every epoch end)

@@ -14,8 +14,9 @@ from localmim.config.base import Amp, Betas, Device, Frac, GlobalBatch, NonNeg, 
 class PretrainConfig(GlobalBatch, Section):
     # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset(
-        {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "nproc_per_node", "log_every", "device",
-         "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature", "batch_size"})
+        {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "grad_checkpointing", "nproc_per_node",
+         "log_every", "device", "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature",
+         "batch_size"})
     model: str = "localmim_vit_tiny_patch8"  # a localmim.models registry name (localmim_* or mae_* baseline)
     mode: Literal["auto", "localmim", "mae"] = "auto"  # auto = the model's own; else must match the model
     target: Literal["auto", "hog", "pixel"] = "auto"  # auto = the model's default target
@@ -42,6 +43,7 @@ class PretrainConfig(GlobalBatch, Section):
     ckpt_every: PosInt = 1  # epochs between resumable checkpoints
     ckpt_minutes: NonNeg = 30  # also checkpoint mid-epoch this often (0 = never)
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute the blocks in the backward: less memory, same gradients
     # timm fused attention (F.scaled_dot_product_attention): auto = timm's default (fused where torch has it).
     # benchmarks/bench_pretrain.py measures on/off; on the shared 2-core CPU the difference was within run-to-run noise.
     fused_attn: Literal["auto", "on", "off"] = "auto"

@@ -15,7 +15,8 @@ from localmim.config.base import Amp, Betas, Device, NonNeg, NonNegInt, PosFloat
 @register_section("segment")
 class SegmentConfig(Section):
     runtime_keys = frozenset({"num_workers", "device", "ckpt_minutes", "log_every", "ckpt_every", "eval_every",
-                              "num_vis", "nproc_per_node", "on_bad", "inference", "slide_stride", "test_scale"})
+                              "num_vis", "nproc_per_node", "on_bad", "inference", "slide_stride", "test_scale",
+                              "grad_checkpointing"})
     num_classes: Annotated[int, Field(ge=1, le=254)] = 150  # ADE20K: 150; the embedded data: synth.seg_classes
     # data pipeline (method §9.1): keep-ratio rescale of scale=(long, short) by r ~ U(ratio_range), crop, flip
     crop_size: PosInt = 512
@@ -51,6 +52,7 @@ class SegmentConfig(Section):
     seed: int = 0
     device: Device = "auto"
     amp: Amp = "auto"
+    grad_checkpointing: bool = False  # recompute the blocks in the backward: less memory, same gradients
     ckpt_every: PosInt = 2000  # iterations between resumable checkpoints
     ckpt_minutes: NonNeg = 30  # also checkpoint mid-run this often (0 = never)
     log_every: PosInt = 50

@@ -1,7 +1,8 @@
 """Building blocks shared by the ViT and Swin LocalMIM models (method §2, §3).
 
 Pure torch + timm: position embeddings, per-sample masking, mask resizing, the masked loss, the
-scale-specific decoder heads and the masked-token decoder, and the reference initialisation.
+scale-specific decoder heads and the masked-token decoder, the reference initialisation, and activation
+(gradient) checkpointing for every model the stages build (:func:`set_grad_checkpointing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.models import checkpoint
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -25,6 +27,41 @@ def vit_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float
     """Pre-norm timm transformer block as used by LocalMIM: qkv bias on, GELU, LayerNorm eps 1e-6."""
     return Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path,
                  norm_layer=partial(nn.LayerNorm, eps=LN_EPS))
+
+
+def run_block(block, *args, enabled: bool) -> Tensor:
+    """``block(*args)``; with ``enabled`` (and autograd recording) under activation checkpointing: the activations
+    inside are not kept but recomputed in the backward pass (timm's ``checkpoint``: ``torch.utils.checkpoint``,
+    non-reentrant). The RNG state is saved and restored for the recomputation (``preserve_rng_state``), so drop
+    path / dropout inside ``block`` draw the same masks twice and the gradients equal the unchecked ones."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *args)
+    return block(*args)
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> list[str]:
+    """Turn activation checkpointing on or off in every part of ``model`` that has it (``grad_checkpointing`` of
+    the pretrain / finetune / segment / detect params): the outermost submodules (``model`` itself included) with
+    a ``set_grad_checkpointing(enable)`` method get it called (timm's ViT / Swin, the LocalMIM models, and so the
+    backbone inside a Segmenter or a torchvision Mask R-CNN). What is computed does not change, only what is kept
+    for the backward pass.
+
+    Returns:
+        the names of the submodules switched (``""`` = ``model``).
+
+    Raises:
+        ValueError: ``enable`` and no submodule supports it (a silent no-op would leave the memory as it was).
+    """
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if any(d == "" or name.startswith(d + ".") for d in done):
+            continue  # inside a module already switched: its own method covers it
+        if callable(getattr(module, "set_grad_checkpointing", None)):
+            module.set_grad_checkpointing(enable)
+            done.append(name)
+    if enable and not done:
+        raise ValueError(f"{type(model).__name__} has no part that supports gradient checkpointing")
+    return done
 
 
 def sincos_pos_embed_2d(h: int, w: int, dim: int, cls_token: bool = False) -> Tensor:
@@ -204,6 +241,11 @@ class MaskedDecoder(nn.Module):
         self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.ModuleList(vit_block(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     def forward(self, x: Tensor, ids_restore: Tensor, order: Tensor | None = None) -> Tensor:
         """Decode visible tokens to the full grid.
@@ -230,7 +272,7 @@ class MaskedDecoder(nn.Module):
             x = torch.cat([cls, x], dim=1)  # [B, 1+N, dim]
         x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, enabled=self.grad_checkpointing)
         x = self.norm(x)
         return x[:, 1:] if cls is not None else x  # [B, N, dim]
 

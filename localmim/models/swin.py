@@ -91,6 +91,14 @@ class LocalMIMSwin(MultiScaleTargets, nn.Module):
             self.hog_biases = None
         self._init_weights()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder block in the backward pass instead of keeping its activations
+        (timm's protocol; :func:`localmim.models.common.set_grad_checkpointing`). The cell mask is drawn outside
+        the blocks, so it is drawn once either way."""
+        self.encoder.set_grad_checkpointing(enable)
+        for dec in self.decoders:
+            dec.set_grad_checkpointing(enable)
+
     @staticmethod
     def _validate(mode: str, target: str, hog_nbins: int, decoder_dim: int, decoder_heads: int) -> None:
         if mode not in ("localmim", "mae"):

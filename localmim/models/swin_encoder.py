@@ -19,9 +19,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.models import checkpoint_seq
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
+from localmim.models.common import run_block
 from localmim.models.swin_geometry import AttentionPlan, dense_plan, packed_plan, to_device, token_coords
 
 NUM_STAGES = 4
@@ -94,6 +96,12 @@ class SwinVisibleEncoder(nn.Module):
         self.tap_dims = self.dims[1:] + self.dims[-1:]  # (2C, 4C, 8C, 8C)
         self.tap_grids = tuple(self.grid * 2 ** (2 - k) for k in range(3)) + (self.grid,)  # (R_1, R_2, R_3, R_3)
         self.attn_impl, self.dense_max_tokens = attn_impl, dense_max_tokens
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (visible-token path and
+        ``forward_grid`` alike; patch merging is not recomputed)."""
+        self.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor, visible_cells: torch.Tensor) -> list[torch.Tensor]:
         """Encode the visible cells only.
@@ -135,7 +143,7 @@ class SwinVisibleEncoder(nn.Module):
             key = (blk.window_size[0], blk.shift_size[0])
             if key not in plans:
                 plans[key] = self._plan(y, xc, self.grid * side, *key).to(x.device)
-            x = self._block_forward(blk, x, plans[key])
+            x = run_block(self._block_forward, blk, x, plans[key], enabled=self.grad_checkpointing)
         return x
 
     def _plan(self, y: torch.Tensor, x: torch.Tensor, res: int, window: int, shift: int) -> AttentionPlan:
@@ -163,7 +171,8 @@ class SwinVisibleEncoder(nn.Module):
             if i > 0:
                 x = stage.downsample(x)
                 taps.append(x)
-            x = stage.blocks(x)
+            ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint_seq(stage.blocks, x) if ckpt else stage.blocks(x)
         taps.append(x)
         return taps
 

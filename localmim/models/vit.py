@@ -25,6 +25,7 @@ from localmim.models.common import (
     masked_mse,
     random_masking,
     resize_mask,
+    run_block,
     sincos_pos_embed_2d,
     vit_block,
 )
@@ -102,7 +103,16 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
             self.register_buffer("hog_biases", torch.stack([T.make_hog_bias() for _ in self.taps]))  # [K, 2]
         else:
             self.hog_biases = None
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder block in the backward pass instead of keeping its activations
+        (timm's protocol; :func:`localmim.models.common.set_grad_checkpointing`). The masking noise is drawn
+        outside the blocks, so it is drawn once either way."""
+        self.grad_checkpointing = enable
+        for dec in self.decoders:
+            dec.set_grad_checkpointing(enable)
 
     def _validate(self, h: int, w: int, embed_dim: int, depth: int, num_heads: int, decoder_dim: int,
                   decoder_heads: int) -> None:
@@ -145,7 +155,7 @@ class LocalMIMViT(MultiScaleTargets, nn.Module):
         """Run the blocks on ``[B, 1+n, d]`` tokens; return the normalised taps ``z_k`` (each ``[B, 1+n, d]``)."""
         taps = []
         for i, blk in enumerate(self.blocks[: self.taps[-1] + 1]):
-            x = blk(x)
+            x = run_block(blk, x, enabled=self.grad_checkpointing)
             if i in self.taps:
                 taps.append(self.tap_norms[len(taps)](x))
                 if self.grad_isolate:

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 class WindowedBlock(nn.Module):
     """A timm ViT ``Block`` whose attention runs within ``window x window`` windows of the ``grid`` (set per input
-    by :func:`set_grid`). Same submodules, same parameter names as the block it wraps."""
+    by :func:`set_grid`). Same submodules, same parameter names as the block it wraps. Under gradient checkpointing
+    the backward pass reruns ``forward`` with the ``grid`` of that moment: set no other grid between a forward and
+    its backward (the training step does not)."""
 
     def __init__(self, block: nn.Module, window: int, num_prefix_tokens: int):
         super().__init__()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from localmim.models.common import set_grad_checkpointing
 from localmim.models.layer_decay import param_groups_with_decay
 from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
 from localmim.runtime.precision import Precision
@@ -78,6 +79,7 @@ def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, A
     seed_everything(cfg.seed)  # the same initial model on every rank
     spec = DetectorSpec.from_config(cfg, num_classes=len(train.cat_ids))  # the stage's model.json writes the same
     model = build_mask_rcnn(enc, spec, pretrained=cfg.pretrained)
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     seed_everything(cfg.seed + dist.rank)  # drop path, augmentation (num_workers = 0)
     train_set = coco_dataset(train, train_transforms(train, cfg.augment, cfg.image_size, cfg.scale_range),
                              skips.get("train"), train=True)

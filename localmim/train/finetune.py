@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from localmim.models.common import set_grad_checkpointing
 from localmim.models.encoder_io import ClassifierSpec, EncoderSpec, build_classifier
 from localmim.models.layer_decay import layer_decay_groups
 from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
@@ -147,6 +148,7 @@ def _build(cfg, enc: EncoderSpec, data: FinetuneData, dist: DistInfo,
         raise ValueError(f"{data.train_dir}: class count unknown (no manifest 'classes'); pass num_classes")
     size = cfg.input_size or enc.img_size
     model = build_classifier(enc, num_classes, model=cfg.model, drop_path=cfg.drop_path, input_size=size).to(dev)
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     optimizer = create_adamw(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=0.0,
                              weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), device=dev)
     tf = build_transform(size, train=True, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount)

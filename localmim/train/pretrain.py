@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from localmim.models.common import set_grad_checkpointing
 from localmim.models.encoder_io import build_pretrain_model
 from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
 from localmim.runtime.precision import Precision
@@ -78,6 +79,7 @@ def build_engine(cfg, dist: DistInfo) -> Engine:
     the global RNG at ``cfg.seed + rank``, the masking noise seed (method §7)."""
     seed_everything(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = build_pretrain_model(cfg).to(dist.device)
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     opt = create_adamw(model, cfg.peak_lr(), cfg.weight_decay, tuple(cfg.betas), dist.device)
     net = torch.compile(model) if cfg.compile else model
     # Buffers (fixed sin-cos, frozen HOG biases) never change after DDP's initial sync: no per-forward sync.

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from localmim.data.dense.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet
 from localmim.data.dense.ade20k_transforms import train_transform
 from localmim.eval.segmentation import evaluate
+from localmim.models.common import set_grad_checkpointing
 from localmim.models.encoder_io import EncoderSpec
 from localmim.models.layer_decay import param_groups_with_decay
 from localmim.models.segmentation import Segmenter, SegmenterSpec, build_segmenter
@@ -58,6 +59,7 @@ def _build(cfg, enc: EncoderSpec, dist: DistInfo) -> Engine:
     if dist.distributed and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(dist.device)
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
     groups = param_groups_with_decay(model, model.backbone.encoder, "backbone.encoder.", cfg.weight_decay,
                                      cfg.layer_decay)
     opt = create_adamw(groups, cfg.lr, cfg.weight_decay, tuple(cfg.betas), dist.device)
