@@ -36,22 +36,10 @@ from typing import Any
 import yaml
 
 from localmim.pipeline.dag import DATASETS, RAW, Node, pipeline
+from localmim.utils.dvclock import PARAMS, YAMLError, leaves, lock_leaves, read_lock, read_yaml12
 from localmim.utils.io import atomic_write_text
 
 PROG = "localmim pull"
-
-
-class YAMLError(ValueError):
-    """dvc.lock or params.yaml cannot be read (the message names the file)."""
-
-PARAMS = "params.yaml"
-
-
-def leaves(key: str, value: Any) -> dict[str, Any]:
-    """``{dotted key: value}`` of every leaf below params key ``key`` (a non-empty mapping is not a leaf)."""
-    if isinstance(value, dict) and value:
-        return {k: v for sub, val in value.items() for k, v in leaves(f"{key}.{sub}", val).items()}
-    return {key: value}
 
 
 def _get(tree: dict[str, Any], key: str) -> Any:
@@ -69,28 +57,6 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[last] = value
     return tree
-
-
-def _yaml12(path: Path) -> dict[str, Any]:
-    """``path`` read as DVC reads it (YAML 1.2: DVC writes ``1e-06`` to dvc.lock, a string to YAML 1.1 readers)."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError as RuamelError
-
-    try:
-        tree = YAML(typ="safe", pure=True).load(path.read_text())
-    except RuamelError as e:
-        raise YAMLError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if tree is not None and not isinstance(tree, dict):
-        raise YAMLError(f"{path}: expected a mapping at the top, found {type(tree).__name__}")
-    return tree or {}
-
-
-def read_lock(path: Path = Path("dvc.lock")) -> dict[str, Any]:
-    """The stages of ``dvc.lock`` (name -> entry)."""
-    stages = _yaml12(path).get("stages") or {}
-    if not isinstance(stages, dict):
-        raise YAMLError(f"{path}: stages: expected a mapping of stage names, found {type(stages).__name__}")
-    return stages
 
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
@@ -111,12 +77,6 @@ def blocking_changes(entries: list[Any]) -> list[str]:
                 found.append(kind if not isinstance(changes, dict) else
                              f"{kind}: " + ", ".join(f"{p} {w}" for p, w in changes.items()))
     return found
-
-
-def lock_leaves(lock_stage: dict[str, Any], params_file: str = PARAMS) -> dict[str, Any]:
-    """The params a stage of dvc.lock was recorded with, as dotted leaves."""
-    params = (lock_stage.get("params") or {}).get(params_file) or {}
-    return {k: v for key, value in params.items() for k, v in leaves(key, value).items()}
 
 
 def dataset_matches(name: str, params: dict[str, Any]) -> str | None:
@@ -211,7 +171,7 @@ def _last_line(p: subprocess.CompletedProcess) -> str:
 def record_restored() -> int:
     """Steps 2 and 3 of the module doc: ask DVC what is restored and record exactly that for Snakemake."""
     try:
-        lock, params = read_lock(), _yaml12(Path(PARAMS))
+        lock, params = read_lock(), read_yaml12(Path(PARAMS))
     except FileNotFoundError as e:
         print(f"{PROG}: nothing to record: {e.filename} not found (commit dvc.lock after a run)", file=sys.stderr)
         return 1

@@ -126,7 +126,7 @@ def provenance(mdir: Path, lock_path: Path = Path("dvc.lock")) -> list[str]:
 
     lines = []
     if lock_path.is_file():
-        from localmim.pipeline.pull import YAMLError, read_lock
+        from localmim.utils.dvclock import YAMLError, read_lock
 
         try:
             recorded = {Path(str(o.get("path"))): o.get("md5") for st in read_lock(lock_path).values()
