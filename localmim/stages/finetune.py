@@ -44,8 +44,8 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> dict[str, float]:
         if dist.is_main:
             write_outputs(res, res.run_dir, args.out)
     m = res.metrics
-    metrics = {k: m[k] for k in ("top1", "top5", "best_top1", "best_epoch", "seconds", "val_samples")} | {
-        "epochs": m["epochs_done"], "chance_top1": 100.0 / res.state["spec"].num_classes}  # top1's baseline
+    metrics = {k: m[k] for k in ("top1", "top5", "best_top1", "best_epoch")} | {"epochs": m["epochs_done"]} | {
+        k: m[k] for k in ("seconds", "val_samples")} | {"chance_top1": 100.0 / res.state["spec"].num_classes}
     if ctx.is_main:
         ctx.write_metrics(args.metrics, metrics)
         ctx.tracker.log_artifact(Path(args.out) / "model.json")
