@@ -121,9 +121,9 @@ def test_schedule_warmup_and_steps():
 # ---------------------------------------------------------------------------------------------- resume
 
 # the tiny detector of the resume tests: 32 px LSJ (scale 0.5-1.5), narrow heads
-TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, batch_size=2, warmup_iters=2, box_head_dim=32,
-            mask_head_channels=8, rpn_batch_size_per_image=32, box_batch_size_per_image=16, num_workers=0,
-            device="cpu", log_every=1, vis_images=0)
+TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, global_batch=2, batch_size=2, warmup_iters=2,
+            box_head_dim=32, mask_head_channels=8, rpn_batch_size_per_image=32, box_batch_size_per_image=16,
+            num_workers=0, device="cpu", log_every=1, vis_images=0)
 
 SCRIPT = """
 import os, signal, sys, torch
@@ -269,7 +269,7 @@ def test_coco_presets_validate_and_build_the_detector(preset):
     cfg = DetectConfig(**tree["detect"])
     vit = "vit" in preset
     assert (cfg.image_size, cfg.augment, cfg.epochs) == ((1024, "lsj", 100) if vit else (800, "multiscale", 36))
-    assert cfg.batch_size * cfg.nproc_per_node == (64 if vit else 16)
+    assert cfg.global_batch == cfg.batch_size * cfg.nproc_per_node == (64 if vit else 16)
     assert cfg.layer_decay == (0.7 if vit else 1.0)
     enc = (EncoderSpec("vit_base_patch16_224", {"img_size": 224, "patch_size": 16}, {}) if vit else
            EncoderSpec("swin_base_patch4_window7_224", {"img_size": 224}, {}))
@@ -292,7 +292,8 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
     root = synth_coco(tmp_path / "coco", train=4, val=3)
     enc = micro_encoder(tmp_path / "enc")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["detect"]
-    params |= {"epochs": 1, "num_workers": 0, "image_size": 32, "batch_size": 2, "device": "cpu"}
+    # global batch 4: 2 ranks x 2 micro-batches of 1
+    params |= {"epochs": 1, "num_workers": 0, "image_size": 32, "global_batch": 4, "batch_size": 1, "device": "cpu"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"detect": params}))
     out, metrics = tmp_path / "out", tmp_path / "m.json"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",

@@ -223,8 +223,8 @@ def test_empty_split_and_missing_layout_fail(tmp_path):
 # ---------------------------------------------------------------------------------- resume / the CLI stage
 
 TINY = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8, iters=6,
-            batch_size=2, warmup_iters=2, eval_every=3, ckpt_every=2, log_every=1, num_workers=1, slide_stride=24,
-            num_vis=2)
+            global_batch=2, batch_size=2, warmup_iters=2, eval_every=3, ckpt_every=2, log_every=1, num_workers=1,
+            slide_stride=24, num_vis=2)
 
 SCRIPT = """
 import os, signal, sys, torch
@@ -331,8 +331,8 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
     write_ade20k(tmp_path / "ade", seed=1, num_classes=4, sizes={"train": 4, "val": 3}, min_side=32, max_side=48,
                  quality=90)
     micro_encoder(tmp_path / "enc")
-    (tmp_path / "params.yaml").write_text(json.dumps({"segment": {**TINY, "iters": 2, "eval_every": 0,
-                                                                  "ckpt_every": 2, "num_workers": 0}}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"segment": {  # global batch 4: 2 ranks x 2 micro-batches of 1
+        **TINY, "iters": 2, "global_batch": 4, "batch_size": 1, "eval_every": 0, "ckpt_every": 2, "num_workers": 0}}))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
            "segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir", "ck",
            "--no-progress", "--params", "params.yaml"]
@@ -340,7 +340,7 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["world_size"] == 2 and m["val_images"] == 3
+    assert m["world_size"] == 2 and m["val_images"] == 3 and m["accum"] == 2
     base = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation"
     preds, gts = [], []
     for ann in sorted(base.glob("*.png")):
