@@ -316,8 +316,8 @@ def test_segment_under_torchrun_two_ranks_keeps_every_step(tmp_path):
         A.scan_split(tmp_path / "ade", s, 4, cache=cache) for s in ("train", "val")])
     micro_encoder(tmp_path / "enc")
     seg = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8,
-               iters=1, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=1, log_every=1, num_workers=0,
-               slide_stride=24, num_vis=2)  # 4 usable train pairs = 1 step of 2 x 2: every pair is loaded
+               iters=1, global_batch=4, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=1, log_every=1,
+               num_workers=0, slide_stride=24, num_vis=2)  # 4 usable train pairs = 1 step of 2 x 2: every pair loaded
     (tmp_path / "params.yaml").write_text(json.dumps({"segment": seg}))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
            "segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir", "ck",

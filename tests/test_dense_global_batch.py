@@ -120,6 +120,20 @@ def test_the_dense_sections_take_the_global_batch_mixin():
 # ------------------------------------------------------------------------------------ accumulation, segment
 
 
+def test_segment_refuses_a_per_device_batch_its_batch_norm_cannot_take():
+    """One crop per device: UperNet's 1x1 pyramid bin would give BatchNorm one value per channel (torch's cryptic
+    error mid-run); refused before any work, unless SyncBatchNorm spans 2+ CUDA ranks."""
+    from localmim.config.segment import SegmentConfig
+    from localmim.train.segment import check_batch_norm, run_segment
+
+    cfg = SegmentConfig(global_batch=4, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match=r"segment.batch_size=1: UperNet's BatchNorm .* use batch_size >= 2"):
+        run_segment(cfg, None, [], [], "unused", dist=DistInfo(0, 1, 0, CPU))
+    check_batch_norm(cfg, DistInfo(0, 2, 0, torch.device("cuda")))  # SyncBatchNorm: 2 values per channel
+    with pytest.raises(ValueError, match=r"batch_size >= 2"):
+        check_batch_norm(cfg, DistInfo(0, 2, 0, CPU))  # gloo on CPU keeps plain BatchNorm
+
+
 def _ade_all_labelled(root, n: int, size: int = 40) -> None:
     """An ADE20K layout whose every pixel is labelled (1..4, none ignored), so every 32-px crop of it counts the same
     pixels and the mean over a batch's pixels is the mean of its micro-batches' means."""

@@ -134,7 +134,7 @@ from localmim.train.detect import run_detect
 root, enc_dir, ckpt_dir, out = sys.argv[1:5]
 cfg = DetectConfig(**{cfg})
 def log_fn(metrics, step):
-    if os.environ.get("KILL") and step == 3:  # the first step of epoch 1: right after epoch 0's checkpoint
+    if os.environ.get("KILL") == str(step):  # the step whose log point kills the run
         os.kill(os.getpid(), signal.SIGKILL)
 tr, va = load_coco(root, "train", train=True), load_coco(root, "val")
 r = run_detect(cfg, read_encoder(enc_dir), tr, va, ckpt_dir, log_fn=log_fn, progress=False)
@@ -144,6 +144,10 @@ torch.save({{"state": r.model.state_dict(), "metrics": ap, "epochs": r.metrics["
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    """Killed at the last step of epoch 1 (4 images, global batch 2 in 2 micro-batches of 1: 2 steps per epoch), the
+    run resumes the mid-epoch checkpoint of step 3 (``ckpt_minutes`` due at every log point) at optimizer step 1 of
+    the epoch, and ends bit-identical to the uninterrupted run (``num_workers = 0``: the augmentation draws from the
+    restored RNG)."""
     from localmim.runtime import checkpoint as ckpt
 
     root = synth_coco(tmp_path / "coco", train=4, val=2)
@@ -153,10 +157,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         (run_dir,) = (tmp_path / "ck_a").iterdir()
         assert ckpt.find_latest(run_dir) is not None and not (tmp_path / "a.pt").exists()
 
-    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(TINY)), lambda t: [
-        str(root), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "1"},
+    cfg = {**TINY, "batch_size": 1, "ckpt_minutes": 1e-6}
+    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(cfg)), lambda t: [
+        str(root), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "4"},
         after_kill=checkpointed)
-    assert "resumed from" in resumed and "(epoch 1, step 2)" in resumed
+    assert "resumed from" in resumed and "(epoch 1, step 3)" in resumed
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert a["epochs"] == b["epochs"] == 2
     assert same_weights(a["state"], b["state"]) and a["metrics"] == b["metrics"]  # bit-identical on CPU

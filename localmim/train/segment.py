@@ -57,6 +57,19 @@ def pairs_fingerprint(pairs: list[Pair]) -> str:
     return h.hexdigest()[:16]
 
 
+def check_batch_norm(cfg, dist: DistInfo) -> None:
+    """Refuse a per-device batch that leaves UperNet's BatchNorm one value per channel: the pyramid pooling's 1x1 bin
+    sees ``batch_size`` values per channel (x the world size under SyncBatchNorm: DDP on CUDA).
+
+    Raises:
+        ValueError: ``batch_size`` 1 without SyncBatchNorm across ranks (the message says what to set).
+    """
+    sync = dist.distributed and dist.device.type == "cuda"
+    if cfg.batch_size * (dist.world_size if sync else 1) < 2:
+        raise ValueError(f"segment.batch_size={cfg.batch_size}: UperNet's BatchNorm at the pyramid pooling's 1x1 bin "
+                         f"needs 2 values per channel; use batch_size >= 2 (or 2+ CUDA ranks: SyncBatchNorm)")
+
+
 def _build(cfg, enc: EncoderSpec, dist: DistInfo) -> Engine:
     seed_everything(cfg.seed)  # identical init on every rank
     model = build_segmenter(enc, SegmenterSpec.from_config(cfg), pretrained=cfg.pretrained)
@@ -133,6 +146,7 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
     loop's counters."""
     dist = setup(cfg.device, dist)
     accum = cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
+    check_batch_norm(cfg, dist)
     StepBatches(len(train_pairs), cfg.batch_size, cfg.iters, cfg.seed, dist.rank, dist.world_size,
                 global_batch=cfg.global_batch)  # raises when the pairs are fewer than one global batch
     eng = _build(cfg, enc, dist)
