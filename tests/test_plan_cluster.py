@@ -117,6 +117,9 @@ def test_cli_plans_the_cluster_and_refuses_a_gpu_count_the_global_batch_does_not
     assert "--set pretrain.batch_size=64" in out and "method §7: 256 ViT-B/16 images per GPU" in out
     assert "--set segment.batch_size=1" in out and "--set detect.batch_size=2" in out
     assert "segment: global batch 16 on 16 of the 32 GPUs" in out and "detect: global batch" not in out
+    assert "! segment" not in out  # 1 crop per GPU on 16 GPUs: SyncBatchNorm sees 16 per channel
+    assert main([*preset, "--gpus-per-node", "1", "--gpu-mem", "16"]) == 0  # 1 crop fits 16 GiB: 1 x 16 accumulated
+    assert "! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel" in capsys.readouterr().out
     assert main([*preset, "--nodes", "3", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err
     assert "pretrain.global_batch=2048 is not a multiple of the 24 GPUs" in err and "16 or 32" in err

@@ -252,6 +252,9 @@ def _advice(works: list[Work], tree: dict[str, Any], cluster: cp.Cluster) -> lis
             why = "has no resumable checkpoint" if r.ckpt_h is None else f"checkpoints every {_h(r.ckpt_h)} h"
             out.append(f"! {w.stage}: {_h(r.wall_h)} h of compute {why} and cannot finish in {_h(r.limit_h)} h jobs: "
                        f"raise the time limit")
+        if w.stage == "segment" and r.batch * w.devices < 2:  # train/segment.py refuses it (check_batch_norm)
+            out.append(f"! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel: it needs "
+                       f"~{2 * (r.mem_gib or 0):.0f} GiB for 2 crops, or 2+ GPUs (SyncBatchNorm)")
         gpus = None if cluster.gpus_per_node is None else cluster.nodes * cluster.gpus_per_node
         if w.stage in cp.DENSE_STAGES and gpus is not None and w.devices < gpus:
             out.append(f"{w.stage}: global batch {r.global_batch} on {w.devices} of the {gpus} GPUs (the most that "
