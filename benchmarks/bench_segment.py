@@ -100,9 +100,9 @@ def main() -> int:
     info = json.loads((enc_dir / "encoder.json").read_text())
     patch = info["timm_kwargs"].get("patch_size", "?")
     print(f"UperNet on the `{info['timm_name']}` (patch {patch}) encoder of the params.yaml pretrain recipe, the "
-          f"params.yaml `segment` "
-          f"recipe ({base.iters} iterations, batch {base.batch_size}, crop {base.crop_size}, lr {base.lr}, layer "
-          f"decay {base.layer_decay}, {base.num_classes} classes), {len(train)} train / {len(val)} val images, CPU "
+          f"params.yaml `segment` recipe ({base.iters} iterations, global batch {base.global_batch}, crop "
+          f"{base.crop_size}, lr {base.lr}, layer decay {base.layer_decay}, {base.num_classes} classes), {len(train)} "
+          f"train / {len(val)} val images, CPU "
           f"(fp32, {torch.get_num_threads()} threads). mIoU/mAcc/aAcc in % on val; images/s = training throughput.\n")
     print("| encoder | seed | mIoU | mAcc | aAcc | train images/s | seconds |\n|---|---|---|---|---|---|---|")
     for r in rows:

@@ -24,6 +24,7 @@ from localmim.data.dense import ade20k as A
 from localmim.data.dense import ade20k_transforms as AT
 from localmim.data.dense.coco import coco_dataset, collate, load_coco
 from localmim.data.dense.coco_transforms import eval_transforms
+from localmim.data.dense.samplers import StepBatches
 from localmim.data.raw import imagefile as F
 from localmim.eval.detection import ScoredGroundTruth
 from localmim.synth import write_ade20k
@@ -147,7 +148,7 @@ def test_ade20k_file_damaged_after_the_scan_is_replaced_recorded_or_fails(tmp_pa
     # every rank keeps its steps and batch size (2 ranks, batch 2, 4 steps)
     for rank in (0, 1):
         batches = list(torch.utils.data.DataLoader(A.TrainSet(pairs, tf),
-                                                   batch_sampler=A.StepBatches(len(pairs), 2, 4, 0, rank, 2)))
+                                                   batch_sampler=StepBatches(len(pairs), 2, 4, 0, rank, 2)))
         assert [b[0].shape[0] for b in batches] == [2, 2, 2, 2]
     # evaluation: a placeholder that adds nothing (index -1, every label ignored)
     img, mask, idx = A.ValSet(pairs, (64, 32))[1]
@@ -229,8 +230,8 @@ def test_segment_stage_finishes_names_each_file_and_reconciles(tmp_path):
         A.scan_split(tmp_path / "ade", s, 4, cache=cache) for s in ("train", "val")])
     micro_encoder(tmp_path / "enc")
     seg = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8,
-               iters=3, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=3, log_every=1, num_workers=1,
-               slide_stride=24, num_vis=6)
+               iters=3, global_batch=2, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=3, log_every=1,
+               num_workers=1, slide_stride=24, num_vis=6)
     (tmp_path / "params.yaml").write_text(json.dumps({"segment": seg}))
     p = run_cli("segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir",
                 "ck", "--no-progress", cwd=tmp_path, LOCALMIM_TRACKING="0")
@@ -269,7 +270,7 @@ def test_detect_stage_finishes_names_each_file_and_reconciles(tmp_path):
         load_coco(root, s, train=s == "train", cache=cache) for s in ("train", "val")])
     enc = micro_encoder(tmp_path / "enc")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["detect"]
-    params |= {"epochs": 1, "num_workers": 1, "image_size": 32, "batch_size": 2}
+    params |= {"epochs": 1, "num_workers": 1, "image_size": 32, "global_batch": 2, "batch_size": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"detect": params}))
     p = run_cli("detect", "--encoder", str(enc), "--data", str(root), "--out", "out", "--ckpt-dir", "ck",
                 "--metrics", "m.json", "--params", "params.yaml", cwd=tmp_path, LOCALMIM_TRACKING="0")
@@ -315,8 +316,8 @@ def test_segment_under_torchrun_two_ranks_keeps_every_step(tmp_path):
         A.scan_split(tmp_path / "ade", s, 4, cache=cache) for s in ("train", "val")])
     micro_encoder(tmp_path / "enc")
     seg = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8,
-               iters=1, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=1, log_every=1, num_workers=0,
-               slide_stride=24, num_vis=2)  # 4 usable train pairs = 1 step of 2 x 2: every pair is loaded
+               iters=1, global_batch=4, batch_size=2, warmup_iters=1, eval_every=0, ckpt_every=1, log_every=1,
+               num_workers=0, slide_stride=24, num_vis=2)  # 4 usable train pairs = 1 step of 2 x 2: every pair loaded
     (tmp_path / "params.yaml").write_text(json.dumps({"segment": seg}))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
            "segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir", "ck",

@@ -121,9 +121,9 @@ def test_schedule_warmup_and_steps():
 # ---------------------------------------------------------------------------------------------- resume
 
 # the tiny detector of the resume tests: 32 px LSJ (scale 0.5-1.5), narrow heads
-TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, batch_size=2, warmup_iters=2, box_head_dim=32,
-            mask_head_channels=8, rpn_batch_size_per_image=32, box_batch_size_per_image=16, num_workers=0,
-            device="cpu", log_every=1, vis_images=0)
+TINY = dict(image_size=32, scale_range=[0.5, 1.5], epochs=2, global_batch=2, batch_size=2, warmup_iters=2,
+            box_head_dim=32, mask_head_channels=8, rpn_batch_size_per_image=32, box_batch_size_per_image=16,
+            num_workers=0, device="cpu", log_every=1, vis_images=0)
 
 SCRIPT = """
 import os, signal, sys, torch
@@ -134,7 +134,7 @@ from localmim.train.detect import run_detect
 root, enc_dir, ckpt_dir, out = sys.argv[1:5]
 cfg = DetectConfig(**{cfg})
 def log_fn(metrics, step):
-    if os.environ.get("KILL") and step == 3:  # the first step of epoch 1: right after epoch 0's checkpoint
+    if os.environ.get("KILL") == str(step):  # the step whose log point kills the run
         os.kill(os.getpid(), signal.SIGKILL)
 tr, va = load_coco(root, "train", train=True), load_coco(root, "val")
 r = run_detect(cfg, read_encoder(enc_dir), tr, va, ckpt_dir, log_fn=log_fn, progress=False)
@@ -144,6 +144,10 @@ torch.save({{"state": r.model.state_dict(), "metrics": ap, "epochs": r.metrics["
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    """Killed at the last step of epoch 1 (4 images, global batch 2 in 2 micro-batches of 1: 2 steps per epoch), the
+    run resumes the mid-epoch checkpoint of step 3 (``ckpt_minutes`` due at every log point) at optimizer step 1 of
+    the epoch, and ends bit-identical to the uninterrupted run (``num_workers = 0``: the augmentation draws from the
+    restored RNG)."""
     from localmim.runtime import checkpoint as ckpt
 
     root = synth_coco(tmp_path / "coco", train=4, val=2)
@@ -153,10 +157,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         (run_dir,) = (tmp_path / "ck_a").iterdir()
         assert ckpt.find_latest(run_dir) is not None and not (tmp_path / "a.pt").exists()
 
-    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(TINY)), lambda t: [
-        str(root), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "1"},
+    cfg = {**TINY, "batch_size": 1, "ckpt_minutes": 1e-6}
+    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(cfg)), lambda t: [
+        str(root), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "4"},
         after_kill=checkpointed)
-    assert "resumed from" in resumed and "(epoch 1, step 2)" in resumed
+    assert "resumed from" in resumed and "(epoch 1, step 3)" in resumed
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert a["epochs"] == b["epochs"] == 2
     assert same_weights(a["state"], b["state"]) and a["metrics"] == b["metrics"]  # bit-identical on CPU
@@ -269,7 +274,7 @@ def test_coco_presets_validate_and_build_the_detector(preset):
     cfg = DetectConfig(**tree["detect"])
     vit = "vit" in preset
     assert (cfg.image_size, cfg.augment, cfg.epochs) == ((1024, "lsj", 100) if vit else (800, "multiscale", 36))
-    assert cfg.batch_size * cfg.nproc_per_node == (64 if vit else 16)
+    assert cfg.global_batch == cfg.batch_size * cfg.nproc_per_node == (64 if vit else 16)
     assert cfg.layer_decay == (0.7 if vit else 1.0)
     enc = (EncoderSpec("vit_base_patch16_224", {"img_size": 224, "patch_size": 16}, {}) if vit else
            EncoderSpec("swin_base_patch4_window7_224", {"img_size": 224}, {}))
@@ -292,7 +297,8 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
     root = synth_coco(tmp_path / "coco", train=4, val=3)
     enc = micro_encoder(tmp_path / "enc")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["detect"]
-    params |= {"epochs": 1, "num_workers": 0, "image_size": 32, "batch_size": 2, "device": "cpu"}
+    # global batch 4: 2 ranks x 2 micro-batches of 1
+    params |= {"epochs": 1, "num_workers": 0, "image_size": 32, "global_batch": 4, "batch_size": 1, "device": "cpu"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"detect": params}))
     out, metrics = tmp_path / "out", tmp_path / "m.json"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",

@@ -45,9 +45,10 @@ def test_detect_overfits_four_images_beyond_the_prior(tmp_path):
     from localmim.train.detect import run_detect
 
     root = _coco_val_is_train(tmp_path / "coco", 4)
-    cfg = DetectConfig(epochs=60, batch_size=4, lr=1e-3, warmup_iters=20, augment="multiscale", eval_every=60,
-                       ckpt_every=60, rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_head_dim=256,
-                       mask_head_channels=64, num_workers=0, vis_images=0, log_every=60, device="cpu", seed=0)
+    cfg = DetectConfig(epochs=60, global_batch=4, batch_size=4, lr=1e-3, warmup_iters=20, augment="multiscale",
+                       eval_every=60, ckpt_every=60, rpn_batch_size_per_image=64, box_batch_size_per_image=64,
+                       box_head_dim=256, mask_head_channels=64, num_workers=0, vis_images=0, log_every=60, device="cpu",
+                       seed=0)
     train, val = load_coco(root, "train", train=True), load_coco(root, "val")
     res = run_detect(cfg, micro_spec(), train, val, tmp_path / "ck", progress=False)
     (tmp_path / "res.json").write_text(json.dumps(res.state["results"]))
@@ -94,8 +95,8 @@ def test_segment_overfits_eight_images_beyond_majority_and_chance(tmp_path):
     k = 4
     root = _ade_val_is_train(tmp_path / "ade", 8, k)
     cfg = SegmentConfig(num_classes=k, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8,
-                        iters=100, batch_size=4, lr=1e-3, warmup_iters=10, drop_path=0.0, eval_every=0, ckpt_every=100,
-                        log_every=100, num_workers=0, slide_stride=24, num_vis=0, device="cpu", seed=0)
+                        iters=100, global_batch=4, batch_size=4, lr=1e-3, warmup_iters=10, drop_path=0.0, eval_every=0,
+                        ckpt_every=100, log_every=100, num_workers=0, slide_stride=24, num_vis=0, device="cpu", seed=0)
     tr, va = (scan_split(root, s, k).pairs for s in ("train", "val"))
     preds: dict[int, np.ndarray] = {}
     run_segment(cfg, micro_spec(), tr, va, tmp_path / "ck", progress=False,

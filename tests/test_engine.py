@@ -54,9 +54,19 @@ def test_a_checkpoint_resumes_only_its_own_run(tmp_path):
 
     base = of(cfg)
     assert of(cfg.model_copy(update={"num_workers": 0, "log_every": 1})).dir == base.dir  # runtime knobs
-    for other in (of(cfg.model_copy(update={"lr": 1e-3})), of(cfg, world=2), of(cfg, data="d1"),
+    # the global batch is the recipe: another world size or per-device batch continues the same run
+    assert of(cfg.model_copy(update={"batch_size": 4}), world=2).dir == base.dir
+    for other in (of(cfg.model_copy(update={"lr": 1e-3})), of(cfg.model_copy(update={"global_batch": 8})),
+                  of(cfg, data="d1"),
                   of(cfg, e=EncoderSpec("vit_x", {"img_size": 32}, {"w": torch.full((2,), 1.0 + 2**-23)}))):
         assert other.dir != base.dir
+    from localmim.config.base import Section
+    from localmim.train.engine import run_identity
+
+    class PerDevice(Section):  # a section with only a per-device batch: the world size changes what it computes
+        batch_size: int = 2
+
+    assert run_identity("x", PerDevice(), 1) != run_identity("x", PerDevice(), 2)
     eng = _engine()
     eng.step(lambda: eng.net(torch.ones(4, 3)).square().mean())  # one AdamW step: state to restore
     saved = base.save(eng, epoch=0, step=1, batches=1, extra={"history": [1]})

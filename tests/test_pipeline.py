@@ -32,7 +32,8 @@ TINY = {
     "pretrain": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 1, "log_every": 1},
     "finetune": {"epochs": 1, "warmup_epochs": 0, "global_batch": 8, "batch_size": 8, "num_workers": 1},
     "linprobe": {"epochs": 2, "warmup_epochs": 0, "global_batch": 16, "batch_size": 16, "num_workers": 1},
-    "segment": {"iters": 4, "warmup_iters": 1, "batch_size": 2, "eval_every": 0, "ckpt_every": 4, "num_workers": 1},
+    "segment": {"iters": 4, "warmup_iters": 1, "global_batch": 2, "batch_size": 2, "eval_every": 0, "ckpt_every": 4,
+                "num_workers": 1},
     "detect": {"epochs": 1, "image_size": 32, "num_workers": 0, "vis_images": 2},
 }  # fmt: skip
 GENERATED = ["dvc.yaml", "Snakefile", "workflow"]

@@ -2,7 +2,8 @@
 
 The ViT-B preset (configs/vit_base_full.yaml) on 1 x 8 and 4 x 8 GPUs of 80 GiB with a 24 h limit, checked against a
 hand computation from docs/method.md's figures written out below: §7's 0.7 GPU-hours per ImageNet epoch, 1600
-epochs, global batch 2048, and 256 images per V100-32GB (the memory calibration); §8's 1024 / 128 per GPU.
+epochs, global batch 2048, and 256 images per V100-32GB (the memory calibration); §8's 1024 / 128 per GPU; §9's global
+batches (segment 16, 2 crops of 512 px per V100-32GB; detect 64, no memory figure).
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def test_vit_base_finetuning_and_the_dense_stages_on_32_gpus(tmp_path):
     assert (ft.devices, ft.run.batch, ft.run.accum, ft.run.global_batch) == (32, 1024 // 32, 1, 1024)
     ft_h = (100 * N_TRAIN / (292 / 3) + 100 * N_VAL / 292) / 3600  # the plan's stated rates: 1/3 of DeiT's, DeiT's
     assert ft.hours == pytest.approx(ft_h, rel=1e-3)
-    seg, det = st["segment"], st["detect"]  # per-device batches kept: 2 x 32 and 8 x 32 images per step
-    assert (seg.run.batch, seg.run.global_batch, seg.run.accum) == (2, 64, None)
-    assert seg.images == 160_000 * 2 * 32 + 10 * 2_000  # 160k iterations + an evaluation every 16k
-    assert (det.run.batch, det.run.global_batch, det.run.mem_gib) == (8, 256, None)  # no memory figure for detect
+    seg, det = st["segment"], st["detect"]  # global batches 16 and 64: 32 GPUs divide 64, 16 at most divide 16
+    assert (seg.devices, seg.run.batch, seg.run.accum, seg.run.global_batch, seg.run.mem_gib) == (16, 1, 1, 16, 16.0)
+    assert seg.images == 160_000 * 16 + 10 * 2_000  # 160k iterations of 16 crops + an evaluation every 16k
+    assert (det.devices, det.run.batch, det.run.accum, det.run.global_batch, det.run.mem_gib) == (32, 2, 1, 64, None)
+    assert det.images == 100 * (118_287 // 64) * 64 + 10 * 5_000  # whole global batches + an evaluation every 10
     assert (st["linprobe"].devices, st["linprobe"].run.accum) == (1, 16384 // 16384)
 
 
@@ -81,6 +83,8 @@ def test_less_memory_means_accumulation_and_the_restarts_can_add_a_job(tmp_path)
     pre = _stages(Cluster(gpus_per_node=8, gpu_mem=16, time_limit_h=23.5), tmp_path)["pretrain"]
     # 16 GiB hold 256 * 16 / 32 = 128 images: 2048 = 128 x 2 x 8
     assert (pre.run.batch, pre.run.accum) == (128, 2)
+    seg = _stages(Cluster(gpus_per_node=8, gpu_mem=16, time_limit_h=23.5), tmp_path)["segment"]
+    assert (seg.devices, seg.run.batch, seg.run.accum) == (8, 1, 2)  # 1 crop of 512 px per 16 GiB: 16 = 1 x 2 x 8
     wall = PRE_GPU_H / 8
     assert math.ceil(wall / 23.5) == 6  # 140.1 / 23.5 = 5.96 jobs without the overhead ...
     assert pre.run.jobs == _jobs_by_hand(wall, wall / 1600, 23.5)[0] == 7  # ... 7 (6 without restarts or lost epochs)
@@ -91,6 +95,7 @@ def test_defaults_are_the_params_own_gpus_and_time_limits(tmp_path):
     pre = st["pretrain"]
     assert (pre.devices, pre.run.batch, pre.run.accum, pre.run.limit_h) == (8, 256, 1, 4320 / 60)
     assert pre.run.jobs == 2  # 140.1 h in 72 h jobs (the preset's cluster.rules.pretrain.runtime)
+    assert [(st[s].devices, st[s].run.batch, st[s].run.accum) for s in ("segment", "detect")] == [(8, 2, 1), (8, 8, 1)]
     assert st["linprobe"].run.limit_h == 720 / 60 and st["linprobe"].run.jobs == 1
 
 
@@ -110,6 +115,11 @@ def test_cli_plans_the_cluster_and_refuses_a_gpu_count_the_global_batch_does_not
     row = next(ln.split() for ln in out.splitlines() if ln.startswith("pretrain "))
     assert row[2:7] == ["32", "64", "1", "2048", "8.0"]  # devices, batch/GPU, accum, global, GiB/GPU
     assert "--set pretrain.batch_size=64" in out and "method §7: 256 ViT-B/16 images per GPU" in out
+    assert "--set segment.batch_size=1" in out and "--set detect.batch_size=2" in out
+    assert "segment: global batch 16 on 16 of the 32 GPUs" in out and "detect: global batch" not in out
+    assert "! segment" not in out  # 1 crop per GPU on 16 GPUs: SyncBatchNorm sees 16 per channel
+    assert main([*preset, "--gpus-per-node", "1", "--gpu-mem", "16"]) == 0  # 1 crop fits 16 GiB: 1 x 16 accumulated
+    assert "! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel" in capsys.readouterr().out
     assert main([*preset, "--nodes", "3", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err
     assert "pretrain.global_batch=2048 is not a multiple of the 24 GPUs" in err and "16 or 32" in err

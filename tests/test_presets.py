@@ -25,6 +25,8 @@ FINETUNE = {"vit_base": dict(epochs=100, warmup_epochs=20, batch=1024, lr=2e-3, 
             "swin_base": dict(epochs=100, warmup_epochs=20, batch=2048, lr=4e-3, min_lr=2.5e-7, layer_decay=0.9,
                               drop_path=0.1)}  # fmt: skip
 GPU_HOURS_PER_EPOCH = {"vit_base": 0.7, "swin_base": 1.1}  # method §7, the reference README
+# method §9.1 (both backbones: 2 per GPU x 8) and §9.2 (ViTDet: 64; Swin's Mask R-CNN 3x: 16): the global batches
+DENSE = {"vit_base": dict(segment=16, detect=64), "swin_base": dict(segment=16, detect=16)}
 
 
 def _load(name: str) -> dict:
@@ -53,6 +55,9 @@ def test_full_preset_is_complete_and_follows_the_recipe(backbone):
     assert (f.epochs, f.warmup_epochs, f.lr, f.min_lr, f.layer_decay, f.drop_path) == (
         want["epochs"], want["warmup_epochs"], want["lr"], want["min_lr"], want["layer_decay"], want["drop_path"])
     assert (f.mixup, f.cutmix, f.smoothing, f.reprob, f.aa) == (0.8, 1.0, 0.1, 0.25, "rand-m9-mstd0.5-inc1")
+    for stage, batch in DENSE[backbone].items():
+        d = cfg[stage]
+        assert d.global_batch == d.accum_for(d.nproc_per_node) * d.batch_size * d.nproc_per_node == batch, stage
     assert all(cfg["datasets"].path_of(n) == "" for n in ("imagenet", "ade20k", "coco"))  # given at run time
 
 

@@ -223,8 +223,8 @@ def test_empty_split_and_missing_layout_fail(tmp_path):
 # ---------------------------------------------------------------------------------- resume / the CLI stage
 
 TINY = dict(num_classes=4, crop_size=32, scale=[64, 32], test_scale=[64, 32], channels=16, aux_channels=8, iters=6,
-            batch_size=2, warmup_iters=2, eval_every=3, ckpt_every=2, log_every=1, num_workers=1, slide_stride=24,
-            num_vis=2)
+            global_batch=2, batch_size=2, warmup_iters=2, eval_every=3, ckpt_every=2, log_every=1, num_workers=1,
+            slide_stride=24, num_vis=2)
 
 SCRIPT = """
 import os, signal, sys, torch
@@ -243,9 +243,10 @@ torch.save({{"state": r.model.state_dict(), "mIoU": r.metrics["mIoU"]}}, sys.arg
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    """Global batch 4 in 2 micro-batches of 2: killed after step 3, resumed at step 2, bit-identical at the end."""
     _layout(tmp_path / "ade", n_train=6, n_val=2)
     enc = micro_encoder(tmp_path / "enc")
-    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr(TINY)), lambda t: [
+    resumed, _ = kill_then_resume(tmp_path, SCRIPT.format(cfg=repr({**TINY, "global_batch": 4})), lambda t: [
         str(tmp_path / "ade"), str(enc), str(tmp_path / f"ck_{t}"), str(tmp_path / f"{t}.pt")], {"KILL": "1"})
     assert "(epoch 0, step 2)" in resumed
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
@@ -328,11 +329,11 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
     reduced once; the reported mIoU equals an independent re-scoring of every written label map."""
     from localmim.synth import write_ade20k
 
-    write_ade20k(tmp_path / "ade", seed=1, num_classes=4, sizes={"train": 4, "val": 3}, min_side=32, max_side=48,
+    write_ade20k(tmp_path / "ade", seed=1, num_classes=4, sizes={"train": 8, "val": 3}, min_side=32, max_side=48,
                  quality=90)
     micro_encoder(tmp_path / "enc")
-    (tmp_path / "params.yaml").write_text(json.dumps({"segment": {**TINY, "iters": 2, "eval_every": 0,
-                                                                  "ckpt_every": 2, "num_workers": 0}}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"segment": {  # global batch 8: 2 ranks x 2 micro-batches of 2
+        **TINY, "iters": 2, "global_batch": 8, "eval_every": 0, "ckpt_every": 2, "num_workers": 0}}))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "localmim.cli",
            "segment", "--encoder", "enc", "--data", "ade", "--out", "seg", "--metrics", "m.json", "--ckpt-dir", "ck",
            "--no-progress", "--params", "params.yaml"]
@@ -340,7 +341,7 @@ def test_stage_under_torchrun_two_ranks(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["world_size"] == 2 and m["val_images"] == 3
+    assert m["world_size"] == 2 and m["val_images"] == 3 and m["iters"] == 2
     base = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation"
     preds, gts = [], []
     for ann in sorted(base.glob("*.png")):

@@ -3,7 +3,8 @@
 Embedded defaults fit the mini COCO on 2 CPU cores (2-3 minutes): 64 px multi-scale, 100 iterations at lr 1e-3,
 8-px anchors, narrow heads (method §17 rows 31 and 35: why not LSJ, lr 1e-4 and 20 iterations).
 Published recipes: ``configs/coco_vit_base.yaml`` (ViTDet, 1024 px LSJ, 100 epochs) and
-``configs/coco_swin_base.yaml`` (Mask R-CNN FPN 3x, multi-scale).
+``configs/coco_swin_base.yaml`` (Mask R-CNN FPN 3x, multi-scale). The recipe is the global batch
+(:class:`~localmim.config.base.GlobalBatch`); ``lr`` is absolute, as in ViTDet's and Swin's recipes.
 """
 
 from typing import Annotated, Literal
@@ -11,14 +12,15 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Amp, Betas, Device, Frac, NonNeg, NonNegInt, PosFloat, PosInt, Section
+from localmim.config.base import Amp, Betas, Device, Frac, GlobalBatch, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("detect")
-class DetectConfig(Section):
-    # eval_every stays in the run's identity: an evaluation's loader draws from the global RNG (so the training stream)
+class DetectConfig(GlobalBatch, Section):
+    # eval_every stays in the run's identity: an evaluation's loader draws from the global RNG (so the training stream);
+    # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset({"num_workers", "device", "ckpt_minutes", "ckpt_every", "log_every", "vis_images",
-                              "nproc_per_node", "on_bad", "grad_checkpointing"})
+                              "nproc_per_node", "on_bad", "grad_checkpointing", "batch_size"})
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (baseline)
     image_size: Annotated[int, Field(ge=32)] = 64  # LSJ crop / test short side (long side for LSJ)
     augment: Literal["lsj", "multiscale"] = "lsj"
@@ -26,7 +28,8 @@ class DetectConfig(Section):
     train_scales: list[Annotated[int, Field(ge=32)]] = []  # multiscale: short sides, must contain image_size
     max_size: NonNegInt = 0  # long-side cap; 0 = image_size (LSJ's square input)
     epochs: PosInt = 2
-    batch_size: PosInt = 4  # per device
+    global_batch: PosInt = 4  # the recipe: images per optimizer step over all devices (ViTDet: 64)
+    batch_size: PosInt = 4  # per device (training and evaluation); accumulation = global_batch / (batch_size x world)
     lr: PosFloat = 1e-4  # absolute peak lr
     schedule: Literal["step", "cosine"] = "step"
     milestones: list[Frac] = [0.889, 0.963]  # step: fractions of all iterations where lr drops by x0.1 (ViTDet)

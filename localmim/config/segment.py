@@ -1,7 +1,9 @@
 """Params of the ``segment`` stage: UperNet on the exported encoder, ADE20K, method §9.1.
 
 Embedded defaults fit the mini ADE20K of ``localmim synth`` on 2 CPU cores (well under a minute); the method §9.1
-recipes (512 crop, 160k iterations, batch 16) are in ``configs/ade20k_vit_base.yaml`` / ``ade20k_swin_base.yaml``.
+recipes (512 crop, 160k iterations, global batch 16) are in ``configs/ade20k_vit_base.yaml`` /
+``ade20k_swin_base.yaml``. The recipe is the global batch (:class:`~localmim.config.base.GlobalBatch`); ``lr`` is
+absolute, as in MMSegmentation's recipes.
 """
 
 from typing import Annotated, Literal
@@ -9,14 +11,15 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from localmim.config import register_section
-from localmim.config.base import Amp, Betas, Device, NonNeg, NonNegInt, PosFloat, PosInt, Section
+from localmim.config.base import Amp, Betas, Device, GlobalBatch, NonNeg, NonNegInt, PosFloat, PosInt, Section
 
 
 @register_section("segment")
-class SegmentConfig(Section):
+class SegmentConfig(GlobalBatch, Section):
+    # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset({"num_workers", "device", "ckpt_minutes", "log_every", "ckpt_every", "eval_every",
                               "num_vis", "nproc_per_node", "on_bad", "inference", "slide_stride", "test_scale",
-                              "grad_checkpointing"})
+                              "grad_checkpointing", "batch_size"})
     num_classes: Annotated[int, Field(ge=1, le=254)] = 150  # ADE20K: 150; the embedded data: synth.seg_classes
     # data pipeline (method §9.1): keep-ratio rescale of scale=(long, short) by r ~ U(ratio_range), crop, flip
     crop_size: PosInt = 512
@@ -33,7 +36,8 @@ class SegmentConfig(Section):
     pretrained: bool = True  # false: the same encoder architecture randomly initialised (a baseline)
     # optimisation: AdamW, layer-wise lr decay (1.0 = none), poly schedule with linear warm-up, per iteration
     iters: PosInt = 160000
-    batch_size: PosInt = 2  # per device
+    global_batch: PosInt = 16  # the recipe: crops per optimizer step over all devices (method §9.1: 8 GPUs x 2)
+    batch_size: PosInt = 2  # per device, a memory knob: accumulation = global_batch / (batch_size x world size)
     lr: PosFloat = 4e-4
     min_lr: NonNeg = 0.0
     power: PosFloat = 1.0

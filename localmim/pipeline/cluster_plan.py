@@ -2,11 +2,12 @@
 
 Given ``--nodes`` x ``--gpus-per-node`` GPUs of ``--gpu-mem`` GiB and a job time limit:
 
-* **Per-device batch** of a stage with a ``global_batch`` (pretrain, finetune): the largest divisor of
-  ``global_batch / GPUs`` that fits the memory estimate below; the accumulation is the section's own
-  ``accum_for(world)``. A global batch that the GPU count does not divide is refused, naming both numbers.
-  ``segment`` and ``detect`` keep their per-device ``batch_size`` (their recipe has no global batch), so more GPUs
-  mean a larger global batch at the same iterations; ``linprobe`` and ``analyze`` run on one GPU.
+* **Per-device batch** of a stage with a ``global_batch`` (pretrain, finetune, segment, detect): the largest divisor
+  of ``global_batch / GPUs`` that fits the memory estimate below; the accumulation is the section's own
+  ``accum_for(world)``. A global batch that the GPU count does not divide is refused, naming both numbers (pretrain,
+  finetune); ``segment`` and ``detect``, whose global batches are small (method §9: 16 and 64), run on the largest
+  GPU count of the cluster that divides theirs (GPUs of one node, or whole nodes), at most one image per GPU less.
+  ``linprobe`` and ``analyze`` run on one GPU.
 * **Memory (an estimate, not a measurement):** device memory taken as proportional to the per-device batch and
   calibrated on a batch the reference is known to have run (method §7-§9.1: e.g. 256 ViT-B pre-training images per
   V100-32GB): ``max batch = floor(reference batch x GiB / reference GiB)``. The fixed part (fp32 weights,
@@ -60,8 +61,8 @@ MEMORY: dict[tuple[str, str], Fit] = {
     ("segment", "swin_base"): Fit(2, 32, "method §9.1: 2 crops of 512 px per GPU; GPU not stated, assumed a "
                                          "V100-32GB (a loose bound)"),
 }  # fmt: skip
-GLOBAL_BATCH_STAGES = ("pretrain", "finetune")  # use the whole cluster at a fixed global batch
-PER_DEVICE_STAGES = ("segment", "detect")  # per-device batch x GPUs (no global batch in their recipe)
+GLOBAL_BATCH_STAGES = ("pretrain", "finetune", "segment", "detect")  # a fixed global batch on any GPU count
+DENSE_STAGES = ("segment", "detect")  # small global batches: the GPUs that divide it, not necessarily all
 SINGLE_GPU_STAGES = ("linprobe", "analyze")
 
 
@@ -99,7 +100,16 @@ def world(stage: str, section: dict[str, Any], cluster: Cluster) -> int:
         return 1
     if cluster.gpus_per_node is None:
         return cluster.nodes * section["nproc_per_node"] if section.get("device") != "cpu" else 1
+    if stage in DENSE_STAGES:
+        return dividing_gpus(section["global_batch"], cluster)
     return cluster.nodes * cluster.gpus_per_node
+
+
+def dividing_gpus(global_batch: int, cluster: Cluster) -> int:
+    """The largest GPU count of ``cluster`` that divides ``global_batch``: up to one node's GPUs, or whole nodes."""
+    per = cluster.gpus_per_node or 1
+    counts = [*range(1, per + 1), *(k * per for k in range(2, cluster.nodes + 1))]
+    return max(n for n in counts if global_batch % n == 0)
 
 
 def max_batch(stage: str, fam: str | None, gib: float) -> int | None:

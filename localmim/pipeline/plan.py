@@ -151,8 +151,7 @@ def place(tree: dict[str, Any], w: Work, fam: str | None, cluster: cp.Cluster) -
     elif w.stage == "linprobe":  # one process on cached features
         batch, accum, glob = sec["batch_size"], cp.accum(w.stage, sec, 1), sec["global_batch"]
     else:
-        batch, accum = sec["batch_size"], None
-        glob = batch * w.devices if w.stage in cp.PER_DEVICE_STAGES else None
+        batch, accum, glob = sec["batch_size"], None, None
     limit = _limit_h(tree, w.stage, cluster)
     wall = None if w.hours is None else w.hours / w.devices
     ckpt = None if wall is None else cp.checkpoint_hours(w.stage, sec, wall)
@@ -183,7 +182,8 @@ def plan(tree: dict[str, Any], raw: Path, ips: dict[str, float],
     batch = p["global_batch"]
     knn = (p["epochs"] // p["knn_every"]) * (min(p["knn_train"], n_tr) + min(p["knn_val"], n_va)) if p[
         "knn_every"] else 0  # fmt: skip
-    seg_train = s["iters"] * s["batch_size"] * world("segment")
+    seg_train = s["iters"] * s["global_batch"]
+    det_train = d["epochs"] * (c_tr // d["global_batch"]) * d["global_batch"]  # drop-last at the global batch
     seg_eval = (s["iters"] // s["eval_every"] if s["eval_every"] else 1) * a_va
     det_eval = (d["epochs"] // d["eval_every"] if d["eval_every"] else 1) * c_va
     a = tree["analyze"]
@@ -198,7 +198,7 @@ def plan(tree: dict[str, Any], raw: Path, ips: dict[str, float],
         _work("analyze", 1, [((a["probe_train"] or n_tr) + (a["probe_val"] or n_va) + a["attn_images"], infer, 1)]),
         _work("segment", world("segment"), [(seg_train, rate("segment"), 1),
                                             (seg_eval, rate("segment"), 1 / TRAIN_STEP)]),
-        _work("detect", world("detect"), [(d["epochs"] * c_tr, rate("detect"), 1),
+        _work("detect", world("detect"), [(det_train, rate("detect"), 1),
                                           (det_eval, rate("detect"), 1 / TRAIN_STEP)]),
     ]  # fmt: skip
     for w in works:
@@ -247,23 +247,23 @@ def _advice(works: list[Work], tree: dict[str, Any], cluster: cp.Cluster) -> lis
         r, sec = w.run, tree[w.stage]
         if r.mem_gib is not None and r.mem_gib > cluster.gpu_mem:
             out.append(f"! {w.stage}: batch_size {r.batch} needs ~{r.mem_gib:.0f} GiB per GPU by the estimate, more "
-                       f"than {cluster.gpu_mem:g}: lower {w.stage}.batch_size (its global batch changes with it)")
+                       f"than {cluster.gpu_mem:g}: lower {w.stage}.batch_size")
         if r.jobs is None and r.wall_h is not None:
             why = "has no resumable checkpoint" if r.ckpt_h is None else f"checkpoints every {_h(r.ckpt_h)} h"
             out.append(f"! {w.stage}: {_h(r.wall_h)} h of compute {why} and cannot finish in {_h(r.limit_h)} h jobs: "
                        f"raise the time limit")
-        recipe = sec["batch_size"] * sec.get("nproc_per_node", 1)
-        if w.stage in cp.PER_DEVICE_STAGES and r.global_batch != recipe:
-            x = r.global_batch / recipe  # segment counts iterations, detect epochs
-            same = (f"same iterations, {x:g}x the images" if w.stage == "segment" else
-                    f"same epochs, 1/{x:g} of the steps")  # fmt: skip
-            out.append(f"{w.stage}: {w.devices} GPUs x batch_size {r.batch} = {r.global_batch} images per step, the "
-                       f"params' {sec['nproc_per_node']} x {r.batch} = {recipe} ({same})")
+        if w.stage == "segment" and r.batch * w.devices < 2:  # train/segment.py refuses it (check_batch_norm)
+            out.append(f"! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel: it needs "
+                       f"~{2 * (r.mem_gib or 0):.0f} GiB for 2 crops, or 2+ GPUs (SyncBatchNorm)")
+        gpus = None if cluster.gpus_per_node is None else cluster.nodes * cluster.gpus_per_node
+        if w.stage in cp.DENSE_STAGES and gpus is not None and w.devices < gpus:
+            out.append(f"{w.stage}: global batch {r.global_batch} on {w.devices} of the {gpus} GPUs (the most that "
+                       f"divide it)")
         if w.stage in cp.GLOBAL_BATCH_STAGES and r.batch != sec["batch_size"]:
             sets.append(f"--set {w.stage}.batch_size={r.batch}")
-        if cluster.gpus_per_node is not None and w.stage not in cp.SINGLE_GPU_STAGES and \
-                sec["nproc_per_node"] != cluster.gpus_per_node:  # fmt: skip
-            sets.append(f"--set {w.stage}.nproc_per_node={cluster.gpus_per_node}")
+        per_node = None if gpus is None else min(w.devices, cluster.gpus_per_node)
+        if per_node is not None and w.stage not in cp.SINGLE_GPU_STAGES and sec["nproc_per_node"] != per_node:
+            sets.append(f"--set {w.stage}.nproc_per_node={per_node}")
     if sets:
         out.append("params for this cluster: " + " ".join(sets))
     if cluster.nodes > 1:

@@ -1,26 +1,35 @@
 """Mask R-CNN training loop (method §9.2): AdamW (``betas``) with layer-wise lr decay, per-iteration warm-up + step or
 cosine schedule (:class:`~localmim.train.schedule.DetSchedule`), COCO evaluation every ``eval_every`` epochs and at
-the end, resumable checkpoints by epochs and minutes. The loop (step, AMP, DDP, the
-non-finite-loss guard with losses read every ``log_every`` iterations and at each epoch's end, cadence, checkpoints,
-resume) is :mod:`localmim.train.loop`'s; the run's identity holds the encoder, the used image/annotation counts and
-the world size (the batch is per device).
+the end, resumable checkpoints by epochs and minutes. The loop (step, accumulation, AMP, DDP, the non-finite-loss
+guard with losses read every ``log_every`` iterations and at each epoch's end, cadence, checkpoints, resume) is
+:mod:`localmim.train.loop`'s; the run's identity holds the encoder and the used image/annotation counts, not the
+world size.
+
+The recipe is the global batch: an epoch is ``N // global_batch`` optimizer steps (the last partial global batch
+dropped), each averaging ``global_batch`` images, every rank accumulating ``global_batch / (batch_size x world)``
+micro-batches (torchvision's losses are each micro-batch's own means, as each GPU's are under DDP). The images of a
+step come from :class:`localmim.data.dense.samplers.EpochBatches`: a slice of the epoch's permutation (the one
+``DistributedSampler(seed)`` draws), the same on any world size, so a run resumes mid-epoch at an optimizer step on
+any number of ranks.
 
 The model and the datasets are built here from the checked COCO splits (as ``segment`` builds its own). Determinism:
-the model is built from ``seed`` (the same on every rank), the rest draws from ``seed + rank``; the shuffle order
-comes from ``DistributedSampler(seed)``; augmentation draws from the loader's workers, seeded from a generator fixed
-by ``(seed, epoch, rank)`` (or from the restored global RNG when ``num_workers = 0``), so a run resumed from an epoch
-checkpoint equals the uninterrupted one on CPU.
+the model is built from ``seed`` (the same on every rank), the rest draws from ``seed + rank``; augmentation draws
+from the loader's workers, seeded from a generator fixed by ``(seed, epoch, rank)`` (and the step resumed at, after a
+mid-epoch resume), or from the rank's global RNG (restored from the checkpoint) when ``num_workers = 0``. So a run
+resumed on the same world size equals the uninterrupted one on CPU from an epoch checkpoint, and with
+``num_workers = 0`` from a mid-epoch one too; the augmentation draws depend on the rank (unlike segment's per-sample
+seeds: these keep the embedded results of the per-device sampler this one replaced), the images of a step do not.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from typing import Any
 
 import torch
 
+from localmim.data.dense.samplers import EpochBatches
 from localmim.models.common import set_grad_checkpointing
 from localmim.models.layer_decay import param_groups_with_decay
 from localmim.runtime.distributed import DistInfo, setup, wrap_ddp
@@ -34,18 +43,20 @@ ENCODER_PREFIX = "backbone.body.encoder."
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")  # torchvision's
 
 
-def _train_loader(ds, cfg, dist: DistInfo, epoch: int):
-    """This rank's share of ``ds`` for ``epoch`` (a fixed shuffle per epoch; worker seeds fixed by
-    ``(seed, epoch, rank)``)."""
-    from torch.utils.data import DataLoader, DistributedSampler
+def _train_loader(ds, cfg, dist: DistInfo, epoch: int, done: int = 0):
+    """This rank's micro-batches of ``epoch`` from optimizer step ``done`` on (:class:`EpochBatches`); worker seeds
+    fixed by ``(seed, epoch, rank)``, and by ``done`` too after a mid-epoch resume (fresh streams, not the epoch
+    start's again)."""
+    from torch.utils.data import DataLoader
 
     from localmim.data.dense.coco import collate
 
-    sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
-    sampler.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003) + epoch) * 1009 + dist.rank)
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                      collate_fn=collate, pin_memory=dist.device.type == "cuda", generator=gen)
+    sampler = EpochBatches(len(ds), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world_size, done,
+                           global_batch=cfg.global_batch)
+    key = ((cfg.seed * 1_000_003) + epoch) * 1009 + dist.rank
+    gen = torch.Generator().manual_seed(key * 1_000_003 + done if done else key)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                      pin_memory=dist.device.type == "cuda", generator=gen)
 
 
 def evaluate(eng: Engine, val_set, gt, label_to_cat, cfg, keep_images: int = 0):
@@ -92,7 +103,7 @@ def _build(cfg, enc, train, val, dist: DistInfo, skips: dict) -> tuple[Engine, A
 
 
 class DetectMethod(loop.Method):
-    """Mask R-CNN on a checked COCO split: batches of this rank's share of each epoch (a shuffle per epoch), the sum of
+    """Mask R-CNN on a checked COCO split: this rank's micro-batches of each epoch's global batches, the sum of
     torchvision's losses, COCO box / mask AP on the val split (the final evaluation keeps the results and
     ``vis_images`` pictures: :attr:`results`, :attr:`kept`)."""
 
@@ -103,9 +114,8 @@ class DetectMethod(loop.Method):
         self.kept: list = []
 
     def batches(self, epoch: int, done: int, position):
-        # a mid-epoch resume skips the consumed batches (their images are loaded again; with workers their
-        # augmentation draws differ from the uninterrupted run's, with num_workers = 0 they do not)
-        return itertools.islice(_train_loader(self.train_set, self.cfg, self.eng.dist, epoch), done, None)
+        # a mid-epoch resume starts at optimizer step ``done`` (the consumed images are not loaded again)
+        return _train_loader(self.train_set, self.cfg, self.eng.dist, epoch, done)
 
     def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         images, targets = batch
@@ -141,6 +151,7 @@ def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, 
 
     t0 = time.time()
     dist = setup(cfg.device, dist)
+    accum = cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
     skips = skips or {}
     eng, train_set, val_set = _build(cfg, enc, train, val, dist, skips)
     gt = ScoredGroundTruth(val, skips.get("val") or LoadSkips())  # images that failed to load are not scored
@@ -148,11 +159,12 @@ def run_detect(cfg, enc, train, val, ckpt_dir, *, dist: DistInfo | None = None, 
               for s, r in (("train", train.report), ("val", val.report))}
     ckpts = Checkpoints.of(ckpt_dir, "detect", cfg, dist, encoder=encoder_fingerprint(enc),
                            data=json.dumps(counts, sort_keys=True))
-    steps = len(_train_loader(train_set, cfg, dist, 0))
+    steps = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, 0, dist.rank, dist.world_size,
+                         global_batch=cfg.global_batch).per_epoch  # optimizer steps per epoch (raises: too few images)
     sched = DetSchedule(cfg.lr, steps * cfg.epochs, cfg.warmup_iters, cfg.schedule, tuple(cfg.milestones), cfg.min_lr)
     method = DetectMethod(cfg, eng, train_set, val_set, gt, val.label_to_cat)
     cadence = loop.Cadence.of(cfg, "epoch", eval_every=cfg.eval_every)
-    plan = loop.Plan("detect", cfg.epochs, steps, ("loss", *LOSS_NAMES), 1, cadence, cfg.seed,
+    plan = loop.Plan("detect", cfg.epochs, steps, ("loss", *LOSS_NAMES), accum, cadence, cfg.seed,
                      progress=progress and dist.is_main)
     res = loop.run(method, eng, StepSchedule(eng.opt, sched), plan, ckpts=ckpts, log_fn=log_fn)
     if method.results is None:  # resumed after the last evaluation: evaluate the restored weights again

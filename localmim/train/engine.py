@@ -178,8 +178,8 @@ def data_fingerprint(data_dir: str | Path) -> str:
 def run_identity(stage: str, cfg, world_size: int, *, encoder: str | None = None,
                  data: str | None = None) -> dict[str, Any]:
     """What makes a checkpoint resumable: the stage, ``cfg.run_key()``, the encoder and data fingerprints, and the
-    world size where it changes what is computed: a section with a ``global_batch`` computes the same on any world
-    size (the accumulation absorbs it), one without (segment, detect: a per-device batch) does not."""
+    world size where it changes what is computed: a section with a ``global_batch`` (every training stage's) computes
+    the same on any world size (the accumulation absorbs it), one with only a per-device batch would not."""
     world = None if hasattr(cfg, "global_batch") else world_size
     return {"stage": stage, "params": cfg.run_key(), "encoder": encoder, "data": data, "world_size": world}
 

@@ -4,12 +4,15 @@
   (:func:`localmim.models.layer_decay.param_groups_with_decay`; neck and heads at the full rate), poly schedule with
   linear warm-up (:class:`~localmim.train.schedule.PolyWarmup`), set every iteration.
 * Loss: cross-entropy (ignore 255) on the decode logits + ``aux_weight`` x the auxiliary head's.
-* BatchNorm becomes SyncBatchNorm under DDP on CUDA. The loop (step, AMP, DDP, the non-finite-loss guard with losses
-  read every ``log_every`` steps, cadence, checkpoints, resume) is :mod:`localmim.train.loop`'s, iteration-based: one
-  "epoch" of ``iters`` steps; the run's identity holds the encoder, the training list and the world size (the batch
-  is per device). Checkpoints by iterations and minutes; the data stream is a pure
-  function of the step (:class:`localmim.data.dense.ade20k.StepBatches`), so a resumed run is bit-identical to an
-  uninterrupted one on CPU.
+* The recipe is the global batch: every optimizer step averages ``global_batch`` crops, each rank accumulating
+  ``global_batch / (batch_size x world)`` micro-batches (each micro-batch's loss is its own mean over its labelled
+  pixels, as each GPU's is under DDP; BatchNorm statistics are per micro-batch).
+* BatchNorm becomes SyncBatchNorm under DDP on CUDA. The loop (step, accumulation, AMP, DDP, the non-finite-loss guard
+  with losses read every ``log_every`` steps, cadence, checkpoints, resume) is :mod:`localmim.train.loop`'s,
+  iteration-based: one "epoch" of ``iters`` steps; the run's identity holds the encoder and the training list, not
+  the world size. Checkpoints by iterations and minutes; the data stream is a pure function of the step and the
+  global batch (:class:`localmim.data.dense.samplers.StepBatches`), so a resumed run is bit-identical to an
+  uninterrupted one on CPU, and a run resumed on another world size continues with the same global batches.
 * Evaluation every ``eval_every`` iterations and at the end (:func:`localmim.eval.segmentation.evaluate`).
 """
 
@@ -22,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from localmim.data.dense.ade20k import IGNORE, Pair, StepBatches, TrainSet, ValSet
+from localmim.data.dense.ade20k import IGNORE, Pair, TrainSet, ValSet
 from localmim.data.dense.ade20k_transforms import train_transform
+from localmim.data.dense.samplers import StepBatches
 from localmim.eval.segmentation import evaluate
 from localmim.models.common import set_grad_checkpointing
 from localmim.models.encoder_io import EncoderSpec
@@ -51,6 +55,19 @@ def pairs_fingerprint(pairs: list[Pair]) -> str:
     for p in pairs:
         h.update(f"{p.stem}:{p.image.stat().st_size}:{p.annotation.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def check_batch_norm(cfg, dist: DistInfo) -> None:
+    """Refuse a per-device batch that leaves UperNet's BatchNorm one value per channel: the pyramid pooling's 1x1 bin
+    sees ``batch_size`` values per channel (x the world size under SyncBatchNorm: DDP on CUDA).
+
+    Raises:
+        ValueError: ``batch_size`` 1 without SyncBatchNorm across ranks (the message says what to set).
+    """
+    sync = dist.distributed and dist.device.type == "cuda"
+    if cfg.batch_size * (dist.world_size if sync else 1) < 2:
+        raise ValueError(f"segment.batch_size={cfg.batch_size}: UperNet's BatchNorm at the pyramid pooling's 1x1 bin "
+                         f"needs 2 values per channel; use batch_size >= 2 (or 2+ CUDA ranks: SyncBatchNorm)")
 
 
 def _build(cfg, enc: EncoderSpec, dist: DistInfo) -> Engine:
@@ -92,7 +109,7 @@ class SegmentMethod(loop.Method):
         cfg, dist = self.cfg, self.eng.dist
         tf = train_transform(cfg.crop_size, tuple(cfg.scale), tuple(cfg.ratio_range), cfg.cat_max_ratio)
         sampler = StepBatches(len(self.train_pairs), cfg.batch_size, cfg.iters, cfg.seed, dist.rank,
-                              dist.world_size, done)
+                              dist.world_size, done, global_batch=cfg.global_batch)  # steps done..iters, x accum
         return torch.utils.data.DataLoader(TrainSet(self.train_pairs, tf), batch_sampler=sampler,
                                            num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda",
                                            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
@@ -128,12 +145,16 @@ def run_segment(cfg, enc: EncoderSpec, train_pairs: list[Pair], val_pairs: list[
     result's ``metrics`` hold the final evaluation (mIoU, mAcc, aAcc, per-class scores, confusion), ``iters`` and the
     loop's counters."""
     dist = setup(cfg.device, dist)
+    accum = cfg.accum_for(dist.world_size)  # refuse a global batch that does not divide before any work
+    check_batch_norm(cfg, dist)
+    StepBatches(len(train_pairs), cfg.batch_size, cfg.iters, cfg.seed, dist.rank, dist.world_size,
+                global_batch=cfg.global_batch)  # raises when the pairs are fewer than one global batch
     eng = _build(cfg, enc, dist)
     ckpts = Checkpoints.of(ckpt_dir, "segment", cfg, dist, encoder=encoder_fingerprint(enc),
                            data=pairs_fingerprint(train_pairs))
     method = SegmentMethod(cfg, eng, train_pairs, val_pairs, on_pred)
     cadence = loop.Cadence.of(cfg, "step", eval_every=cfg.eval_every)
-    plan = loop.Plan("segment", 1, cfg.iters, ("loss", "loss_decode", "loss_aux"), 1, cadence, cfg.seed,
+    plan = loop.Plan("segment", 1, cfg.iters, ("loss", "loss_decode", "loss_aux"), accum, cadence, cfg.seed,
                      progress=progress)
     sched = PolyWarmup(cfg.lr, cfg.iters, cfg.power, cfg.min_lr, cfg.warmup_iters, cfg.warmup_ratio)
     res = loop.run(method, eng, StepSchedule(eng.opt, sched), plan, ckpts=ckpts, log_fn=log_fn)

@@ -13,15 +13,14 @@ always fails. A file that fails to load later (damaged after the scan) follows `
 (:class:`localmim.data.raw.imagefile.LoadSkips`): training substitutes the next pair (same batch size on every rank),
 evaluation scores an all-ignore placeholder (index -1, nothing counted); the stage reports both.
 
-Training reads :class:`TrainSet` through :class:`StepBatches` with the augmentation of
+Training reads :class:`TrainSet` through :class:`localmim.data.dense.samplers.StepBatches` with the augmentation of
 :mod:`localmim.data.dense.ade20k_transforms`; every sample's randomness comes from its own seed
-(``(seed, step, slot)``), so the data stream is a pure function of the step: resume is exact whatever the number of
-workers. Evaluation reads :class:`ValSet`.
+(``(seed, step, position in the global batch)``), so the data stream is a pure function of the step: resume is exact
+whatever the number of workers, and the same on any world size. Evaluation reads :class:`ValSet`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,34 +176,6 @@ class TrainSet(torch.utils.data.Dataset):
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler for an iteration-based run: the batch of global step ``s`` is a pure function of
-    ``(seed, s, rank)`` (epoch permutation ``s // steps_per_epoch``, this rank's slice, and a per-sample
-    augmentation seed), so a run resumed at step ``s`` sees exactly the data an uninterrupted one would."""
-
-    def __init__(self, n: int, batch_size: int, iters: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0):
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch < 1:
-            raise ValueError(f"{n} training images are fewer than batch_size x world = {batch_size * world}")
-        self.n, self.bs, self.iters, self.seed, self.rank, self.world, self.start = (n, batch_size, iters, seed,
-                                                                                     rank, world, start)
-
-    def __len__(self) -> int:
-        return max(0, self.iters - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm, perm_epoch = None, -1
-        for step in range(self.start, self.iters):
-            epoch, k = divmod(step, self.per_epoch)
-            if epoch != perm_epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-            mine = perm[self.rank::self.world]
-            base = ((self.seed * 1_000_003 + step) * self.world + self.rank) * self.bs
-            yield [(mine[k * self.bs + j], base + j) for j in range(self.bs)]
-
-
 class ValSet(torch.utils.data.Dataset):
     """Validation pairs for this rank (``rank::world``): the image at the test scale (keep ratio) and the
     reduced label map at its original size, plus the index into ``pairs``. A pair that no longer decodes gives
@@ -229,5 +200,5 @@ class ValSet(torch.utils.data.Dataset):
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), idx
 
 
-__all__ = ["IGNORE", "Pair", "Pairs", "SplitScan", "StepBatches", "TrainSet", "ValSet", "ade20k_root", "load_pair",
+__all__ = ["IGNORE", "Pair", "Pairs", "SplitScan", "TrainSet", "ValSet", "ade20k_root", "load_pair",
            "reduce_zero_label", "scan_split"]
