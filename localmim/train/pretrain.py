@@ -10,7 +10,9 @@ LocalMIM-vs-MAE benchmark and the tests.
 * Masking noise from ``seed + rank`` (method §7); the model is built from ``seed`` on every rank.
 * The step, AMP, DDP, the non-finite-loss guard and the checkpoint rule are the engine's
   (:mod:`localmim.train.engine`); the run's identity holds the data manifest. Checkpoints every ``ckpt_every``
-  epochs and, mid-epoch, every ``ckpt_minutes``; the newest is resumed automatically.
+  epochs and, mid-epoch, every ``ckpt_minutes``; the newest is resumed automatically. On SIGURG / SIGUSR1 / SIGTERM
+  (a cluster time limit or preemption) every rank stops at the next logged optimizer step after a checkpoint and
+  the stage exits 75 (:mod:`localmim.runtime.preempt`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from localmim.models.encoder_io import build_pretrain_model
+from localmim.runtime import preempt
 from localmim.runtime.distributed import DistInfo, setup, unwrap, wrap_ddp
 from localmim.runtime.precision import Precision
 from localmim.runtime.seed import seed_everything
@@ -171,6 +174,9 @@ def train_one_epoch(run: _Run, epoch: int, skip: int = 0) -> dict[str, float]:
             if eng.dist.is_main:
                 run.log_fn(out, int((epoch + (it + 1) / steps) * 1000))  # x-axis epoch_1000x, as in MAE
             cycle_done = (it + 1) % accum == 0
+            if cycle_done and it + 1 < steps and preempt.stop_requested(eng.dist):  # [preempt] collective, at a sync
+                _save(run, epoch, it + 1)
+                preempt.stop(eng.dist, f"epoch {epoch} batch {it + 1} (step {run.step})", run.ckpts.last)
             if cycle_done and it + 1 < steps and _minutes_due(run):
                 _save(run, epoch, it + 1)
     bar.close()
@@ -215,13 +221,18 @@ def run_pretrain(cfg, data_dir: str | Path, ckpt_dir: str | Path, log_fn: LogFn 
     run = _setup(cfg, Path(data_dir), Path(ckpt_dir), log_fn, progress, dist)
     start_epoch, skip = _resume(run)
     t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        last = train_one_epoch(run, epoch, skip if epoch == start_epoch else 0)
-        run.summary = {**{f"final_{k}": v for k, v in last.items()}, "epochs_done": epoch + 1, "steps": run.step}
-        if on_epoch_end is not None and (row := on_epoch_end(epoch, run.eng.model)):
-            run.monitor.append(dict(row))
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            _save(run, epoch + 1, 0)
+    with preempt.handlers():  # [preempt] SIGURG / SIGUSR1 / SIGTERM set the flag the loop checks after a step
+        for epoch in range(start_epoch, cfg.epochs):
+            last = train_one_epoch(run, epoch, skip if epoch == start_epoch else 0)
+            run.summary = {**{f"final_{k}": v for k, v in last.items()}, "epochs_done": epoch + 1, "steps": run.step}
+            if on_epoch_end is not None and (row := on_epoch_end(epoch, run.eng.model)):
+                run.monitor.append(dict(row))
+            if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
+                _save(run, epoch + 1, 0)
+            if epoch + 1 < cfg.epochs and preempt.stop_requested(run.eng.dist):  # [preempt] between epochs
+                if (epoch + 1) % cfg.ckpt_every:
+                    _save(run, epoch + 1, 0)
+                preempt.stop(run.eng.dist, f"the end of epoch {epoch} (step {run.step})", run.ckpts.last)
     metrics = {**run.summary, "train_seconds": time.perf_counter() - t0, "world_size": run.eng.dist.world_size,
                "peak_lr": run.sched.lr, "steps_per_epoch": len(run.loader)}
     return PretrainResult(unwrap(run.eng.net), metrics, run.ckpts.last, run.monitor)
