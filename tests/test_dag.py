@@ -80,6 +80,7 @@ def test_snakemake_lint_is_clean():
 def test_failing_stage_under_the_dags_torchrun_prints_its_error_last(tmp_path):
     """The pretrain command of dvc.yaml (torchrun launch) with missing shards: the stage's line ends stderr."""
     cmd = _dvc_yaml()["stages"]["pretrain"]["cmd"].replace("${pretrain.nproc_per_node}", "1")
+    cmd = cmd.replace("${pretrain.nnodes}", "1")
     cmd = cmd.replace("${pretrain.device}", "cpu") + f" --shards {tmp_path / 'missing'} --device cpu --no-progress"
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     p = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -144,6 +145,28 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(repo_copy):
             assert gpu and int(gpu.group(1)) == 1, res
         else:
             assert gpu is None, res
+        # the warning before the time limit: training rules only (cluster.default.stop_seconds)
+        assert ("slurm_extra=--signal=URG@300" in res) == (rule in torchrun_rules), res
+
+
+def test_slurm_profile_plans_a_multi_node_pretraining_job_and_checks_the_warning(repo_copy):
+    """`pretrain.nnodes: 2` with 4 GPUs per node: the job asks for 2 nodes, one task each (the executor's `mpi`, so
+    its job step does not wrap the rule in `srun -n1`: the launcher runs srun) and 4 GPUs per node (GRES: `--gpus`
+    would count the job's total); the launcher gets `--nnodes 2`. A warning that would come before the job starts
+    is refused, naming the key."""
+    base = [str(BIN / "snakemake"), "--profile", "workflow/profiles/slurm", "-n", "-F", "data/pretrain"]
+    p = subprocess.run([*base, "--config", "pretrain={nnodes: 2, nproc_per_node: 4, batch_size: 4}"], cwd=repo_copy,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    res = re.search(r"rule pretrain:.*?\n\s+resources: ([^\n]*)", out, flags=re.S).group(1)
+    assert {"gpu=0", "gres=gpu:4", "nodes=2", "mpi=srun", "tasks=2", "nproc=4"} <= set(res.split(", ")), res
+    assert "--nproc-per-node 4 --device auto --nnodes 2 pretrain" in out
+    p = subprocess.run([*base, "--config", "cluster={rules: {pretrain: {runtime: 2, stop_seconds: 120}}}"],
+                       cwd=repo_copy, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "cluster.rules.pretrain.stop_seconds (or cluster.default.stop_seconds) = 120 is not before the end of the " \
+           "job's runtime (2 minutes)" in p.stdout + p.stderr
 
 
 def test_nodes_declare_the_paths_their_commands_write():

@@ -289,7 +289,7 @@ def test_slurm_profile_submits_training_jobs_with_their_gpus(repo, tmp_path):
     the resources from params, training jobs ask for <stage>.nproc_per_node GPUs on the GPU partition, data jobs
     none on the CPU partition, and torchrun runs inside the job on the GPUs it was given."""
     state = tmp_path / "slurm"
-    env = cli_env(SLURM_STANDIN=str(state))
+    env = cli_env(STANDIN_SLURM_STATE=str(state))
     env["PATH"] = f"{Path(__file__).parent / 'slurm_standin'}:{env['PATH']}"
     cmd = [str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm",
            "--slurm-init-seconds-before-status-checks", "1",

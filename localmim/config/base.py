@@ -110,8 +110,11 @@ class GlobalBatch:
     @model_validator(mode="after")
     def _check_planned_world(self):
         """The world the params plan for (``nnodes × nproc_per_node`` where the section has them) must divide."""
-        world = getattr(self, "nproc_per_node", 1) * getattr(self, "nnodes", 1)
-        self.accum_for(world)
+        nproc, nnodes = getattr(self, "nproc_per_node", 1), getattr(self, "nnodes", 1)
+        try:
+            self.accum_for(nproc * nnodes)
+        except ValueError as e:
+            raise ValueError(f"{e} (world size = nnodes={nnodes} x nproc_per_node={nproc})") from None
         return self
 
 

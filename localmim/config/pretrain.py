@@ -15,7 +15,7 @@ class PretrainConfig(GlobalBatch, Section):
     # batch_size and nproc_per_node only set the accumulation (global_batch is the recipe): a run resumes under others
     runtime_keys = frozenset(
         {"num_workers", "pin_memory", "ckpt_every", "ckpt_minutes", "compile", "grad_checkpointing", "nproc_per_node",
-         "log_every", "device", "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature",
+         "nnodes", "log_every", "device", "fused_attn", "knn_every", "knn_train", "knn_val", "knn_k", "knn_temperature",
          "batch_size"})
     model: str = "localmim_vit_tiny_patch8"  # a localmim.models registry name (localmim_* or mae_* baseline)
     mode: Literal["auto", "localmim", "mae"] = "auto"  # auto = the model's own; else must match the model
@@ -49,6 +49,9 @@ class PretrainConfig(GlobalBatch, Section):
     fused_attn: Literal["auto", "on", "off"] = "auto"
     device: Device = "auto"
     nproc_per_node: PosInt = 1  # torchrun processes (DVC/Snakemake launcher)
+    # nodes of the job (SLURM): the launcher starts itself once per node with srun, ranks meet by c10d rendezvous on
+    # the first node; world size = nnodes x nproc_per_node (docs/reproducing.md, "Multi-node pre-training")
+    nnodes: PosInt = 1
     amp: Amp = "auto"  # CUDA auto: bf16 where supported, else fp16 + GradScaler
     log_every: PosInt = 1  # steps between synced loss/throughput logs (the hot loop never syncs otherwise)
     # kNN monitor (rank 0, after every knn_every-th epoch and the last; 0 = off): weighted kNN top-1 of the top tap's

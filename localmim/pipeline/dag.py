@@ -92,15 +92,31 @@ class Node:
             if self.launcher is None:
                 return self.cmd
             s = self.section
+            nodes = f" --nnodes ${{{s}.nnodes}}" if self.nnodes else ""
             return (f"python -m localmim.utils.launch --nproc-per-node ${{{s}.nproc_per_node}} --device ${{{s}.device}}"
-                    f" {rest}")
+                    f"{nodes} {rest}")
         # Snakemake: ``python -m`` finds the package in the working directory, so the rules also run in the
         # conda env of workflow/envs (``--sdm conda``), which holds the pinned dependencies but not the project.
         if self.launcher is None:
             head = "python -m localmim.cli"
         else:
-            head = "python -m localmim.utils.launch --nproc-per-node {resources.nproc} --device {params.device}"
+            # `trap '' TERM`: at a SLURM time limit or preemption every process of the job gets SIGTERM; this shell
+            # and its tee (which inherits the ignore) must outlive the launcher, which passes SIGTERM on to the
+            # ranks and exits 75 once they have checkpointed (the launcher and the ranks install their own handlers)
+            head = ("trap '' TERM; python -m localmim.utils.launch --nproc-per-node {resources.nproc}"
+                    " --device {params.device}")
+            head += " --nnodes {resources.nodes}" if self.nnodes else ""
         return f"{head} {rest} --params {{params.file}} 2>&1 | tee {{log}}"
+
+    @property
+    def nnodes(self) -> bool:
+        """A torchrun node whose section has ``nnodes`` (several nodes through the launcher's ``srun``)."""
+        if self.launcher != TORCHRUN:
+            return False
+        from localmim.config import all_sections
+
+        cls = all_sections().get(self.section)
+        return cls is not None and "nnodes" in cls.model_fields
 
     @property
     def dir_outs(self) -> list[str]:

@@ -135,32 +135,54 @@ def _literal(tree: dict[str, Any]) -> str:
 
 
 def smk_resources(n: Node) -> dict[str, str]:
-    """Snakemake resources: GPUs and torchrun processes from params, the rest from the ``cluster`` section."""
+    """Snakemake resources: GPUs and torchrun processes from params, the rest from the ``cluster`` section; for a
+    section with ``nnodes`` the node geometry (:func:`node_resources`); for torchrun rules the stop signal before the
+    time limit (``slurm_extra``, ``stop_signal`` in workflow/rules/common.smk; runtime/preempt.py)."""
     res: dict[str, str] = {}
     if n.gpu or n.one_gpu:
         nproc = _cfg(f"{n.section}.nproc_per_node") if n.gpu else "1"
         res["gpu"] = f'{nproc} if {_cfg(f"{n.section}.device")} != "cpu" else 0'
         if n.gpu:
             res["nproc"] = nproc
+        if n.nnodes:
+            res.update(node_resources(n))
     q = json.dumps(n.name)
     res.update(cpus_per_task=f'cluster_resource({q}, "cpus")', mem_mb=f'cluster_resource({q}, "mem_mb")',
                runtime=f'cluster_resource({q}, "runtime")',
                slurm_partition=f"cluster_partition({n.gpu or n.one_gpu})")
+    if n.gpu:
+        res["slurm_extra"] = f"stop_signal({q})"
     for k, v in n.resources.items():
         res[k] = v if isinstance(v, str) else json.dumps(v)
     return res
+
+
+def node_resources(n: Node) -> dict[str, str]:
+    """The SLURM executor's resources for ``<section>.nnodes`` nodes (snakemake-executor-plugin-slurm 2.8):
+    ``nodes`` (``--nodes``) always; on several nodes ``gpu`` becomes ``gres=gpu:<nproc_per_node>`` (GRES count per
+    node; ``--gpus`` would be the job's total) and ``mpi``/``tasks`` make one task per node (``--ntasks=nnodes``):
+    with ``mpi`` the job step does not wrap the rule in ``srun -n1`` (the jobstep plugin leaves ``srun`` to the
+    command), and the launcher starts itself once per node with ``srun``. ``None`` drops a resource (one node: the
+    plugin's usual single-task job)."""
+    nn, nproc, dev = (_cfg(f"{n.section}.{k}") for k in ("nnodes", "nproc_per_node", "device"))
+    return {"gpu": f'{nproc} if {dev} != "cpu" and {nn} == 1 else 0',
+            "gres": f'"gpu:{{}}".format({nproc}) if {dev} != "cpu" and {nn} > 1 else None',
+            "nodes": nn, "mpi": f'"srun" if {nn} > 1 else None', "tasks": f"{nn} if {nn} > 1 else None"}
 
 
 
 
 def render_smk(nodes: list[Node]) -> str:
     from localmim.config.cluster import RuleResources
+    from localmim.runtime.preempt import WARNING_SIGNAL
 
-    out = [f"# {HEADER}", "# helpers (params_file, cluster_resource, cluster_partition): workflow/rules/common.smk", ""]
+    out = [f"# {HEADER}",
+           "# helpers (params_file, cluster_resource, cluster_partition, stop_signal): workflow/rules/common.smk", ""]
     targets = [o for n in nodes for o in n.outs + n.metrics + n.plots if isinstance(o, str)]
     # The `all` rule lives in the top-level Snakefile: a default target set inside an included file is
     # discarded by Snakemake once the include returns.
-    out += [f"ALL_TARGETS = [{_q(targets)}]", f"CLUSTER_DEFAULTS = {json.dumps(RuleResources().to_dict())}"]
+    out += [f"ALL_TARGETS = [{_q(targets)}]", f"CLUSTER_DEFAULTS = {json.dumps(RuleResources().to_dict())}",
+            f"STOP_SIGNAL = {json.dumps(WARNING_SIGNAL.name.removeprefix('SIG'))}  # localmim.runtime.preempt"]
     out += [""]
     for n in nodes:
         outs = n.outs + n.metrics + [p for p in n.plots if isinstance(p, str)]

@@ -11,7 +11,9 @@ A stage is one function ``run(cfg, ctx) -> metrics`` registered with :func:`stag
    the upstream runs found in the inputs' lineage files, input datasets; see ``lineage.py``), unless the stage's
    ``tracked(cfg, args)`` says this invocation is bookkeeping (the embedded copy's dataset manifest);
 5. log the returned metrics; write the curves, register an exported encoder, leave a lineage file in every
-   output directory;
+   output directory. A run stopped for resubmission (``runtime.preempt.StopForResubmit``: a time limit or a
+   preemption, after its checkpoint) skips this: the MLflow run ends KILLED with tag ``stopped=preempted`` and the
+   exit status is ``RESUBMIT_EXIT`` (75);
 6. turn an error of the stage's input (:data:`STAGE_ERRORS`) into one line naming the stage, exit 1: stage modules
    do not catch errors to re-raise their message.
 
@@ -33,6 +35,7 @@ from typing import Any
 
 from localmim.config.base import ParamsError, Section, apply_overrides, read_params_file, validate_section
 from localmim.pipeline import paths
+from localmim.runtime.preempt import RESUBMIT_EXIT, StopForResubmit
 from localmim.tracking.metrics import split_measurements, timing_path
 from localmim.tracking.mlflow_run import StageRun, TrackingError
 from localmim.utils.io import atomic_write_json, atomic_write_yaml
@@ -278,10 +281,19 @@ def execute(sd: StageDef, args: argparse.Namespace) -> int:
         with StageRun(run_name, sd.section, cfg, enabled=is_main and tracked, system_metrics=sd.system_metrics,
                       inputs=inputs, outputs=outputs, curves_dir=curves) as tracker:
             ctx = StageContext(sd.name, sd.section, args, Path(args.params), overrides, tracker, tree)
-            metrics = sd.run(cfg, ctx) or {}
+            try:
+                metrics = sd.run(cfg, ctx) or {}
+            except StopForResubmit as e:  # a SystemExit: the run ends KILLED, tagged; no outputs were written
+                tracker.set_tags({"stopped": "preempted", "stopped_by": e.signal_name or "?",
+                                  "resume_checkpoint": e.checkpoint or ""})
+                raise
             numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             tracker.log_metrics(numeric, step=tracker.last_step, curve=False)
             tracker.finish(numeric)
+    except StopForResubmit as e:
+        if is_main:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return RESUBMIT_EXIT
     except STAGE_ERRORS as e:
         print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
         return 1

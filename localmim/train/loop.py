@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from localmim.runtime import preempt
 from localmim.train.engine import Checkpoints, Engine, LogFn, LossMeter
 
 Schedule = Callable[[int, float], float]  # (optimizer step, fractional epoch) -> lr, set on the optimizer
@@ -172,10 +173,11 @@ def run(method: Method, eng: Engine, schedule: Schedule, plan: Plan, *, ckpts: C
     st = r.st
     r.bar = tqdm(total=plan.epochs * plan.steps, initial=st.step, desc=plan.stage, unit="step", dynamic_ncols=True,
                  disable=not (plan.progress and eng.dist.is_main))
-    while st.epoch < plan.epochs:
-        _epoch(r)
-        st.epoch, st.done, r.position = st.epoch + 1, 0, None
-        _unit_end(r, st.epoch, last=st.epoch == plan.epochs) if plan.cadence.unit == "epoch" else None
+    with preempt.handlers():  # a time-limit warning or a preemption sets a flag; acted on at a log point
+        while st.epoch < plan.epochs:
+            _epoch(r)
+            st.epoch, st.done, r.position = st.epoch + 1, 0, None
+            _unit_end(r, st.epoch, last=st.epoch == plan.epochs) if plan.cadence.unit == "epoch" else None
     if plan.eval_at_end and st.evaluated_at != st.step:  # e.g. resumed after the last checkpoint, before its eval
         _evaluate(r, final=True)
     r.bar.close()
@@ -226,8 +228,12 @@ def _step_end(r: _Run, last_of_epoch: bool) -> None:
         _log(r)
     if c.unit == "step":
         _unit_end(r, st.step, last=st.step == r.plan.steps, log_point=log_point)
-    elif log_point and not last_of_epoch and (_minutes_due(r) | _stop_requested(r)):
-        _save(r)
+    elif log_point and not last_of_epoch:
+        due, stop = _minutes_due(r), _stop_requested(r)  # both collectives: every rank calls both
+        if due or stop:
+            _save(r)
+        if stop:
+            _stop(r)
 
 
 def _unit_end(r: _Run, count: int, last: bool, log_point: bool = True) -> None:
@@ -236,11 +242,13 @@ def _unit_end(r: _Run, count: int, last: bool, log_point: bool = True) -> None:
     c = r.plan.cadence
     if (last and r.plan.eval_at_end) or (c.eval_every and count % c.eval_every == 0):
         _evaluate(r, final=last)
-    timed = log_point and (_minutes_due(r) | _stop_requested(r))
-    if last or (c.ckpt_every and count % c.ckpt_every == 0) or timed:
+    due, stop = (_minutes_due(r), _stop_requested(r)) if log_point else (False, False)  # collectives
+    if last or (c.ckpt_every and count % c.ckpt_every == 0) or due or stop:
         if not log_point:
             _log(r)
         _save(r)
+    if stop and not last:  # a finished run just finishes
+        _stop(r)
 
 
 def _log(r: _Run) -> None:
@@ -319,8 +327,18 @@ def _minutes_due(r: _Run) -> bool:
 
 
 def _stop_requested(r: _Run) -> bool:
-    """Whether the cluster asked this job to stop (time limit, preemption): on any rank."""
-    return False
+    """Whether the cluster asked this job to stop (time limit, preemption): on any rank (a collective under DDP)."""
+    return preempt.stop_requested(r.eng.dist)
+
+
+def _stop(r: _Run) -> None:
+    """After the checkpoint of a requested stop: every rank waits for rank 0's write, then the stage exits 75 (the
+    cluster profile resubmits the job, which resumes from that checkpoint)."""
+    st = r.st
+    r.bar.close()
+    where = (f"epoch {st.epoch}, step {st.done} of {r.plan.steps}" if st.done else f"the end of epoch {st.epoch - 1}")
+    where += f" (optimizer step {st.step})"
+    preempt.stop(r.eng.dist, where, str(r.ckpts.last) if r.ckpts is not None and r.ckpts.last else None)
 
 
 def _agree(r: _Run, flag: bool) -> bool:

@@ -11,7 +11,9 @@ LocalMIM-vs-MAE benchmark and the tests.
 * What every loop shares (the step, accumulation, AMP, DDP, the non-finite-loss guard, cadence, checkpoints and
   resume) is :mod:`localmim.train.loop`'s. The data position is the shard reader's
   (:meth:`~localmim.data.shards.stream.ShardLoader.position`), so a run stopped mid-epoch continues at the same
-  optimizer step on any number of ranks, no sample of the epoch read twice or skipped.
+  optimizer step on any number of ranks, no sample of the epoch read twice or skipped. On SIGURG / SIGUSR1 / SIGTERM
+  (a cluster time limit or preemption) every rank stops at the next logged optimizer step after a checkpoint and the
+  stage exits 75 (:mod:`localmim.runtime.preempt`).
 """
 
 from __future__ import annotations

@@ -39,6 +39,20 @@ def cluster_resource(rule, key):
     return CLUSTER_DEFAULTS[key]
 
 
+def stop_signal(rule):
+    """`slurm_extra` of a training rule: `--signal=URG@<stop_seconds>`, SLURM's warning before the time limit (the run
+    checkpoints at its next optimizer step and exits 75; the profile's `retries` resubmit it, and it resumes). None
+    (no signal) when `stop_seconds` is 0. SIGURG because its default action is to ignore it: SLURM signals every
+    process of the job step, Snakemake's and the shell's included (localmim/runtime/preempt.py)."""
+    seconds, runtime = cluster_resource(rule, "stop_seconds"), cluster_resource(rule, "runtime")
+    if not seconds:
+        return None
+    if seconds >= 60 * runtime:
+        raise ValueError(f"cluster.rules.{rule}.stop_seconds (or cluster.default.stop_seconds) = {seconds} is not "
+                         f"before the end of the job's runtime ({runtime} minutes): give less than {60 * runtime}")
+    return f"--signal={STOP_SIGNAL}@{seconds}"
+
+
 def cluster_partition(gpu):
     return (config.get("cluster") or {}).get("gpu_partition" if gpu else "cpu_partition", "")
 
