@@ -39,10 +39,12 @@ demo: $(STAMP)
 	@echo "  $(BIN)/dvc plots show   then open dvc_plots/index.html               (training curves)"
 	@echo "  $(BIN)/snakemake --report report.html                                (metrics table and plot with each rule's params)"
 
+# Two pytest workers on the 2 cores, one thread each; a test file stays on one worker (--dist loadfile), so a
+# module's expensive fixture (a whole DAG run) is built once.
 test: $(STAMP)
-	$(BIN)/ruff check localmim tests benchmarks
+	$(BIN)/ruff check --no-cache localmim tests benchmarks
 	$(BIN)/localmim dag --check
-	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## BENCH_ARGS=--with-mae also reruns the LocalMIM-vs-MAE comparison
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -65,16 +65,17 @@ def test_vit_base_pretraining_on_8_and_32_gpus_of_80_gib(nodes, want_batch, want
     assert pre.run.wall_h == pytest.approx(total, rel=1e-3)
 
 
-def test_vit_base_finetuning_and_the_dense_stages_on_32_gpus(tmp_path):
+def test_vit_base_finetuning_and_the_dense_stages_on_one_of_four_nodes(tmp_path):
+    """Only pretraining spans nodes (pretrain.nnodes); fine-tuning, segmentation and detection are one-node rules."""
     st = _stages(Cluster(nodes=4, gpus_per_node=8, gpu_mem=80, time_limit_h=24), tmp_path)
-    ft = st["finetune"]  # method §8: global 1024; 128 per GPU fit 32 GiB, so 320 fit 80
-    assert (ft.devices, ft.run.batch, ft.run.accum, ft.run.global_batch) == (32, 1024 // 32, 1, 1024)
+    ft = st["finetune"]  # method §8: global 1024; 128 per GPU fit 32 GiB, so 320 fit 80; 8 GPUs: 128 each
+    assert (ft.devices, ft.run.batch, ft.run.accum, ft.run.global_batch) == (8, 1024 // 8, 1, 1024)
     ft_h = (100 * N_TRAIN / (292 / 3) + 100 * N_VAL / 292) / 3600  # the plan's stated rates: 1/3 of DeiT's, DeiT's
     assert ft.hours == pytest.approx(ft_h, rel=1e-3)
-    seg, det = st["segment"], st["detect"]  # global batches 16 and 64: 32 GPUs divide 64, 16 at most divide 16
-    assert (seg.devices, seg.run.batch, seg.run.accum, seg.run.global_batch, seg.run.mem_gib) == (16, 1, 1, 16, 16.0)
+    seg, det = st["segment"], st["detect"]  # global batches 16 and 64 on one node's 8 GPUs: 2 and 8 each
+    assert (seg.devices, seg.run.batch, seg.run.accum, seg.run.global_batch, seg.run.mem_gib) == (8, 2, 1, 16, 32.0)
     assert seg.images == 160_000 * 16 + 10 * 2_000  # 160k iterations of 16 crops + an evaluation every 16k
-    assert (det.devices, det.run.batch, det.run.accum, det.run.global_batch, det.run.mem_gib) == (32, 2, 1, 64, None)
+    assert (det.devices, det.run.batch, det.run.accum, det.run.global_batch, det.run.mem_gib) == (8, 8, 1, 64, None)
     assert det.images == 100 * (118_287 // 64) * 64 + 10 * 5_000  # whole global batches + an evaluation every 10
     assert (st["linprobe"].devices, st["linprobe"].run.accum) == (1, 16384 // 16384)
 
@@ -115,9 +116,9 @@ def test_cli_plans_the_cluster_and_refuses_a_gpu_count_the_global_batch_does_not
     row = next(ln.split() for ln in out.splitlines() if ln.startswith("pretrain "))
     assert row[2:7] == ["32", "64", "1", "2048", "8.0"]  # devices, batch/GPU, accum, global, GiB/GPU
     assert "--set pretrain.batch_size=64" in out and "method §7: 256 ViT-B/16 images per GPU" in out
-    assert "--set segment.batch_size=1" in out and "--set detect.batch_size=2" in out
-    assert "segment: global batch 16 on 16 of the 32 GPUs" in out and "detect: global batch" not in out
-    assert "! segment" not in out  # 1 crop per GPU on 16 GPUs: SyncBatchNorm sees 16 per channel
+    assert "--set pretrain.nnodes=4" in out and "the other training rules are one-node jobs" in out
+    assert "segment.batch_size" not in out and "detect.batch_size" not in out  # one node: the presets' own 2 and 8
+    assert "global batch 16 on" not in out and "! segment" not in out
     assert main([*preset, "--gpus-per-node", "1", "--gpu-mem", "16"]) == 0  # 1 crop fits 16 GiB: 1 x 16 accumulated
     assert "! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel" in capsys.readouterr().out
     assert main([*preset, "--nodes", "3", "--gpus-per-node", "8"]) == 2

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from localmim.config import all_sections
@@ -64,6 +64,7 @@ MEMORY: dict[tuple[str, str], Fit] = {
 GLOBAL_BATCH_STAGES = ("pretrain", "finetune", "segment", "detect")  # a fixed global batch on any GPU count
 DENSE_STAGES = ("segment", "detect")  # small global batches: the GPUs that divide it, not necessarily all
 SINGLE_GPU_STAGES = ("linprobe", "analyze")
+MULTI_NODE_STAGES = ("pretrain",)  # `pretrain.nnodes`: the one rule that spans nodes; the others are one-node jobs
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,10 @@ def world(stage: str, section: dict[str, Any], cluster: Cluster) -> int:
         return 1
     if cluster.gpus_per_node is None:
         return cluster.nodes * section["nproc_per_node"] if section.get("device") != "cpu" else 1
+    nodes = cluster.nodes if stage in MULTI_NODE_STAGES else 1
     if stage in DENSE_STAGES:
-        return dividing_gpus(section["global_batch"], cluster)
-    return cluster.nodes * cluster.gpus_per_node
+        return dividing_gpus(section["global_batch"], replace(cluster, nodes=nodes))
+    return nodes * cluster.gpus_per_node
 
 
 def dividing_gpus(global_batch: int, cluster: Cluster) -> int:

@@ -256,19 +256,20 @@ def _advice(works: list[Work], tree: dict[str, Any], cluster: cp.Cluster) -> lis
             out.append(f"! segment: 1 crop on 1 GPU leaves UperNet's BatchNorm one value per channel: it needs "
                        f"~{2 * (r.mem_gib or 0):.0f} GiB for 2 crops, or 2+ GPUs (SyncBatchNorm)")
         gpus = None if cluster.gpus_per_node is None else cluster.nodes * cluster.gpus_per_node
-        if w.stage in cp.DENSE_STAGES and gpus is not None and w.devices < gpus:
-            out.append(f"{w.stage}: global batch {r.global_batch} on {w.devices} of the {gpus} GPUs (the most that "
-                       f"divide it)")
+        if w.stage in cp.DENSE_STAGES and gpus is not None and w.devices < cluster.gpus_per_node:
+            out.append(f"{w.stage}: global batch {r.global_batch} on {w.devices} of a node's {cluster.gpus_per_node} "
+                       f"GPUs (the most that divide it)")
         if w.stage in cp.GLOBAL_BATCH_STAGES and r.batch != sec["batch_size"]:
             sets.append(f"--set {w.stage}.batch_size={r.batch}")
         per_node = None if gpus is None else min(w.devices, cluster.gpus_per_node)
         if per_node is not None and w.stage not in cp.SINGLE_GPU_STAGES and sec["nproc_per_node"] != per_node:
             sets.append(f"--set {w.stage}.nproc_per_node={per_node}")
+    if cluster.nodes > 1:
+        sets.append(f"--set pretrain.nnodes={cluster.nodes}")
+        out.append(f"{cluster.nodes} nodes: pretraining spans them (pretrain.nnodes, one rule: docs/reproducing.md, "
+                   "Multi-node pretraining); the other training rules are one-node jobs")
     if sets:
         out.append("params for this cluster: " + " ".join(sets))
-    if cluster.nodes > 1:
-        out.append(f"{cluster.nodes} nodes: the Snakemake rules are single-node jobs; launch a multi-node stage as in "
-                   "docs/reproducing.md (Multi-node pretraining)")
     return out
 
 
