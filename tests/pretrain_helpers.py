@@ -44,8 +44,10 @@ class FixedBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, skip: int = 0, *, rank_of=None, batches=None):
-        return iter([(b, None) for b in self.batches[skip:]])
+    def from_step(self, epoch: int, done: int, position=None):
+        if done:
+            raise ValueError("FixedBatches: one epoch from its start only")
+        return iter([(b, None) for b in self.batches])
 
 
 def run_fixed(cfg, batches, ckpt_dir, *, sgd: bool = False, monitor=None):

@@ -38,7 +38,7 @@ def batches_(self, epoch, done, position):
     return batches(self, epoch, done, position)
 
 def loss_(self, batch):
-    step = where["done"] + where["micro"] // self.accum
+    step = where["done"] + where["micro"] // self.loader.ds.accum
     where["micro"] += 1
     with open(os.path.join(out, f"keys{rank}.jsonl"), "a") as f:
         f.write(json.dumps({"epoch": where["epoch"], "step": step, "keys": list(map(str, batch[1][1]))}) + "\\n")

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from localmim.pipeline.dag import DATASETS, RAW, Node, pipeline
-from localmim.utils.dvclock import PARAMS, YAMLError, leaves, lock_leaves, read_lock, read_yaml12
+from localmim.utils.dvclock import PARAMS, YAMLError, leaves, lock_leaves, nest, read_lock, read_yaml12
 from localmim.utils.io import atomic_write_text
 
 PROG = "localmim pull"
@@ -45,17 +45,6 @@ PROG = "localmim pull"
 def _get(tree: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *path, last = key.split(".")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
     return tree
 
 
@@ -153,7 +142,7 @@ def passes(record: list[str], overlays: dict[str, dict[str, Any]]) -> list[tuple
 
 def touch(nodes: dict[str, Node], rules: list[str], overlay: dict[str, Any]) -> subprocess.CompletedProcess:
     """``snakemake --touch`` of ``rules`` only, with ``overlay`` (dotted leaves) merged into params.yaml."""
-    text = yaml.safe_dump(_nest(overlay), sort_keys=True)
+    text = yaml.safe_dump(nest(overlay), sort_keys=True)
     cfg = Path(".snakemake/localmim") / f"pull-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg, text)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from localmim.pipeline.dag import Node, pipeline
+from localmim.utils.dvclock import nest
 from localmim.utils.io import atomic_write_text
 
 DVC_FILE = Path("dvc.yaml")
@@ -114,13 +115,7 @@ def smk_params(n: Node) -> dict[str, str]:
     """Named params (the rerun trigger, shown in the report) and ``file``: the same values as a params file whose
     name is their hash, which the command reads; so the file changes exactly when the trigger fires."""
     exprs = dict(n.smk_params) if n.smk_params is not None else {p: _cfg(p) for p in n.params}
-    tree: dict[str, Any] = {}
-    for key, expr in exprs.items():
-        *path, last = key.split(".")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = expr
+    tree = nest(exprs)
     params = {k.replace(".", "_"): f"canonical({v})" for k, v in exprs.items()}
     if n.gpu:
         params["device"] = _cfg(f"{n.section}.device")

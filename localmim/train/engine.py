@@ -110,8 +110,17 @@ class LossMeter:
         self.reset()
 
     def reset(self) -> None:
+        """Start a fresh interval now."""
         self.sums = torch.zeros(len(self.names), device=self.device)  # [losses]
         self.n, self.images, self.wait, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def waited(self, seconds: float) -> None:
+        """Time of this interval spent waiting for data (``data_wait_frac``)."""
+        self.wait += seconds
+
+    def paused(self, seconds: float) -> None:
+        """Time of this interval that was not training (evaluation, checkpoints): left out of its wall time."""
+        self.t0 += seconds
 
     def add(self, losses: list[torch.Tensor], step: int, images: int = 0) -> None:
         """Add one step's losses (scalars, in ``names`` order) and this rank's image count; no host sync."""
@@ -124,7 +133,8 @@ class LossMeter:
 
     def read(self, world: int, *, epoch: int | None = None) -> dict[str, float]:
         """One sync (and an all-reduce under DDP, so every rank stops together): the interval's mean losses (over
-        ranks), ``images_per_s`` (all ranks) and ``data_wait_frac``; then a fresh interval.
+        ranks), ``images_per_s`` (all ranks) and ``data_wait_frac``; then a fresh interval. The interval's training
+        seconds and images (all ranks) stay in ``interval_seconds`` / ``interval_images`` until the next read.
 
         Raises:
             NonFiniteLossError: a loss was NaN/inf in the interval (on any rank).
@@ -146,6 +156,7 @@ class LossMeter:
         out = {n: v / max(self.n, 1) for n, v in zip(self.names, vals[:-1], strict=True)}
         out.update(images_per_s=self.images * world / wall, data_wait_frac=self.wait / wall,
                    images_per_s_compute=self.images * world / max(wall - self.wait, 1e-9))
+        self.interval_seconds, self.interval_images = wall, self.images * world
         self.reset()
         return out
 

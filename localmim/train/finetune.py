@@ -66,13 +66,10 @@ class FinetuneMethod(loop.Method):
     def __init__(self, cfg, eng: Engine, train, val, mixup_fn, criterion, run_dir: Path):
         self.cfg, self.eng, self.train, self.val = cfg, eng, train, val
         self.mixup_fn, self.criterion, self.run_dir = mixup_fn, criterion, run_dir
-        self.accum = cfg.accum_for(eng.dist.world_size)
         self.best_top1, self.best_epoch = -1.0, 0
 
     def batches(self, epoch: int, done: int, position: dict[str, Any] | None):
-        skip, rank_of = (done * self.accum, None) if position is None else self.train.resume(epoch, position)
-        return self.train.epoch(epoch, skip, rank_of=rank_of,
-                                batches=(len(self.train) // self.accum - done) * self.accum)
+        return self.train.from_step(epoch, done, position)
 
     def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         (images, labels), _ = batch

@@ -153,7 +153,6 @@ class _Run:
     bar: Any
     position: dict[str, Any] | None = None  # the data position of the checkpoint resumed in the current epoch
     lr: float = 0.0
-    seconds_at: float = field(default_factory=time.perf_counter)  # training time counted up to here
 
 
 def run(method: Method, eng: Engine, schedule: Schedule, plan: Plan, *, ckpts: Checkpoints | None = None,
@@ -200,11 +199,11 @@ def _epoch(r: _Run) -> None:
     total = plan.steps * accum  # micro-batches in the epoch
     batches = iter(r.method.batches(st.epoch, st.done, r.position))
     r.eng.net.train()
-    r.seconds_at = time.perf_counter()
+    r.meter.reset()  # the interval starts here (nothing is pending: every epoch ends at a log point)
     for micro in range(st.done * accum, total):
         t = time.perf_counter()
         batch = next(batches, None)
-        r.meter.wait += time.perf_counter() - t
+        r.meter.waited(time.perf_counter() - t)
         if batch is None:
             raise RuntimeError(f"{plan.stage}: epoch {st.epoch}: the data ended after {micro} of {total} batches "
                                f"(shard manifest counts do not match the tars?)")
@@ -254,11 +253,9 @@ def _unit_end(r: _Run, count: int, last: bool, log_point: bool = True) -> None:
 def _log(r: _Run) -> None:
     """Read the interval's losses (one host sync; raises on a non-finite loss) and log them with the rates."""
     st = r.st
-    elapsed = time.perf_counter() - r.seconds_at
-    st.train_seconds, r.seconds_at = st.train_seconds + elapsed, time.perf_counter()
-    images = r.meter.images * r.eng.dist.world_size
     m = r.meter.read(r.eng.dist.world_size, epoch=st.epoch)
-    st.images += images
+    st.train_seconds += r.meter.interval_seconds
+    st.images += r.meter.interval_images
     m.update(lr=r.lr, epoch=_epoch_at(r), peak_mem_mb=_peak_mb(r.eng.device))
     st.summary = m
     r.bar.set_postfix(loss=f"{m[r.plan.losses[0]]:.4f}", img_s=f"{m['images_per_s']:.1f}", lr=f"{r.lr:.2e}")
@@ -275,8 +272,7 @@ def _evaluate(r: _Run, final: bool) -> None:
         r.st.history.append(row)
         if r.eng.dist.is_main:
             r.log_fn({k: v for k, v in row.items() if k != "step"}, r.st.step)
-    r.seconds_at += time.perf_counter() - t  # evaluation time is not training time
-    r.meter.t0 += time.perf_counter() - t
+    r.meter.paused(time.perf_counter() - t)  # evaluation time is not training time
 
 
 def _epoch_at(r: _Run) -> float | int:
@@ -297,8 +293,7 @@ def _save(r: _Run) -> None:
     extra = {"loop": asdict(r.st), "method": r.method.state_dict(), "position": position, "schedule": schedule}
     path = r.ckpts.save(r.eng, epoch=r.st.epoch, step=r.st.step, batches=r.st.done, extra=extra)
     r.method.checkpointed(path)
-    r.seconds_at += time.perf_counter() - t
-    r.meter.t0 += time.perf_counter() - t
+    r.meter.paused(time.perf_counter() - t)
 
 
 def _resume(r: _Run) -> None:

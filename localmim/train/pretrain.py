@@ -41,17 +41,14 @@ Monitor = Callable[[int, torch.nn.Module], dict[str, float] | None]  # (epochs d
 
 class PretrainMethod(loop.Method):
     """LocalMIM / MAE on a shard loader (:class:`~localmim.data.pretrain.PretrainLoader` with ``with_index``, or any
-    object with ``epoch(epoch, skip, rank_of=, batches=)`` yielding ``(images, meta)`` batches); ``monitor`` is called
+    object with ``from_step(epoch, done, position)`` yielding ``(images, meta)`` batches); ``monitor`` is called
     after every epoch (the kNN monitor: it says itself when it is due)."""
 
     def __init__(self, cfg, eng: Engine, loader, monitor: Monitor | None = None):
         self.cfg, self.eng, self.loader, self.monitor = cfg, eng, loader, monitor
-        self.accum = cfg.accum_for(eng.dist.world_size)
 
     def batches(self, epoch: int, done: int, position: dict[str, Any] | None):
-        skip, rank_of = (done * self.accum, None) if position is None else self.loader.resume(epoch, position)
-        return self.loader.epoch(epoch, skip, rank_of=rank_of, batches=(len(self.loader) // self.accum - done)
-                                 * self.accum)
+        return self.loader.from_step(epoch, done, position)
 
     def loss(self, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         from localmim.data.views import targets_from_finest

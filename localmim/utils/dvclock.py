@@ -21,6 +21,18 @@ def leaves(key: str, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """The tree of ``{dotted key: value}`` leaves (the inverse of :func:`leaves`)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
 def read_yaml12(path: Path) -> dict[str, Any]:
     """``path`` read as DVC reads it (YAML 1.2: DVC writes ``1e-06`` to dvc.lock, a string to YAML 1.1 readers)."""
     from ruamel.yaml import YAML

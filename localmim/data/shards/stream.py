@@ -321,6 +321,14 @@ class ShardLoader:
                     self._seen.append(batch[1][0])
                 yield _pin(batch) if self.pin_memory else batch
 
+    def from_step(self, epoch: int, done: int, position: dict[str, Any] | None = None) -> Iterator[Any]:
+        """The rest of training epoch ``epoch`` from optimizer step ``done``: ``(optimizer_steps - done) x accum``
+        batches; ``position`` (:meth:`position` of a checkpoint in this epoch) says which samples were consumed, else
+        the first ``done x accum`` batches of this reader's stream are skipped."""
+        accum = self.ds.accum
+        skip, rank_of = (done * accum, None) if position is None else self.resume(epoch, position)
+        return self.epoch(epoch, skip, rank_of=rank_of, batches=(self.ds.optimizer_steps - done) * accum)
+
     def reader(self) -> dict[str, Any]:
         """What fixes each rank's stream besides the epoch: replaying a segment needs the same."""
         d = self.ds
